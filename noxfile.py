@@ -1,0 +1,60 @@
+"""Developer sessions: ``nox -s tests`` (README command 2 runs exactly that), ``lint``, ``types``, ``bench``.
+
+Backend plugins live in ``plugins/<name>/``, each its own distribution; the test and
+bench sessions are parametrised over them (as hydra does), so ``nox -s tests`` runs
+the core suite and every plugin's suite, each in a virtual environment of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types"]
+nox.options.error_on_missing_interpreters = False
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+PLUGINS = sorted(p.name for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").is_file())
+PACKAGES = ["core", *PLUGINS]
+
+
+def _install(session: nox.Session, package: str, group: str) -> None:
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, group))
+    if package != "core":
+        plugin = ROOT / "plugins" / package
+        session.install("-e", str(plugin), *nox.project.dependency_groups(nox.project.load_toml(plugin / "pyproject.toml"), group))
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """Run the test suite of the core or of one plugin (warnings are errors)."""
+    _install(session, package, "test")
+    where = "tests" if package == "core" else f"plugins/{package}/tests"
+    session.run("python", "-m", "pytest", where, *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, over everything."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict over the core package."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "types"))
+    session.run("mypy")
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def bench(session: nox.Session, package: str) -> None:
+    """Benchmarks, each a ratio against the raw engine measured in the same run."""
+    _install(session, package, "bench")
+    name = "local" if package == "core" else package.removeprefix("gridboost-")
+    session.run("python", f"benchmarks/bench_{name}.py", *session.posargs)

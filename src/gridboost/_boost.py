@@ -1,0 +1,376 @@
+"""Boosts: time-bounded leases on capacity that the backend really holds.
+
+The life cycle is the same for every backend and lives here: validation, the
+at-once refusal of a request larger than the cluster, priority order among pending
+requests, the ``wait`` bound, TTL expiry, renewal and release. The backend only
+reserves and releases.
+
+Priority order is enforced by a gate that lets one request at a time ask the
+backend. A request of higher priority that arrives while a lower one is still
+waiting for capacity *preempts* it: the lower one's reservation attempt is cancelled
+(the backend undoes it) and it queues again, keeping its place among equals.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._records import STRATEGIES, BoostState, Priority, Strategy, new_id
+from ._resources import Resources
+from .abc import Reservation, ReservationRequest
+from .exceptions import BoostExpired, BoostUnavailable, InvalidRequest
+
+if TYPE_CHECKING:
+    from ._grid import Grid, _Run
+
+__all__ = ["Boost", "current_boost"]
+
+_current: ContextVar[Boost | None] = ContextVar("gridboost_current_boost", default=None)
+
+
+def current_boost() -> Boost | None:
+    """The boost of the innermost ``async with`` boost block in this task, if any."""
+    return _current.get()
+
+
+def _positive_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):
+        raise InvalidRequest(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidRequest(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+    return float(value)
+
+
+class Boost:
+    """A lease on capacity: granted by the grid, held by the engine, bounded by its TTL.
+
+    Use it as an async context manager (work submitted inside the block with
+    ``where="auto"`` runs inside it; leaving the block releases it), or call
+    :meth:`release` yourself. ``release`` is idempotent.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        resources: Resources,
+        *,
+        ttl: float,
+        priority: Priority,
+        wait: float,
+        strategy: Strategy,
+        nodes: tuple[str, ...] | None,
+        labels: Mapping[str, str] | None,
+    ) -> None:
+        self.id = new_id("boost")
+        self.grid = grid
+        self.resources = resources
+        self.ttl = ttl
+        self.priority = priority
+        self.wait = wait
+        self.strategy = strategy
+        self.nodes = nodes
+        self.labels = labels
+        self.state = BoostState.PENDING
+        self.placements: tuple[str, ...] = ()
+        self.expires_at: float | None = None  # wall-clock time, for people and other processes
+        self.activated_at: float | None = None
+        self.error: BaseException | None = None
+        self.reservation: Reservation | None = None
+        self._deadline = math.inf  # anyio clock
+        self._runs: set[_Run] = set()
+        self._runs_idle: anyio.Event | None = None
+        self._tokens: list[Token[Boost | None]] = []
+
+    def __repr__(self) -> str:
+        return f"<Boost {self.id} {self.state} {self.resources} priority={self.priority.name}>"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state is BoostState.ACTIVE
+
+    @property
+    def ttl_left(self) -> float:
+        """Seconds until expiry (0 once no longer active)."""
+        return max(0.0, self._deadline - anyio.current_time()) if self.is_active else 0.0
+
+    @property
+    def held_for(self) -> float:
+        """Seconds since the boost became active."""
+        return 0.0 if self.activated_at is None else time.time() - self.activated_at
+
+    def request(self) -> ReservationRequest:
+        return ReservationRequest(
+            id=self.id,
+            resources=self.resources,
+            strategy=self.strategy,
+            priority=self.priority,
+            ttl=self.ttl,
+            nodes=self.nodes,
+            labels=self.labels,
+        )
+
+    async def renew(self, ttl: float | None = None) -> None:
+        """Extend the lease to ``ttl`` seconds from now (default: its original TTL)."""
+        await self.grid._boosts.renew(self, self.ttl if ttl is None else ttl)
+
+    async def release(self) -> None:
+        """Cancel the work running inside, give the capacity back, awaited. Idempotent."""
+        await self.grid._boosts.finish(self, BoostState.RELEASED)
+
+    async def __aenter__(self) -> Boost:
+        self._tokens.append(_current.set(self))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _current.reset(self._tokens.pop())
+        await self.release()
+
+    def require_active(self) -> None:
+        if not self.is_active:
+            raise BoostExpired(f"boost {self.id} is {self.state}; work cannot run inside it")
+
+
+class _Waiter:
+    __slots__ = ("event", "granted", "key", "left", "scope")
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self.key = key
+        self.event = anyio.Event()
+        self.granted = False
+        self.left = False
+        self.scope: anyio.CancelScope | None = None
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return self.key < other.key
+
+
+class _PriorityGate:
+    """One request at a time asks the backend; the highest priority (then the oldest) goes first."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Waiter] = []
+        self._holder: _Waiter | None = None
+
+    @asynccontextmanager
+    async def hold(self, key: tuple[int, int]) -> AsyncIterator[_Waiter]:
+        me = _Waiter(key)
+        if self._holder is not None:
+            heapq.heappush(self._heap, me)
+            holder = self._holder
+            if holder.scope is not None and me.key < holder.key:
+                holder.scope.cancel()  # preempt: a lower-priority request is only waiting
+            try:
+                await me.event.wait()
+            except BaseException:
+                me.left = True
+                if me.granted:
+                    self._pass()
+                raise
+        self._holder = me
+        me.scope = anyio.CancelScope()
+        if self._heap and self._heap[0].key < me.key and not self._heap[0].left:
+            me.scope.cancel()  # a better request arrived while we were being woken
+        try:
+            yield me
+        finally:
+            self._pass()
+
+    def _pass(self) -> None:
+        self._holder = None
+        while self._heap:
+            nxt = heapq.heappop(self._heap)
+            if not nxt.left:
+                nxt.granted = True
+                self._holder = nxt  # reserved for it before it wakes, so no one jumps the queue
+                nxt.event.set()
+                return
+
+
+class BoostBook:
+    """The boosts of one grid: requests, TTL expiry, renewal and release."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._gate = _PriorityGate()
+        self._seq = itertools.count()
+        self.boosts: dict[str, Boost] = {}
+        self._wake: anyio.Event | None = None
+        self.outcomes: dict[str, int] = {s.value: 0 for s in BoostState if s not in (BoostState.PENDING, BoostState.ACTIVE)}
+
+    def make(
+        self,
+        resources: Any,
+        *,
+        ttl: Any,
+        priority: Any,
+        wait: Any,
+        strategy: Any,
+        nodes: Any,
+        labels: Any,
+    ) -> Boost:
+        """Validate every argument at the API boundary, before anything reaches the engine."""
+        amount = Resources.coerce(resources)
+        if not amount:
+            raise InvalidRequest("a boost must ask for some resources, got none")
+        if strategy not in STRATEGIES:
+            raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        try:
+            level = Priority(priority)
+        except ValueError:
+            raise InvalidRequest(f"priority must be a gridboost.Priority, got {priority!r}") from None
+        if nodes is not None:
+            if isinstance(nodes, str) or not isinstance(nodes, Sequence) or not all(isinstance(n, str) for n in nodes):
+                raise InvalidRequest(f"nodes must be a list of node ids or addresses, got {nodes!r}")
+            nodes = tuple(nodes)
+        if labels is not None and (
+            not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+        ):
+            raise InvalidRequest(f"labels must map strings to strings, got {labels!r}")
+        return Boost(
+            self._grid,
+            amount,
+            ttl=_positive_seconds("ttl", ttl),
+            priority=level,
+            wait=_positive_seconds("wait", wait, allow_zero=True),
+            strategy=strategy,
+            nodes=nodes,
+            labels=None if labels is None else dict(labels),
+        )
+
+    async def grant(self, boost: Boost) -> Boost:
+        """Wait (at most ``boost.wait``) until the backend holds the boost; fail with what was missing."""
+        grid = self._grid
+        self.boosts[boost.id] = boost
+        try:
+            await self._refuse_impossible(boost)
+            key = (-boost.priority, next(self._seq))
+            try:
+                with anyio.fail_after(boost.wait):
+                    reservation = await self._reserve_in_turn(boost, key)
+            except TimeoutError:
+                snapshot = await grid.backend.snapshot()
+                room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
+                raise BoostUnavailable(
+                    f"boost {boost.id} ({boost.resources}) was not granted within {boost.wait:g}s: "
+                    f"missing {boost.resources.shortfall(room)} (free now: {room})"
+                ) from None
+        except BaseException as exc:
+            del self.boosts[boost.id]
+            boost.state = BoostState.FAILED
+            self.outcomes["failed"] += 1
+            if isinstance(exc, Exception):
+                boost.error = exc
+                grid._notify("gridboost_boost_failed", boost=boost, error=exc)
+            raise
+        boost.reservation = reservation
+        boost.placements = reservation.placements
+        boost.state = BoostState.ACTIVE
+        boost.activated_at = time.time()
+        boost.expires_at = boost.activated_at + boost.ttl
+        boost._deadline = anyio.current_time() + boost.ttl
+        self._poke()
+        grid._notify("gridboost_boost_activated", boost=boost)
+        return boost
+
+    async def _refuse_impossible(self, boost: Boost) -> None:
+        backend = self._grid.backend
+        if not backend.capabilities.reserve:
+            raise BoostUnavailable(f"the {backend.name} backend cannot reserve capacity")
+        snapshot = await backend.snapshot()
+        nodes = snapshot.matching(boost.nodes, boost.labels)
+        if not nodes and (boost.nodes is not None or boost.labels):
+            raise BoostUnavailable(
+                f"no live node matches nodes={list(boost.nodes) if boost.nodes else None} labels={boost.labels}; "
+                f"nodes are {', '.join(n.id for n in snapshot.alive) or 'none'}"
+            )
+        if backend.capabilities.grow:
+            return  # the backend may add nodes; only it can say no
+        if boost.strategy == "strict_pack":
+            biggest = max(nodes, key=lambda n: boost.resources.fits_in(n.total), default=None)
+            if biggest is None or not boost.resources.fits_in(biggest.total):
+                raise BoostUnavailable(f"boost {boost.id} ({boost.resources}) fits on no single node (strategy strict_pack)")
+        total = sum((n.total for n in nodes), Resources())
+        if not boost.resources.fits_in(total):
+            raise BoostUnavailable(
+                f"boost {boost.id} asks for {boost.resources}, more than the whole cluster has ({total}); "
+                f"missing {boost.resources.shortfall(total)}"
+            )
+
+    async def _reserve_in_turn(self, boost: Boost, key: tuple[int, int]) -> Reservation:
+        while True:
+            async with self._gate.hold(key) as turn:
+                assert turn.scope is not None
+                with turn.scope:
+                    return await self._grid.backend.reserve(boost.request())
+            # preempted by a request of higher priority: queue again, keeping our key
+
+    async def renew(self, boost: Boost, ttl: float) -> None:
+        ttl = _positive_seconds("ttl", ttl)
+        boost.require_active()
+        assert boost.reservation is not None
+        await self._grid.backend.extend(boost.reservation, ttl)
+        boost.ttl = ttl
+        boost.expires_at = time.time() + ttl
+        boost._deadline = anyio.current_time() + ttl
+        self._poke()
+
+    async def finish(self, boost: Boost, state: BoostState) -> None:
+        """End an active boost: cancel its work, release its reservation; awaited and shielded."""
+        if boost.state is not BoostState.ACTIVE:
+            return
+        boost.state = state  # first, so a second caller returns at once
+        boost.expires_at = None
+        reason = BoostExpired(f"boost {boost.id} expired") if state is BoostState.EXPIRED else None
+        grid = self._grid
+        with anyio.CancelScope(shield=True):
+            for run in list(boost._runs):
+                run.cancel(reason or grid._cancelled(f"boost {boost.id} was released"))
+            with anyio.move_on_after(grid.teardown_timeout):
+                while boost._runs:
+                    boost._runs_idle = anyio.Event()
+                    await boost._runs_idle.wait()
+            assert boost.reservation is not None
+            try:
+                with anyio.fail_after(grid.teardown_timeout):
+                    await grid.backend.release(boost.reservation)
+            except BaseException as exc:
+                boost.state = BoostState.FAILED
+                boost.error = exc
+                self.outcomes["failed"] += 1
+                raise
+            finally:
+                self.boosts.pop(boost.id, None)
+                self._poke()
+        self.outcomes[state.value] += 1
+        hook = "gridboost_boost_expired" if state is BoostState.EXPIRED else "gridboost_boost_released"
+        grid._notify(hook, boost=boost)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def expire_loop(self) -> None:
+        """Release each boost at its deadline. Runs in the grid's task group until teardown."""
+        while True:
+            now = anyio.current_time()
+            for boost in [b for b in self.boosts.values() if b.is_active and b._deadline <= now]:
+                try:
+                    await self.finish(boost, BoostState.EXPIRED)
+                except Exception as exc:  # the loop must outlive one bad release
+                    self._grid._log_error(f"releasing expired boost {boost.id} failed", exc)
+            deadline = min((b._deadline for b in self.boosts.values() if b.is_active), default=math.inf)
+            self._wake = anyio.Event()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await self._wake.wait()

@@ -1,0 +1,581 @@
+"""``Grid``: the facade, and the async context manager that owns everything it starts.
+
+Teardown, in order, whether the block ends normally, by exception or by
+cancellation (all of it shielded, each wait bounded by ``teardown_timeout``):
+
+1. new calls are refused with :class:`~gridboost.exceptions.GridClosed`;
+2. every task in flight and every pending boost request is cancelled, and awaited;
+3. the host app's own resources (``enter_async_context``/``push_async_callback``)
+   are closed, in reverse order;
+4. every boost is released;
+5. observer coroutines are awaited and background loops stopped;
+6. the engine is asked which of our reservations it still holds — there must be
+   none — and the backends are closed.
+
+Whatever could not be done is named in one :class:`~gridboost.exceptions.TeardownError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import Counter
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._boost import Boost, BoostBook
+from ._local import LocalBackend
+from ._plugins import GridPluginManager, call_decision, observer_impls
+from ._policy import default_placement
+from ._records import BoostState, Command, CommandResult, Placement, Priority, Strategy, TaskOutcome, TaskSpec
+from ._resources import Resources
+from ._task import Run, TaskHandle, TaskMap
+from .abc import Backend
+from .exceptions import (
+    CommandFailed,
+    GridboostError,
+    GridClosed,
+    InvalidRequest,
+    InvalidTask,
+    PolicyError,
+    TaskCancelled,
+    TeardownError,
+    UnknownBackend,
+)
+
+__all__ = ["Grid"]
+
+T = TypeVar("T")
+log = logging.getLogger("gridboost")
+
+_PLACE_LOCAL = Placement("local", "asked for: where='local'")
+_PLACE_CLUSTER = Placement("cluster", "asked for: where='cluster'")
+_DEFAULT_MAP_IN_FLIGHT = 32
+
+
+class Grid:
+    """Capacity on this machine and on a cluster, behind one async context manager.
+
+    >>> async with Grid() as grid:                      # doctest: +SKIP
+    ...     print(await grid.offload(sum, [1, 2, 3]))
+    6
+
+    ``backend`` names a backend some plugin provides (``"local"`` is built in);
+    ``options`` go to that backend and are checked against the ones it declares.
+    """
+
+    def __init__(
+        self,
+        backend: str = "local",
+        *,
+        plugins: Iterable[object] = (),
+        teardown_timeout: float = 30.0,
+        **options: Any,
+    ) -> None:
+        if isinstance(teardown_timeout, bool) or not isinstance(teardown_timeout, int | float) or not teardown_timeout > 0:
+            raise InvalidRequest(f"teardown_timeout must be a number of seconds > 0, got {teardown_timeout!r}")
+        self.teardown_timeout = float(teardown_timeout)
+        self.plugins = GridPluginManager.for_grid(plugins)
+        specs = self.plugins.backend_specs()
+        if not isinstance(backend, str) or backend not in specs:
+            raise UnknownBackend(str(backend), sorted(specs), self.plugins.install_hint(str(backend)))
+        spec = specs[backend]
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            accepted = ", ".join(f"{k} ({v})" for k, v in spec.options.items()) or "none"
+            raise InvalidRequest(f"the {backend} backend has no option {', '.join(unknown)}; it accepts: {accepted}")
+        self.backend: Backend = spec.factory(**options)
+        # Work placed "local" runs on this machine even when the cluster is elsewhere.
+        self._host: LocalBackend = self.backend if isinstance(self.backend, LocalBackend) else LocalBackend()
+        self._boosts = BoostBook(self)
+        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._tg: TaskGroup | None = None
+        self._loops = anyio.CancelScope()
+        self._app_stack = AsyncExitStack()
+        self._runs: set[Run] = set()
+        self._runs_idle: anyio.Event | None = None
+        self._grants: set[anyio.CancelScope] = set()
+        self._observing = 0
+        self._observers_idle: anyio.Event | None = None
+        self._hook_cache: dict[str, Any] = {}
+        self._hook_version = -1
+        self._counts: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<Grid backend={self.backend.name} {self._state}>"
+
+    # -- life cycle -----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    async def __aenter__(self) -> Grid:
+        if self._state != "new":
+            raise GridClosed("a Grid can be entered only once; make a new one")
+        self._state = "open"
+        try:
+            await self.backend.start()
+            if self._host is not self.backend:
+                await self._host.start()
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+        except BaseException:
+            self._state = "closed"
+            with anyio.CancelScope(shield=True):
+                for backend in {self._host, self.backend}:
+                    try:
+                        await backend.aclose()
+                    except Exception as exc:
+                        log.warning("closing %s after a failed start: %s", backend.name, exc)
+            raise
+        self._tg.start_soon(self._run_loops)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._state = "closing"
+        leftovers: list[str] = []
+        errors: list[BaseException] = []
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._stop_work(leftovers, errors)
+        finally:
+            self._loops.cancel()
+            self._tg.cancel_scope.cancel()
+            try:
+                await self._tg.__aexit__(None, None, None)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._close_backends(leftovers, errors)
+                self._state = "closed"
+        if leftovers:
+            raise TeardownError(leftovers, errors)
+
+    async def _stop_work(self, leftovers: list[str], errors: list[BaseException]) -> None:
+        for scope in self._grants:
+            scope.cancel()
+        for run in list(self._runs):
+            run.cancel(TaskCancelled(f"task {run.spec.id} ({run.spec.name}) was cancelled: the grid closed"))
+        with anyio.move_on_after(self.teardown_timeout):
+            while self._runs or self._grants:
+                self._runs_idle = anyio.Event()
+                await self._runs_idle.wait()
+        leftovers += [f"task {r.spec.id} ({r.spec.name}) still running after {self.teardown_timeout:g}s" for r in self._runs]
+        try:
+            with anyio.fail_after(self.teardown_timeout):
+                await self._app_stack.aclose()
+        except Exception as exc:
+            errors.append(exc)
+            leftovers.append(f"closing the app's resources failed: {type(exc).__name__}: {exc}")
+        for boost in list(self._boosts.boosts.values()):
+            try:
+                await self._boosts.finish(boost, BoostState.RELEASED)
+            except Exception as exc:
+                errors.append(exc)
+                leftovers.append(f"boost {boost.id} was not released: {type(exc).__name__}: {exc}")
+        with anyio.move_on_after(self.teardown_timeout):
+            while self._observing:
+                self._observers_idle = anyio.Event()
+                await self._observers_idle.wait()
+        if self._observing:
+            leftovers.append(f"{self._observing} observer hook(s) still running after {self.teardown_timeout:g}s")
+
+    async def _close_backends(self, leftovers: list[str], errors: list[BaseException]) -> None:
+        with anyio.move_on_after(self.teardown_timeout) as scope:
+            try:
+                held = await self.backend.reservations()
+            except Exception as exc:
+                errors.append(exc)
+                leftovers.append(f"could not ask the {self.backend.name} engine for its reservations: {exc}")
+                held = []
+        if scope.cancelled_caught:
+            leftovers.append(f"the {self.backend.name} engine did not list its reservations in time")
+        leftovers += [f"reservation {r.id} is still held by the {self.backend.name} engine" for r in held]
+        for backend in dict.fromkeys((self._host, self.backend)):
+            try:
+                with anyio.fail_after(self.teardown_timeout):
+                    await backend.aclose()
+            except TeardownError as exc:
+                leftovers += [f"{backend.name}: {item}" for item in exc.leftovers]
+            except Exception as exc:
+                errors.append(exc)
+                leftovers.append(f"closing the {backend.name} backend failed: {type(exc).__name__}: {exc}")
+
+    async def _run_loops(self) -> None:
+        with self._loops:
+            await self._boosts.expire_loop()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise GridClosed(
+                "this grid is closed" if self._state != "new" else "this grid is not open yet: use `async with Grid(...)`"
+            )
+
+    async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
+        """Enter ``cm`` now and exit it at teardown, after the work stopped, in reverse order."""
+        self._check_open()
+        return await self._app_stack.enter_async_context(cm)
+
+    def push_async_callback(self, callback: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> None:
+        """Await ``callback(*args, **kwargs)`` at teardown, after the work stopped, in reverse order."""
+        self._check_open()
+        self._app_stack.push_async_callback(callback, *args, **kwargs)
+
+    # -- seeing ---------------------------------------------------------------------
+
+    async def snapshot(self) -> Any:
+        """Every node of the backend, with total and available resources (a ``ClusterSnapshot``)."""
+        self._check_open()
+        return await self.backend.snapshot()
+
+    @property
+    def local_available(self) -> Resources:
+        """Capacity free on this machine for work placed here, by gridboost's own accounting."""
+        return self._host.available
+
+    @property
+    def boosts(self) -> tuple[Boost, ...]:
+        """The boosts of this grid that are pending or active."""
+        return tuple(self._boosts.boosts.values())
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``placed.<kind>``, ``tasks.<status>``, ``boosts.<outcome>``, ``observer_errors``."""
+        counts = dict(self._counts)
+        counts.update({f"boosts.{k}": v for k, v in self._boosts.outcomes.items()})
+        counts.setdefault("observer_errors", 0)
+        return counts
+
+    # -- boosting -------------------------------------------------------------------
+
+    async def request_boost(
+        self,
+        resources: Resources | str | Mapping[str, Any],
+        *,
+        ttl: float,
+        priority: Priority = Priority.NORMAL,
+        wait: float = 30.0,
+        strategy: Strategy = "pack",
+        nodes: Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Boost:
+        """Take a lease; return once the backend holds it. You release it (or its TTL does)."""
+        self._check_open()
+        boost = self._boosts.make(
+            resources, ttl=ttl, priority=priority, wait=wait, strategy=strategy, nodes=nodes, labels=labels
+        )
+        scope = anyio.CancelScope()
+        self._grants.add(scope)
+        try:
+            with scope:
+                return await self._boosts.grant(boost)
+        finally:
+            self._grants.discard(scope)
+            self._maybe_idle()
+        raise GridClosed(f"the grid closed while boost {boost.id} was pending")
+
+    def boost(
+        self,
+        resources: Resources | str | Mapping[str, Any],
+        *,
+        ttl: float,
+        priority: Priority = Priority.NORMAL,
+        wait: float = 30.0,
+        strategy: Strategy = "pack",
+        nodes: Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> _BoostBlock:
+        """``async with grid.boost(...) as boost:`` — auto-placed work in the block runs inside it."""
+        kwargs = dict(ttl=ttl, priority=priority, wait=wait, strategy=strategy, nodes=nodes, labels=labels)
+        return _BoostBlock(self, resources, kwargs)
+
+    # -- running --------------------------------------------------------------------
+
+    def _spec(
+        self,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        resources: Any,
+        where: Any,
+        retries: Any,
+        timeout: Any,
+    ) -> Run:
+        self._check_open()
+        if not callable(target) and not isinstance(target, Command):
+            raise InvalidTask(f"expected a callable, got {target!r} of type {type(target).__name__}")
+        spec = TaskSpec(
+            target, args, kwargs, resources=resources, where=where, retries=retries, timeout=timeout
+        )
+        run = Run(spec)
+        run.placement = self._place(spec)
+        backend = self._host if run.placement.kind == "local" else self.backend
+        backend.check_task(spec)
+        return run
+
+    def _place(self, spec: TaskSpec) -> Placement:
+        where = spec.where
+        if where == "auto":
+            if self._cached("placement_is_default"):
+                placement = default_placement(self, spec)
+            else:
+                placement = call_decision(self.plugins.hook.gridboost_choose_placement, "gridboost_choose_placement", grid=self, task=spec)
+                if not isinstance(placement, Placement):
+                    raise PolicyError(f"gridboost_choose_placement returned {placement!r}, not a Placement")
+        elif where == "local":
+            placement = _PLACE_LOCAL
+        elif where == "cluster":
+            placement = _PLACE_CLUSTER
+        else:
+            assert isinstance(where, Boost)
+            placement = Placement("boost", "asked for: where=<boost>", where)
+        if placement.boost is not None:
+            if placement.boost.grid is not self:
+                raise InvalidRequest(f"boost {placement.boost.id} belongs to another grid")
+            placement.boost.require_active()
+        return placement
+
+    def _cached(self, key: str) -> Any:
+        if self._hook_version != self.plugins.version:
+            hook = self.plugins.hook
+            impls = hook.gridboost_choose_placement.get_hookimpls()
+            self._hook_cache = {
+                "placement_is_default": len(impls) == 1 and impls[0].plugin_name == "gridboost._policy",
+                **{name: observer_impls(getattr(hook, name)) for name in _OBSERVERS},
+            }
+            self._hook_version = self.plugins.version
+        return self._hook_cache[key]
+
+    async def _execute(self, run: Run) -> Any:
+        spec, placement = run.spec, run.placement
+        assert placement is not None
+        boost = run.boost = placement.boost
+        if boost is None:
+            backend, reservation = (self._host if placement.kind == "local" else self.backend), None
+        else:
+            backend, reservation = self.backend, boost.reservation
+            boost._runs.add(run)
+        self._runs.add(run)
+        self._counts[f"placed.{placement.kind}"] += 1
+        if self._cached("gridboost_task_placed"):
+            self._notify("gridboost_task_placed", task=spec, placement=placement)
+        started = anyio.current_time()
+        status: Literal["succeeded", "failed", "cancelled", "timed_out"] = "cancelled"
+        error: BaseException | None = None
+        try:
+            # A run cancelled before it starts must not reach the backend at all: some
+            # engines submit before their first checkpoint.
+            if run.cause is None:
+                if boost is not None:
+                    boost.require_active()
+                with run.scope:
+                    if spec.timeout is None:
+                        result = await self._attempts(run, backend, reservation)
+                    else:
+                        with anyio.fail_after(spec.timeout):
+                            result = await self._attempts(run, backend, reservation)
+                    status = "succeeded"
+                    return result
+            assert run.cause is not None
+            raise run.cause
+        except BaseException as exc:
+            error = exc
+            if exc is not run.cause and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                status = "timed_out" if spec.timeout is not None and isinstance(exc, TimeoutError) else "failed"
+            raise
+        finally:
+            self._runs.discard(run)
+            if boost is not None:
+                boost._runs.discard(run)
+                if not boost._runs and boost._runs_idle is not None:
+                    boost._runs_idle.set()
+            self._maybe_idle()
+            self._counts[f"tasks.{status}"] += 1
+            if self._cached("gridboost_task_finished"):
+                outcome = TaskOutcome(status, run.attempts, anyio.current_time() - started, error)
+                self._notify("gridboost_task_finished", task=spec, placement=placement, outcome=outcome)
+
+    async def _attempts(self, run: Run, backend: Backend, reservation: Any) -> Any:
+        retries = 0 if backend.capabilities.native_retries else run.spec.retries
+        while True:
+            run.attempts += 1
+            try:
+                return await backend.run(run.spec, reservation)
+            except GridboostError:
+                raise
+            except Exception:
+                if run.attempts > retries:
+                    raise
+
+    def _maybe_idle(self) -> None:
+        if self._runs_idle is not None and not self._runs and not self._grants:
+            self._runs_idle.set()
+
+    async def offload(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        resources: Resources | str | Mapping[str, Any] | None = None,
+        where: Literal["auto", "local", "cluster"] | Boost = "auto",
+        retries: int = 0,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``fn(*args, **kwargs)`` where the policy says, and return its result.
+
+        The function's own exception is raised here with its own type; ``timeout``
+        bounds all attempts together and raises ``TimeoutError``.
+        """
+        run = self._spec(fn, args, kwargs, resources, where, retries, timeout)
+        return await self._execute(run)  # type: ignore[no-any-return]
+
+    def submit(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        resources: Resources | str | Mapping[str, Any] | None = None,
+        where: Literal["auto", "local", "cluster"] | Boost = "auto",
+        retries: int = 0,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> TaskHandle[T]:
+        """Start ``fn(*args, **kwargs)`` and return a handle at once; bad input raises here."""
+        run = self._spec(fn, args, kwargs, resources, where, retries, timeout)
+        handle: TaskHandle[T] = TaskHandle(run)
+        assert self._tg is not None
+        self._runs.add(run)  # counted from now, so teardown waits for it even before it starts
+        self._tg.start_soon(self._run_handle, handle)
+        return handle
+
+    async def _run_handle(self, handle: TaskHandle[Any]) -> None:
+        handle.started_at = anyio.current_time()
+        try:
+            result = await self._execute(handle._run)
+        except Exception as exc:
+            handle._settle(None, exc, anyio.current_time())
+        except BaseException:  # cancelled from outside: the block holding the grid is being cancelled
+            handle._settle(None, handle._run.cause or handle._run_cancelled(), anyio.current_time())
+            raise
+        else:
+            handle._settle(result, None, anyio.current_time())
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        resources: Resources | str | Mapping[str, Any] | None = None,
+        max_in_flight: int = _DEFAULT_MAP_IN_FLIGHT,
+        ordered: bool = True,
+        where: Literal["auto", "local", "cluster"] | Boost = "auto",
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> TaskMap[T]:
+        """``fn(item)`` for each item, as an async iterator, with at most ``max_in_flight`` running."""
+        self._check_open()
+        options = dict(resources=resources, where=where, retries=retries, timeout=timeout)
+        return TaskMap(self, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options)
+
+    async def run_command(
+        self,
+        argv: Sequence[str],
+        *,
+        resources: Resources | str | Mapping[str, Any] | None = None,
+        where: Literal["auto", "local", "cluster"] | Boost = "auto",
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> CommandResult:
+        """Run a program (``argv`` as a list; never through a shell) and return its ``CommandResult``.
+
+        On ``timeout`` the process is terminated (then killed) and ``TimeoutError``
+        raised. With ``check=True`` a non-zero status raises ``CommandFailed``.
+        """
+        command = Command(argv, env=env, cwd=cwd)
+        run = self._spec(command, (), {}, resources, where, 0, timeout)
+        result: CommandResult = await self._execute(run)
+        if check and result.returncode != 0:
+            raise CommandFailed(command.argv, result.returncode, result.stdout, result.stderr)
+        return result
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def _notify(self, hook: str, **kwargs: Any) -> None:
+        """Call each observer on its own; start coroutines in the grid's task group."""
+        kwargs["grid"] = self
+        for function, argnames, plugin in self._cached(hook):
+            try:
+                result = function(*[kwargs[name] for name in argnames])
+            except Exception as exc:
+                self._observer_failed(plugin, hook, exc)
+                continue
+            if inspect.isawaitable(result):
+                if self._tg is None or self._state == "closed":
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    self._observer_failed(plugin, hook, GridClosed("observer coroutine after teardown"))
+                    continue
+                self._observing += 1
+                self._tg.start_soon(self._observe, result, plugin, hook)
+
+    async def _observe(self, awaitable: Awaitable[Any], plugin: str, hook: str) -> None:
+        # Shielded but bounded: an observer is awaited even while the host block is
+        # being cancelled, and one that hangs is cut off (and counted) at the timeout.
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.teardown_timeout):
+                await awaitable
+        except Exception as exc:
+            self._observer_failed(plugin, hook, exc)
+        finally:
+            self._observing -= 1
+            if not self._observing and self._observers_idle is not None:
+                self._observers_idle.set()
+
+    def _observer_failed(self, plugin: str, hook: str, exc: BaseException) -> None:
+        self._counts["observer_errors"] += 1
+        log.error("observer %s of plugin %s failed: %s: %s", hook, plugin, type(exc).__name__, exc, exc_info=exc)
+
+    def _log_error(self, message: str, exc: BaseException) -> None:
+        self._counts["errors"] += 1
+        log.error("%s: %s: %s", message, type(exc).__name__, exc, exc_info=exc)
+
+    def _cancelled(self, message: str) -> BaseException:
+        return TaskCancelled(message)
+
+
+_OBSERVERS = (
+    "gridboost_boost_activated",
+    "gridboost_boost_released",
+    "gridboost_boost_expired",
+    "gridboost_boost_failed",
+    "gridboost_task_placed",
+    "gridboost_task_finished",
+)
+
+
+class _BoostBlock:
+    """What ``grid.boost(...)`` returns: an async context manager that requests, enters and releases."""
+
+    def __init__(self, grid: Grid, resources: Any, kwargs: dict[str, Any]) -> None:
+        self._grid, self._resources, self._kwargs = grid, resources, kwargs
+        self._boost: Boost | None = None
+
+    async def __aenter__(self) -> Boost:
+        self._boost = await self._grid.request_boost(self._resources, **self._kwargs)
+        return await self._boost.__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._boost is not None
+        await self._boost.__aexit__(exc_type, exc, tb)

@@ -1,0 +1,262 @@
+"""The local backend: this machine as a one-node cluster. Built in, the embedded default.
+
+Reservations are accounting against the machine's capacity, so boosts, priorities,
+TTLs and admission behave as they do on a real cluster with no cluster at all.
+Callables run in worker threads, or in a process pool (``executor="process"``) for
+CPU-bound work; commands run as subprocesses.
+
+Cancelling: queued work is dropped; a running command or process-pool call is
+terminated, then killed after ``grace`` seconds. A running *thread* cannot be
+interrupted by Python: the caller is released at once, and the thread runs on until
+the function returns or calls :func:`anyio.from_thread.check_cancelled`. The backend
+keeps count of such threads, and ``aclose`` waits for them (up to its timeout) and
+names any still running in a :class:`~gridboost.exceptions.TeardownError`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import anyio
+import psutil
+
+from . import _nvml
+from ._command import run_command
+from ._plugins import hookimpl
+from ._procpool import ProcessPool, check_picklable
+from ._records import ClusterSnapshot, Command, CommandResult, NodeSnapshot, TaskSpec
+from ._resources import Resources
+from .abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
+from .exceptions import BoostUnavailable, CapacityUnavailable, GridClosed, InvalidRequest, TeardownError
+
+__all__ = ["LocalBackend"]
+
+
+class _Pool:
+    """Capacity that tasks and reservations take from and give back, with fair waiting."""
+
+    def __init__(self, total: Resources) -> None:
+        self.total = total
+        self.used = Resources()
+        self._changed: anyio.Event | None = None
+
+    @property
+    def available(self) -> Resources:
+        return self.total - self.used
+
+    def try_take(self, amount: Resources) -> bool:
+        if not amount.fits_in(self.available):
+            return False
+        self.used = self.used + amount
+        return True
+
+    async def take(self, amount: Resources) -> None:
+        """Wait until ``amount`` fits, then take it; cancellable while waiting."""
+        while not self.try_take(amount):
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def give(self, amount: Resources) -> None:
+        self.used = self.used - amount
+        if self._changed is not None:  # wake every waiter; each re-checks its own fit
+            self._changed.set()
+            self._changed = None
+
+
+class LocalBackend(Backend):
+    """This machine, as a backend. See the module docstring for how cancelling works."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        executor: Literal["thread", "process"] = "thread",
+        capacity: Resources | str | Mapping[str, Any] | None = None,
+        max_workers: int | None = None,
+        grace: float = 2.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        if executor not in ("thread", "process"):
+            raise InvalidRequest(f"executor must be 'thread' or 'process', got {executor!r}")
+        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1):
+            raise InvalidRequest(f"max_workers must be a whole number >= 1, got {max_workers!r}")
+        self.executor = executor
+        self._capacity = None if capacity is None else Resources.coerce(capacity)
+        self._max_workers = max_workers
+        self._grace = grace
+        self._close_timeout = close_timeout
+        self._node_id = f"local:{socket.gethostname()}"
+        self._pool: _Pool | None = None
+        self._reserved: dict[str, tuple[Reservation, _Pool]] = {}
+        self._threads: set[str] = set()  # names of work still running in threads, even if abandoned
+        self._threads_lock = threading.Lock()
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._procs: ProcessPool | None = None
+        self._closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            reserve=True,
+            grow=False,
+            interrupt_running=self.executor == "process",
+            commands=True,
+            native_retries=False,
+            remote=False,
+        )
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @property
+    def available(self) -> Resources:
+        """Capacity not taken by reservations or running work (zero before ``start``)."""
+        return Resources() if self._pool is None else self._pool.available
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        total = self._capacity or await anyio.to_thread.run_sync(_machine_capacity)
+        self._pool = _Pool(total)
+        workers = self._max_workers or max(4, 2 * (os.cpu_count() or 1))
+        self._limiter = anyio.CapacityLimiter(workers)
+        if self.executor == "process":
+            self._procs = ProcessPool(self._max_workers or (os.cpu_count() or 1), grace=self._grace)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        leftovers: list[str] = []
+        if self._procs is not None:
+            leftovers += await self._procs.aclose()
+        with anyio.move_on_after(self._close_timeout):
+            while self._threads:  # abandoned threads: nothing to await but their end
+                await anyio.sleep(0.01)
+        with self._threads_lock:
+            leftovers += [f"thread still running {name}" for name in sorted(self._threads)]
+        self._reserved.clear()
+        if leftovers:
+            raise TeardownError(leftovers)
+
+    # -- seeing ---------------------------------------------------------------------
+
+    async def snapshot(self) -> ClusterSnapshot:
+        pool = self._require_pool()
+        memory = psutil.virtual_memory()
+        node = NodeSnapshot(
+            id=self._node_id,
+            address=socket.gethostname(),
+            total=pool.total,
+            available=pool.available,
+            usage=Resources(memory=memory.total - memory.available),
+            alive=True,
+            is_local=True,
+        )
+        return ClusterSnapshot(backend=self.name, nodes=(node,))
+
+    # -- reserving ------------------------------------------------------------------
+
+    async def reserve(self, request: ReservationRequest) -> Reservation:
+        pool = self._require_pool()
+        if request.nodes is not None and self._node_id not in request.nodes and socket.gethostname() not in request.nodes:
+            raise BoostUnavailable(f"no node matches nodes={list(request.nodes)}; the local backend has {self._node_id!r}")
+        if request.labels:
+            raise BoostUnavailable(f"no node matches labels={dict(request.labels)}; the local node has no labels")
+        if not request.resources.fits_in(pool.total):
+            missing = request.resources.shortfall(pool.total)
+            raise BoostUnavailable(f"{request.resources} is more than this machine has ({pool.total}); missing {missing}")
+        await pool.take(request.resources)
+        reservation = Reservation(request=request, placements=(self._node_id,))
+        self._reserved[request.id] = (reservation, _Pool(request.resources))
+        return reservation
+
+    async def release(self, reservation: Reservation) -> None:
+        entry = self._reserved.pop(reservation.id, None)
+        if entry is not None:
+            self._require_pool().give(reservation.request.resources)
+
+    async def reservations(self) -> Sequence[Reservation]:
+        return [reservation for reservation, _ in self._reserved.values()]
+
+    # -- running --------------------------------------------------------------------
+
+    def check_task(self, task: TaskSpec) -> None:
+        if self.executor == "process" and not task.is_command:
+            check_picklable(task.target, task.args, task.kwargs)
+
+    async def run(self, task: TaskSpec, reservation: Reservation | None) -> Any:
+        if self._closed:
+            raise GridClosed("the local backend is closed")
+        pool = self._require_pool()
+        if reservation is not None:
+            entry = self._reserved.get(reservation.id)
+            if entry is None:
+                raise BoostUnavailable(f"reservation {reservation.id} is not held any more")
+            pool = entry[1]
+        amount = task.resources
+        if amount:
+            if not amount.fits_in(pool.total):
+                where = "its boost holds" if reservation is not None else "this machine has"
+                raise CapacityUnavailable(f"task {task.name} needs {amount}; the most {where} is {pool.total}")
+            await pool.take(amount)
+        try:
+            if isinstance(task.target, Command):
+                status, out, err = await run_command(task.target, grace=self._grace)
+                return CommandResult(returncode=status, stdout=out, stderr=err, node=self._node_id)
+            if self._procs is not None:
+                return await self._procs.run(task.target, task.args, task.kwargs)
+            return await anyio.to_thread.run_sync(
+                self._call_in_thread, task.target, task.args, task.kwargs, task.name, abandon_on_cancel=True, limiter=self._limiter
+            )
+        finally:
+            if amount:
+                pool.give(amount)
+
+    def _call_in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str) -> Any:
+        # Runs in the worker thread: the set says which threads are still busy even
+        # after their caller was cancelled and moved on.
+        key = f"{name} ({threading.get_ident()})"
+        with self._threads_lock:
+            self._threads.add(key)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._threads_lock:
+                self._threads.discard(key)
+
+    def _require_pool(self) -> _Pool:
+        if self._pool is None:
+            raise GridClosed("the local backend was not started")
+        return self._pool
+
+
+def _machine_capacity() -> Resources:
+    gpus = _nvml.inventory()
+    return Resources(
+        cpu=os.cpu_count() or 1,
+        memory=psutil.virtual_memory().total,
+        gpu=len(gpus),
+        gpu_memory=sum(g.memory_total for g in gpus),
+    )
+
+
+_OPTIONS = {
+    "executor": "'thread' (default) or 'process' for CPU-bound callables",
+    "capacity": "the capacity to account against, instead of this machine's (Resources or 'cpu=2,...')",
+    "max_workers": "threads (or processes) that run callables at once",
+    "grace": "seconds between SIGTERM and SIGKILL when a command or process is cancelled",
+    "close_timeout": "seconds aclose waits for threads that cannot be interrupted",
+}
+
+
+@hookimpl
+def gridboost_backends() -> Sequence[BackendSpec]:
+    return [BackendSpec(name="local", factory=LocalBackend, description="this machine, as a one-node cluster", options=_OPTIONS)]

@@ -1,0 +1,143 @@
+"""Plugin discovery and the per-grid plugin manager.
+
+Built-in plugins (the local backend, the default policy) register through the same
+hooks as third-party ones; the only difference is that they need no entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .abc import BackendSpec
+from .exceptions import PluginError, PolicyError
+
+__all__ = ["GridPluginManager", "PluginLoadWarning", "hookimpl", "load_entry_point_plugins"]
+
+log = logging.getLogger("gridboost")
+
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+"""Marker for hook implementations: ``@gridboost.hookimpl``."""
+
+ENTRY_POINT_GROUP = "gridboost"
+LOAD_ENV = "GRIDBOOST_LOAD_PLUGINS"
+_BUILTINS = ("gridboost._local", "gridboost._policy")
+_INSTALL_HINTS = {"ray": "pip install gridboost-ray", "dask": "pip install gridboost-dask"}
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed gridboost plugin failed to load; the grid goes on without it."""
+
+
+@functools.cache
+def load_entry_point_plugins(selection: str | None) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, str], ...]]:
+    """Import the plugins of the ``gridboost`` entry-point group once per process.
+
+    ``selection`` is the value of ``GRIDBOOST_LOAD_PLUGINS``: ``None`` loads all, an
+    empty string none, a comma list those named. Returns (name, plugin) pairs and
+    (name, error) pairs for plugins that failed to import.
+    """
+    wanted = None if selection is None else {s.strip() for s in selection.split(",") if s.strip()}
+    loaded: list[tuple[str, object]] = []
+    failed: list[tuple[str, str]] = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if wanted is not None and ep.name not in wanted:
+            continue
+        try:
+            loaded.append((ep.name, ep.load()))
+        except Exception as exc:  # a broken plugin must not take the host app down
+            failed.append((ep.name, f"{type(exc).__name__}: {exc}"))
+    return tuple(loaded), tuple(failed)
+
+
+class GridPluginManager(pluggy.PluginManager):
+    """A pluggy manager for one grid; remembers when its set of plugins changes.
+
+    The grid caches per-hook implementation lists on the hot path; ``version``
+    tells it when to look again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.version = 0
+        self.load_errors: tuple[tuple[str, str], ...] = ()
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        result = super().register(plugin, name)
+        self.version += 1
+        return result
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        result = super().unregister(plugin, name)
+        self.version += 1
+        return result
+
+    @classmethod
+    def for_grid(cls, extra: Iterable[object] = ()) -> GridPluginManager:
+        """Built-ins, then entry-point plugins (warning on failures), then the app's own."""
+        pm = cls()
+        for module_name in _BUILTINS:
+            module = __import__(module_name, fromlist=["_"])
+            pm.register(module, name=module_name)
+        loaded, failed = load_entry_point_plugins(os.environ.get(LOAD_ENV))
+        for name, plugin in loaded:
+            if pm.is_registered(plugin):
+                continue
+            pm.register(plugin, name=f"entrypoint:{name}")
+        for name, error in failed:
+            warnings.warn(f"gridboost plugin {name!r} failed to load: {error}", PluginLoadWarning, stacklevel=3)
+        pm.load_errors = failed
+        for plugin in extra:
+            pm.register(plugin)
+        return pm
+
+    def backend_specs(self) -> dict[str, BackendSpec]:
+        """Every backend every plugin provides, by name; a name given twice is an error."""
+        specs: dict[str, BackendSpec] = {}
+        owners: dict[str, str] = {}
+        for impl in self.hook.gridboost_backends.get_hookimpls():
+            results = impl.function()
+            for spec in results or ():
+                if not isinstance(spec, BackendSpec):
+                    raise PluginError(f"plugin {impl.plugin_name!r} yielded {spec!r} from gridboost_backends, not a BackendSpec")
+                if spec.name in specs:
+                    raise PluginError(
+                        f"backend {spec.name!r} is provided by both {owners[spec.name]!r} and {impl.plugin_name!r}"
+                    )
+                specs[spec.name] = spec
+                owners[spec.name] = impl.plugin_name
+        return specs
+
+    @staticmethod
+    def install_hint(name: str) -> str | None:
+        return _INSTALL_HINTS.get(name)
+
+    def plugin_names(self) -> Sequence[str]:
+        return [name for name, _ in self.list_name_plugin()]
+
+
+def call_decision(hook: pluggy.HookCaller, what: str, /, **kwargs: Any) -> Any:
+    """Call a ``firstresult`` hook; any exception becomes a ``PolicyError`` chained to it."""
+    try:
+        return hook(**kwargs)
+    except Exception as exc:
+        raise PolicyError(f"{what} hook failed: {type(exc).__name__}: {exc}") from exc
+
+
+def observer_impls(hook: pluggy.HookCaller) -> list[tuple[Callable[..., Any], tuple[str, ...], str]]:
+    """Each observer as (function, argument names, plugin name), in pluggy's call order."""
+    return [(impl.function, tuple(impl.argnames), impl.plugin_name) for impl in reversed(hook.get_hookimpls())]
+
+
+def builtin(module: ModuleType) -> bool:
+    return module.__name__ in _BUILTINS

@@ -1,0 +1,246 @@
+"""The frozen records that cross gridboost's seams: specs, snapshots, decisions, results."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from attrs import field, frozen
+
+from ._resources import Resources
+from .exceptions import InvalidRequest, InvalidTask
+
+if TYPE_CHECKING:
+    from ._boost import Boost
+
+__all__ = [
+    "BoostState",
+    "ClusterSnapshot",
+    "Command",
+    "CommandResult",
+    "NodeSnapshot",
+    "Placement",
+    "Priority",
+    "Strategy",
+    "TaskOutcome",
+    "TaskSpec",
+]
+
+Strategy = Literal["pack", "spread", "strict_pack", "strict_spread"]
+STRATEGIES: tuple[str, ...] = ("pack", "spread", "strict_pack", "strict_spread")
+
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    """A short id, unique in this process and readable in logs: ``task-1f3a-17``."""
+    return f"{prefix}-{os.getpid():x}-{next(_ids)}"
+
+
+class Priority(enum.IntEnum):
+    """Order in which pending boost requests (and queued work) are served; higher first."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+
+class BoostState(enum.StrEnum):
+    """Where a boost is in its life: ``pending → active → released / expired / failed``."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+def _argv(value: object) -> tuple[str, ...]:
+    # A string would be split by a shell somewhere; refusing it is the whole point.
+    if isinstance(value, str | bytes):
+        raise InvalidTask(f"argv must be a list of strings, not a string: {value!r} (no shell is used)")
+    if not isinstance(value, Sequence) or not value:
+        raise InvalidTask(f"argv must be a non-empty list of strings, got {value!r}")
+    for item in value:
+        if not isinstance(item, str | os.PathLike):
+            raise InvalidTask(f"argv items must be strings, got {item!r} in {value!r}")
+    return tuple(os.fspath(item) for item in value)  # type: ignore[misc]
+
+
+def _env(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidTask(f"env must map strings to strings, got {value!r}")
+    return MappingProxyType(dict(value))
+
+
+@frozen
+class Command:
+    """A program to run: ``argv`` is executed directly, never through a shell.
+
+    ``env`` is laid over the environment of the machine the command runs on, so
+    ``PATH`` and friends still hold there.
+    """
+
+    argv: tuple[str, ...] = field(converter=_argv)
+    env: Mapping[str, str] | None = field(default=None, converter=_env)
+    cwd: str | None = field(default=None, converter=lambda v: None if v is None else os.fspath(v))
+
+
+@frozen
+class CommandResult:
+    """What a finished command left: exit status, captured output, and the node it ran on."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    node: str
+
+
+def _where(value: object) -> object:
+    if value in ("auto", "local", "cluster"):
+        return value
+    from ._boost import Boost  # a Boost is the one non-string placement
+
+    if isinstance(value, Boost):
+        return value
+    raise InvalidRequest(f"where must be 'auto', 'local', 'cluster' or a Boost, got {value!r}")
+
+
+def _retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(f"retries must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidRequest(f"timeout must be a number of seconds > 0 or None, got {value!r}")
+    return float(value)
+
+
+def _target(value: object) -> object:
+    if isinstance(value, Command) or callable(value):
+        return value
+    raise InvalidTask(f"expected a callable or a Command, got {value!r} of type {type(value).__name__}")
+
+
+def _name(target: object) -> str:
+    if isinstance(target, Command):
+        return " ".join(target.argv)[:80]
+    return getattr(target, "__qualname__", None) or type(target).__qualname__
+
+
+@frozen
+class TaskSpec:
+    """One unit of work as the grid received it: what to run, with what, and where."""
+
+    target: Callable[..., Any] | Command = field(validator=lambda _s, _a, v: _target(v))
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(factory=dict)
+    resources: Resources = field(default=Resources(), converter=Resources.coerce)
+    where: Literal["auto", "local", "cluster"] | Boost = field(default="auto", validator=lambda _s, _a, v: _where(v))
+    retries: int = field(default=0, validator=lambda _s, _a, v: _retries(v))
+    timeout: float | None = field(default=None, converter=_timeout)
+    priority: Priority = field(default=Priority.NORMAL, converter=Priority)
+    tags: frozenset[str] = field(factory=frozenset, converter=frozenset)
+    id: str = field(factory=lambda: new_id("task"))
+    submitted_at: float = field(factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        """A human name for the work: the function's qualified name or the command line."""
+        return _name(self.target)
+
+    @property
+    def is_command(self) -> bool:
+        return isinstance(self.target, Command)
+
+
+@frozen
+class Placement:
+    """The decision for one task: run it locally, on the cluster, or inside a boost, and why."""
+
+    kind: Literal["local", "cluster", "boost"]
+    reason: str
+    boost: Boost | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in ("local", "cluster", "boost"):
+            raise InvalidRequest(f"placement kind must be local, cluster or boost, got {self.kind!r}")
+        if (self.kind == "boost") != (self.boost is not None):
+            raise InvalidRequest("a placement names a boost exactly when its kind is 'boost'")
+
+
+@frozen
+class TaskOutcome:
+    """How a task ended, as told to the ``gridboost_task_finished`` observers."""
+
+    status: Literal["succeeded", "failed", "cancelled", "timed_out"]
+    attempts: int
+    duration: float
+    error: BaseException | None = None
+
+
+@frozen
+class NodeSnapshot:
+    """One node at an instant: identity, capacity, what is free, and whether it is alive."""
+
+    id: str
+    address: str
+    total: Resources
+    available: Resources
+    labels: Mapping[str, str] = field(factory=dict, converter=lambda v: MappingProxyType(dict(v)))
+    usage: Resources | None = None
+    alive: bool = True
+    is_local: bool = False
+
+
+@frozen
+class ClusterSnapshot:
+    """Every node the backend knows, at one instant."""
+
+    backend: str
+    nodes: tuple[NodeSnapshot, ...] = field(converter=tuple)
+    taken_at: float = field(factory=time.time)
+
+    @property
+    def alive(self) -> tuple[NodeSnapshot, ...]:
+        return tuple(n for n in self.nodes if n.alive)
+
+    @property
+    def total(self) -> Resources:
+        """The capacity of every live node, added up."""
+        return sum((n.total for n in self.alive), Resources())
+
+    @property
+    def available(self) -> Resources:
+        """What is free on every live node, added up."""
+        return sum((n.available for n in self.alive), Resources())
+
+    @property
+    def local(self) -> NodeSnapshot | None:
+        """The node this process runs on, when the cluster includes it."""
+        return next((n for n in self.nodes if n.is_local), None)
+
+    def matching(self, nodes: Sequence[str] | None, labels: Mapping[str, str] | None) -> tuple[NodeSnapshot, ...]:
+        """Live nodes whose id or address is in ``nodes`` and whose labels include ``labels``."""
+        chosen = []
+        for node in self.alive:
+            if nodes is not None and node.id not in nodes and node.address not in nodes:
+                continue
+            if labels and any(node.labels.get(k) != v for k, v in labels.items()):
+                continue
+            chosen.append(node)
+        return tuple(chosen)

@@ -1,0 +1,256 @@
+"""``Resources``: immutable, validated amounts of compute."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from attrs import field, frozen
+
+from .exceptions import InvalidResources
+
+__all__ = ["Resources"]
+
+_BUILTIN = ("cpu", "gpu", "memory", "gpu_memory")
+_BYTE_FIELDS = frozenset({"memory", "gpu_memory"})
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
+
+
+def _amount(name: str, value: object) -> float:
+    # bool is an int to Python, but cpu=True is a bug, not one core.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidResources(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if math.isnan(number) or math.isinf(number):
+        raise InvalidResources(f"{name} must be finite, got {value!r}")
+    if number < 0:
+        raise InvalidResources(f"{name} must not be negative, got {value!r}")
+    return number
+
+
+def _bytes(name: str, value: object) -> int:
+    # Engines count memory in whole bytes; round a fractional request up, never down.
+    return math.ceil(_amount(name, value))
+
+
+def _custom(value: Mapping[str, Any] | None) -> Mapping[str, float]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise InvalidResources(f"custom must be a mapping of name to amount, got {value!r}")
+    clean: dict[str, float] = {}
+    for key in sorted(value):
+        if not isinstance(key, str) or not _CUSTOM_NAME.match(key) or key in _BUILTIN:
+            raise InvalidResources(f"custom resource name {key!r} is not a valid name")
+        amount = _amount(f"custom[{key!r}]", value[key])
+        if amount:  # zero entries say nothing; dropping them keeps equality honest
+            clean[key] = amount
+    return MappingProxyType(clean)
+
+
+def _settle(x: float) -> float:
+    # 0.1 + 0.2 - 0.3 is -5e-17, not a debt: round float noise to zero.
+    return 0.0 if abs(x) < 1e-9 else x
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _format_number(x: float) -> str:
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+@frozen(eq=False)
+class Resources:
+    """Amounts of compute: cores, devices, bytes and named custom counters.
+
+    Every amount is finite and non-negative; anything else raises
+    :class:`~gridboost.exceptions.InvalidResources` naming the field and the value.
+
+    >>> Resources(cpu=2) + Resources(cpu=1, memory=2**30)
+    Resources(cpu=3, memory=1GiB)
+    >>> Resources(cpu=1) <= Resources(cpu=4, gpu=1)
+    True
+    """
+
+    cpu: float = field(default=0, converter=lambda v: _amount("cpu", v))
+    gpu: float = field(default=0, converter=lambda v: _amount("gpu", v))
+    memory: int = field(default=0, converter=lambda v: _bytes("memory", v))
+    gpu_memory: int = field(default=0, converter=lambda v: _bytes("gpu_memory", v))
+    custom: Mapping[str, float] = field(factory=dict, converter=_custom)
+
+    @classmethod
+    def parse(cls, text: str) -> Resources:
+        """Read ``"cpu=4,gpu=1,memory=8GiB"``; names other than the built-ins are custom.
+
+        >>> Resources.parse("cpu=0.5, memory=512MiB, accel=2")
+        Resources(cpu=0.5, memory=512MiB, custom={'accel': 2})
+        """
+        if not isinstance(text, str):
+            raise InvalidResources(f"Resources.parse takes a string, got {text!r}")
+        values: dict[str, Any] = {}
+        custom: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, raw = part.partition("=")
+            name = name.strip()
+            if not sep or not name:
+                raise InvalidResources(f"expected name=amount, got {part!r}")
+            if name in values or name in custom:
+                raise InvalidResources(f"{name} is given twice in {text!r}")
+            raw = raw.strip()
+            if raw.startswith("-"):
+                raise InvalidResources(f"{name} must not be negative, got {raw!r}")
+            match = _AMOUNT.match(raw)
+            if match is None:
+                raise InvalidResources(f"{name} must be a number, got {raw!r}")
+            number, unit = float(match.group(1)), match.group(2).lower()
+            if unit:
+                if name not in _BYTE_FIELDS or unit not in _UNITS:
+                    raise InvalidResources(f"{name} has an unknown unit {match.group(2)!r}")
+                number *= _UNITS[unit]
+            if name in _BUILTIN:
+                values[name] = number
+            else:
+                custom[name] = number
+        return cls(**values, custom=custom)
+
+    @classmethod
+    def coerce(cls, value: Resources | str | Mapping[str, Any] | None) -> Resources:
+        """Accept what the public API accepts: ``Resources``, a string, a mapping or ``None``."""
+        if value is None:
+            return _ZERO
+        if isinstance(value, Resources):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, Mapping):
+            known = {k: v for k, v in value.items() if k in _BUILTIN}
+            extra = {k: v for k, v in value.items() if k not in _BUILTIN and k != "custom"}
+            return cls(**known, custom={**dict(value.get("custom") or {}), **extra})
+        raise InvalidResources(f"resources must be Resources, a string or a mapping, got {value!r}")
+
+    def _items(self) -> Iterator[tuple[str, float]]:
+        yield "cpu", self.cpu
+        yield "gpu", self.gpu
+        yield "memory", self.memory
+        yield "gpu_memory", self.gpu_memory
+        yield from self.custom.items()
+
+    def as_dict(self) -> dict[str, float]:
+        """The non-zero amounts, custom ones flattened in: ``{"cpu": 4.0, "accel": 1.0}``."""
+        return {k: v for k, v in self._items() if v}
+
+    def __bool__(self) -> bool:
+        return any(v for _, v in self._items())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Resources):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.as_dict().items())))
+
+    def _combine(self, other: Resources, sign: int) -> Resources:
+        if not isinstance(other, Resources):
+            return NotImplemented
+        custom = dict(self.custom)
+        for key, amount in other.custom.items():
+            custom[key] = _settle(custom.get(key, 0) + sign * amount)
+        return Resources(
+            cpu=_settle(self.cpu + sign * other.cpu),
+            gpu=_settle(self.gpu + sign * other.gpu),
+            memory=self.memory + sign * other.memory,
+            gpu_memory=self.gpu_memory + sign * other.gpu_memory,
+            custom=custom,
+        )
+
+    def __add__(self, other: Resources) -> Resources:
+        return self._combine(other, 1)
+
+    def __sub__(self, other: Resources) -> Resources:
+        """Subtract; a negative result raises, because it means more was taken than held."""
+        return self._combine(other, -1)
+
+    def __mul__(self, factor: float) -> Resources:
+        factor = _amount("factor", factor)
+        return Resources(
+            cpu=self.cpu * factor,
+            gpu=self.gpu * factor,
+            memory=self.memory * factor,
+            gpu_memory=self.gpu_memory * factor,
+            custom={k: v * factor for k, v in self.custom.items()},
+        )
+
+    __rmul__ = __mul__
+
+    def fits_in(self, other: Resources) -> bool:
+        """Whether every amount here is at most the same amount in ``other``."""
+        theirs = other.as_dict()
+        # Tolerate float noise from repeated + and - of fractional amounts.
+        return all(v <= theirs.get(k, 0) + 1e-9 for k, v in self._items() if v)
+
+    def __le__(self, other: Resources) -> bool:
+        if not isinstance(other, Resources):
+            return NotImplemented
+        return self.fits_in(other)
+
+    def __ge__(self, other: Resources) -> bool:
+        if not isinstance(other, Resources):
+            return NotImplemented
+        return other.fits_in(self)
+
+    def shortfall(self, available: Resources) -> Resources:
+        """What ``available`` lacks to hold this request (zero when it fits)."""
+        theirs = available.as_dict()
+        missing = {k: v - theirs.get(k, 0) for k, v in self._items() if v > theirs.get(k, 0) + 1e-9}
+        return Resources.coerce(missing)
+
+    def capped(self, limit: Resources) -> Resources:
+        """Each amount, but no more than the same amount in ``limit``."""
+        theirs = limit.as_dict()
+        return Resources.coerce({k: min(v, theirs.get(k, 0)) for k, v in self._items() if v})
+
+    def __str__(self) -> str:
+        parts = []
+        for key, value in self._items():
+            if not value:
+                continue
+            text = _format_bytes(int(value)) if key in _BYTE_FIELDS else _format_number(value)
+            parts.append(f"{key}={text}")
+        return ",".join(parts) or "nothing"
+
+    def __repr__(self) -> str:
+        fields = []
+        for key in _BUILTIN:
+            value = getattr(self, key)
+            if value:
+                text = _format_bytes(value) if key in _BYTE_FIELDS else _format_number(value)
+                fields.append(f"{key}={text}")
+        if self.custom:
+            custom = {k: (int(v) if v.is_integer() else v) for k, v in self.custom.items()}
+            fields.append(f"custom={custom!r}")
+        return f"Resources({', '.join(fields)})"
+
+
+_ZERO = Resources()

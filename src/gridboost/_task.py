@@ -1,0 +1,219 @@
+"""Work in flight: the run record the grid cancels, the awaitable handle, and ``grid.map``."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from ._records import Placement, TaskSpec
+from .exceptions import InvalidRequest
+
+if TYPE_CHECKING:
+    from ._boost import Boost
+    from ._grid import Grid
+
+T = TypeVar("T")
+
+__all__ = ["TaskHandle", "TaskMap"]
+
+
+class Run:
+    """One task while the grid owns it: the scope that cancels it and the reason why."""
+
+    __slots__ = ("attempts", "boost", "cause", "placement", "scope", "spec")
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.scope = anyio.CancelScope()
+        self.cause: BaseException | None = None
+        self.boost: Boost | None = None
+        self.placement: Placement | None = None
+        self.attempts = 0
+
+    def cancel(self, cause: BaseException) -> None:
+        """Cancel the run; the first cause given is what its awaiter will see raised."""
+        if self.cause is None:
+            self.cause = cause
+        self.scope.cancel()
+
+
+class TaskHandle(Generic[T]):
+    """A task submitted with :meth:`Grid.submit`: await it for the result, or ``cancel()`` it.
+
+    Awaiting a cancelled task raises :class:`~gridboost.exceptions.TaskCancelled`
+    (or :class:`~gridboost.exceptions.BoostExpired` if its boost ran out); awaiting
+    a failed one raises the user's exception with its own type. Awaiting twice gives
+    the same outcome twice.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._done = anyio.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[TaskHandle[T]], None]] = []
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<TaskHandle {self.spec.id} {self.spec.name} {state}>"
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self._run.spec
+
+    @property
+    def id(self) -> str:
+        return self._run.spec.id
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where the grid decided to run it; ``None`` until decided."""
+        return self._run.placement
+
+    @property
+    def attempts(self) -> int:
+        return self._run.attempts
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancelled(self) -> bool:
+        """Whether it ended by cancellation: its own ``cancel()``, its boost ending, or the grid closing."""
+        from .exceptions import TaskCancelled
+
+        return self.done() and (self._error is self._run.cause or isinstance(self._error, TaskCancelled))
+
+    def cancel(self) -> None:
+        """Ask for cancellation; queued work is dropped, running work is stopped where the backend can."""
+        if not self.done():
+            self._run.cancel(self._run_cancelled())
+
+    def _run_cancelled(self) -> BaseException:
+        from .exceptions import TaskCancelled
+
+        return TaskCancelled(f"task {self.spec.id} ({self.spec.name}) was cancelled")
+
+    def result(self) -> T:
+        """The result of a finished task (raises its exception); ``RuntimeError`` if not finished."""
+        if not self.done():
+            raise RuntimeError(f"task {self.spec.id} has not finished")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[no-any-return]
+
+    async def wait(self) -> T:
+        await self._done.wait()
+        return self.result()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.wait().__await__()
+
+    def _settle(self, result: Any, error: BaseException | None, now: float) -> None:
+        self._result, self._error, self.finished_at = result, error, now
+        self._done.set()
+        for callback in self._callbacks:
+            callback(self)
+
+
+class TaskMap(Generic[T]):
+    """``grid.map(...)``: results as an async iterator, with at most ``max_in_flight`` tasks running.
+
+    Use ``async with grid.map(...) as results:`` to have the tasks still in flight
+    cancelled when the block ends early; a plain ``async for`` leaves them to finish
+    (or to be cancelled when the grid closes).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        fn: Callable[..., T],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        max_in_flight: int,
+        ordered: bool,
+        options: dict[str, Any],
+    ) -> None:
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise InvalidRequest(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
+        if isinstance(items, AsyncIterable):
+            self._aitems: AsyncIterator[Any] | None = aiter(items)
+            self._items: Iterator[Any] | None = None
+        elif isinstance(items, Iterable):
+            self._aitems, self._items = None, iter(items)
+        else:
+            raise InvalidRequest(f"map needs an iterable or async iterable of arguments, got {items!r}")
+        self._grid, self._fn, self._options = grid, fn, options
+        self._limit, self._ordered = max_in_flight, ordered
+        self._pending: deque[TaskHandle[T]] = deque()
+        self._exhausted = False
+        self._finished: deque[TaskHandle[T]] = deque()  # unordered: done, not yet yielded
+        self._wakeup: anyio.Event | None = None
+
+    async def _next_item(self) -> tuple[bool, Any]:
+        if self._items is not None:
+            for item in self._items:
+                return True, item
+            return False, None
+        assert self._aitems is not None
+        try:
+            return True, await anext(self._aitems)
+        except StopAsyncIteration:
+            return False, None
+
+    async def _fill(self) -> None:
+        while not self._exhausted and len(self._pending) < self._limit:
+            more, item = await self._next_item()
+            if not more:
+                self._exhausted = True
+                break
+            handle = self._grid.submit(self._fn, item, **self._options)
+            if not self._ordered:
+                handle._callbacks.append(self._on_done)
+            self._pending.append(handle)
+
+    def _on_done(self, handle: TaskHandle[T]) -> None:
+        self._finished.append(handle)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def __aiter__(self) -> TaskMap[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        await self._fill()
+        if not self._pending:
+            raise StopAsyncIteration
+        if self._ordered:
+            handle = self._pending.popleft()
+        else:
+            while not self._finished:
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+            handle = self._finished.popleft()
+            self._pending.remove(handle)
+        return await handle
+
+    async def aclose(self) -> None:
+        """Cancel whatever is still in flight and wait for it to end."""
+        for handle in self._pending:
+            handle.cancel()
+        with anyio.CancelScope(shield=True):
+            for handle in self._pending:
+                await handle._done.wait()
+        self._pending.clear()
+        self._finished.clear()
+        self._exhausted = True
+
+    async def __aenter__(self) -> TaskMap[T]:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

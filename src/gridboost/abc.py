@@ -1,0 +1,168 @@
+"""The backend contract: what the local, Ray and Dask backends (and yours) implement.
+
+A backend is an engine adapter. It knows nothing of priorities, TTLs, placement
+policy, hooks or teardown order: the :class:`~gridboost.Grid` owns all of that and
+calls the backend through the few coroutines below.
+
+Cancellation is structured. :meth:`Backend.run` is an ordinary coroutine; the grid
+cancels it through an anyio cancel scope, and the backend — which alone knows the
+engine's handle — turns that into the engine's own cancel (``ray.cancel``,
+``Future.cancel``, a process kill) from a shielded scope before it lets the
+cancellation go on. A backend must record the engine handle *before* its first
+await that can be cancelled, so a cancel always has something to reach.
+
+Engine exceptions are translated at this boundary (one helper per backend, as
+httpcore does): the user's own exception crosses unwrapped, with its own type;
+everything the engine raises for its own reasons becomes a
+:class:`~gridboost.exceptions.GridboostError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from attrs import field, frozen
+
+from ._records import ClusterSnapshot, Priority, Strategy, TaskSpec
+from ._resources import Resources
+
+__all__ = ["Backend", "BackendSpec", "Capabilities", "Reservation", "ReservationRequest"]
+
+
+@frozen
+class Capabilities:
+    """What a backend can do, so the grid and the conformance suite know what to expect.
+
+    ``interrupt_running``: a running *callable* can be stopped (a process kill, a
+    force-cancel); threads and Dask worker threads cannot. ``native_retries``: the
+    engine retries failed work itself (``max_retries``), so the grid does not.
+    ``grow``: the backend can add capacity (autoscaler, ``cluster.scale``), so a
+    boost larger than today's cluster is not refused at once.
+    """
+
+    reserve: bool = True
+    grow: bool = False
+    interrupt_running: bool = False
+    commands: bool = True
+    native_retries: bool = False
+    remote: bool = True
+
+
+@frozen
+class ReservationRequest:
+    """What the grid asks the engine to hold for one boost."""
+
+    id: str
+    resources: Resources
+    strategy: Strategy = "pack"
+    priority: Priority = Priority.NORMAL
+    ttl: float = 60.0
+    nodes: tuple[str, ...] | None = None
+    labels: Mapping[str, str] | None = field(
+        default=None, converter=lambda v: None if v is None else MappingProxyType(dict(v))
+    )
+
+
+@frozen(eq=False)
+class Reservation:
+    """Capacity the engine really holds for a boost.
+
+    ``placements`` are the ids of the nodes it landed on (one per bundle for Ray);
+    ``handle`` is the engine's own object (a placement group, a lease key), opaque to
+    the core.
+    """
+
+    request: ReservationRequest
+    placements: tuple[str, ...]
+    handle: Any = None
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+class Backend(abc.ABC):
+    """An engine adapter. Instances are single-use: ``start`` once, ``aclose`` once."""
+
+    #: The name users pass to ``Grid(backend=...)``.
+    name: str = ""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend can do."""
+
+    # -- life cycle ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect to (or start) the engine; raise a ``GridboostError`` if unreachable, in bounded time."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release everything this backend started; awaited, idempotent.
+
+        Raise :class:`~gridboost.exceptions.TeardownError` naming anything that could
+        not be stopped (a thread still running, a process that would not die).
+        """
+
+    # -- seeing ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def snapshot(self) -> ClusterSnapshot:
+        """Every node with its total and available resources, as the engine reports them."""
+
+    # -- reserving ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve(self, request: ReservationRequest) -> Reservation:
+        """Make the engine hold ``request``; return once it is really held.
+
+        Wait as long as the engine needs (the grid bounds the wait with a cancel
+        scope and enforces priority order). If cancelled while waiting, undo any
+        partial reservation before the cancellation goes on. Raise
+        :class:`~gridboost.exceptions.BoostUnavailable` when it can never fit.
+        """
+
+    @abc.abstractmethod
+    async def release(self, reservation: Reservation) -> None:
+        """Give the reservation back to the engine; idempotent. Called shielded."""
+
+    async def extend(self, reservation: Reservation, ttl: float) -> None:  # noqa: B027 - optional hook
+        """The lease was renewed for ``ttl`` seconds from now; engines that reap dead owners' leases store it."""
+
+    @abc.abstractmethod
+    async def reservations(self) -> Sequence[Reservation]:
+        """The reservations the *engine* holds for this backend now — the leak check reads it."""
+
+    # -- running --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def run(self, task: TaskSpec, reservation: Reservation | None) -> Any:
+        """Run ``task`` (inside ``reservation`` when given) and return its result.
+
+        For a :class:`~gridboost.Command` return a :class:`~gridboost.CommandResult`.
+        Re-raise the user's exception with its own type. On cancellation, cancel
+        the engine's work from a shielded scope, then let the cancellation go on.
+        With ``capabilities.native_retries``, retry ``task.retries`` times.
+        """
+
+    def check_task(self, task: TaskSpec) -> None:  # noqa: B027 - optional hook
+        """Refuse, before anything is submitted, a task this backend cannot run (not picklable, say)."""
+
+
+@frozen
+class BackendSpec:
+    """A backend a plugin provides, as yielded by the ``gridboost_backends`` hook.
+
+    ``options`` names each option the factory accepts, with a one-line description;
+    the grid refuses any other option with a message that lists these.
+    """
+
+    name: str
+    factory: Callable[..., Backend]
+    description: str = ""
+    options: Mapping[str, str] = field(factory=dict, converter=lambda v: MappingProxyType(dict(v)))

@@ -1,0 +1,116 @@
+"""Every error gridboost raises on purpose.
+
+All of them derive from :class:`GridboostError`. Errors about bad input also derive
+from the built-in type a Python user would expect (``ValueError``, ``TypeError``,
+``LookupError``), so ``except ValueError`` keeps working for code that does not know
+gridboost. An exception raised by the *user's* function is never wrapped: it reaches
+the caller with its own type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BackendError",
+    "BoostExpired",
+    "BoostUnavailable",
+    "CapacityUnavailable",
+    "CommandFailed",
+    "GridClosed",
+    "GridboostError",
+    "InvalidRequest",
+    "InvalidResources",
+    "InvalidTask",
+    "NotSerializable",
+    "PluginError",
+    "PolicyError",
+    "TaskCancelled",
+    "TeardownError",
+    "UnknownBackend",
+]
+
+
+class GridboostError(Exception):
+    """The root of every error gridboost raises itself."""
+
+
+class InvalidRequest(GridboostError, ValueError):
+    """An argument's value is out of range or of an unknown kind (a ttl of 0, say)."""
+
+
+class InvalidResources(InvalidRequest):
+    """A resource amount is negative, NaN, infinite or not a number."""
+
+
+class InvalidTask(GridboostError, TypeError):
+    """What was asked to run cannot be run: not callable, or a command given as a string."""
+
+
+class NotSerializable(InvalidTask):
+    """The callable or its arguments cannot be sent to where they would run."""
+
+
+class UnknownBackend(GridboostError, LookupError):
+    """No installed plugin provides a backend of that name."""
+
+    def __init__(self, name: str, available: Sequence[str], hint: str | None = None) -> None:
+        self.name = name
+        self.available = tuple(available)
+        message = f"unknown backend {name!r}; available: {', '.join(self.available) or 'none'}"
+        if hint:
+            message += f" (to use {name!r}: {hint})"
+        super().__init__(message)
+
+
+class CapacityUnavailable(GridboostError):
+    """What was asked for is more than the cluster can ever hold, or did not fit in time."""
+
+
+class BoostUnavailable(CapacityUnavailable):
+    """A boost could not be granted: it is larger than the cluster, or did not fit in time."""
+
+
+class BoostExpired(GridboostError):
+    """The boost reached its TTL (or was released) while it was being used."""
+
+
+class GridClosed(GridboostError, RuntimeError):
+    """The grid has been closed; it cannot be used any more."""
+
+
+class TaskCancelled(GridboostError):
+    """The awaited task was cancelled before it produced a result."""
+
+
+class CommandFailed(GridboostError):
+    """A command run with ``check=True`` exited with a non-zero status."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: bytes, stderr: bytes) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        super().__init__(f"command {list(self.argv)!r} exited with status {returncode}: {tail[0]}")
+
+
+class BackendError(GridboostError):
+    """The engine failed in a way that is not the user's function's fault."""
+
+
+class PolicyError(GridboostError):
+    """A decision hook raised or returned something unusable; the operation failed."""
+
+
+class PluginError(GridboostError):
+    """Plugins conflict (two backends of one name) or a plugin broke the hook contract."""
+
+
+class TeardownError(GridboostError):
+    """Leaving the grid could not release everything; ``leftovers`` names what remains."""
+
+    def __init__(self, leftovers: Sequence[str], errors: Sequence[BaseException] = ()) -> None:
+        self.leftovers = tuple(leftovers)
+        self.errors = tuple(errors)
+        super().__init__("teardown left behind: " + "; ".join(self.leftovers))

@@ -1,0 +1,179 @@
+"""Hook specifications: every way a plugin can extend gridboost.
+
+Plugins implement these with :data:`gridboost.hookimpl` and are found through the
+entry-point group ``gridboost``, or registered on one grid with
+``Grid(plugins=[...])`` / ``grid.plugins.register(obj)``. An implementation may
+accept any subset of a hook's arguments, by name.
+
+Hooks come in two kinds:
+
+* **Decision hooks** are ``firstresult``: the first implementation that returns
+  something other than ``None`` decides. Built-in defaults are registered
+  ``trylast``, so any plugin of yours is asked first. An exception raised here
+  fails the operation with :class:`~gridboost.exceptions.PolicyError`, chained to it.
+* **Observer hooks** return nothing that matters. They may be plain functions or
+  ``async def``; the grid awaits coroutines inside its own task group, so they are
+  finished before the grid closes. An exception in an observer is logged and counted
+  in ``grid.stats()["observer_errors"]``; it never breaks the operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ._boost import Boost
+    from ._grid import Grid
+    from ._records import Placement, TaskOutcome, TaskSpec
+    from .abc import BackendSpec
+
+PROJECT = "gridboost"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+__all__ = [
+    "PROJECT",
+    "gridboost_backends",
+    "gridboost_boost_activated",
+    "gridboost_boost_expired",
+    "gridboost_boost_failed",
+    "gridboost_boost_released",
+    "gridboost_choose_placement",
+    "gridboost_offload_candidates",
+    "gridboost_task_finished",
+    "gridboost_task_placed",
+    "hookspec",
+]
+
+# -- registration ---------------------------------------------------------------------
+
+
+@hookspec
+def gridboost_backends() -> Iterable[BackendSpec]:
+    """Yield a :class:`~gridboost.abc.BackendSpec` for each backend this plugin provides.
+
+    Called once per grid; the results of all plugins are flattened and a name given
+    twice raises :class:`~gridboost.exceptions.PluginError`.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_backends():
+            yield BackendSpec(name="slurm", factory=SlurmBackend, options={"partition": "queue to use"})
+    """
+
+
+# -- decisions (firstresult) ----------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gridboost_choose_placement(grid: Grid, task: TaskSpec) -> Placement | None:
+    """Decide where a ``where="auto"`` task runs; return ``None`` to let the next plugin decide.
+
+    Asked once per task, on the hot path: keep it cheap. The built-in default runs
+    the task in the boost of the enclosing ``async with grid.boost(...)`` block, else
+    locally while local capacity fits, else on the cluster.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_choose_placement(task):
+            if "gpu-heavy" in task.tags:
+                return Placement("cluster", reason="gpu-heavy work always leaves the host")
+    """
+
+
+@hookspec(firstresult=True)
+def gridboost_offload_candidates(grid: Grid, boost: Boost, queued: Sequence[TaskSpec], limit: int) -> Sequence[TaskSpec] | None:
+    """Choose which queued tasks (not started yet) move onto a boost that just became active.
+
+    Return at most ``limit`` items of ``queued``; ``None`` defers to the next plugin.
+    The built-in default takes the highest priority first, then the oldest.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_offload_candidates(queued, limit):
+            return [t for t in queued if "movable" in t.tags][:limit]
+    """
+
+
+# -- observers: boosts -------------------------------------------------------------
+
+
+@hookspec
+def gridboost_boost_activated(grid: Grid, boost: Boost) -> Any:
+    """A boost was granted: the engine now holds its reservation.
+
+    Example::
+
+        @gridboost.hookimpl
+        async def gridboost_boost_activated(boost):
+            await metrics.gauge("boost.active", 1, tags={"id": boost.id})
+    """
+
+
+@hookspec
+def gridboost_boost_released(grid: Grid, boost: Boost) -> Any:
+    """A boost was released by its owner (explicitly, by its ``async with`` block, or at teardown).
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_boost_released(boost):
+            log.info("released %s after %.1fs", boost.id, boost.held_for)
+    """
+
+
+@hookspec
+def gridboost_boost_expired(grid: Grid, boost: Boost) -> Any:
+    """A boost reached its TTL; its work was cancelled and its reservation released.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_boost_expired(boost):
+            alerts.warn(f"lease {boost.id} ran out; renew earlier")
+    """
+
+
+@hookspec
+def gridboost_boost_failed(grid: Grid, boost: Boost, error: BaseException) -> Any:
+    """A boost could not be granted, or the engine lost it (a node died under it).
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_boost_failed(boost, error):
+            log.error("boost %s failed: %s", boost.id, error)
+    """
+
+
+# -- observers: tasks ---------------------------------------------------------------
+
+
+@hookspec
+def gridboost_task_placed(grid: Grid, task: TaskSpec, placement: Placement) -> Any:
+    """A task's placement was decided, just before it is handed to a backend.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_task_placed(task, placement):
+            counts[placement.kind] += 1
+    """
+
+
+@hookspec
+def gridboost_task_finished(grid: Grid, task: TaskSpec, placement: Placement, outcome: TaskOutcome) -> Any:
+    """A task ended: succeeded, failed, was cancelled or timed out.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_task_finished(task, outcome):
+            histogram.observe(outcome.duration, status=outcome.status)
+    """
