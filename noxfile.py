@@ -24,7 +24,9 @@ def _install(session: nox.Session, package: str, group: str) -> None:
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, group))
     if package != "core":
         plugin = ROOT / "plugins" / package
-        session.install("-e", str(plugin), *nox.project.dependency_groups(nox.project.load_toml(plugin / "pyproject.toml"), group))
+        session.install(
+            "-e", str(plugin), *nox.project.dependency_groups(nox.project.load_toml(plugin / "pyproject.toml"), group)
+        )
 
 
 @nox.session

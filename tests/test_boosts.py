@@ -216,7 +216,9 @@ async def test_impossible_boosts_fail_at_once(kwargs: dict[str, Any], message: s
     ],
     ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]}" for k in v),
 )
-async def test_bad_boost_arguments_are_refused_at_the_boundary(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+async def test_bad_boost_arguments_are_refused_at_the_boundary(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
     """Bad boost arguments raise a typed error that names the problem, and nothing reaches the backend."""
     async with gb.Grid(capacity=CAPACITY) as grid:
         with pytest.raises(error, match=message):

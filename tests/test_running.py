@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import psutil
 import pytest
 
@@ -181,7 +182,7 @@ async def test_map_unordered_and_async_source() -> None:
 
     async def source() -> AsyncIterator[int]:
         for i in range(20):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             yield i
 
     async with gb.Grid(capacity=CAPACITY) as grid:
@@ -223,7 +224,9 @@ async def test_command_check_raises_command_failed() -> None:
     """``check=True`` turns a non-zero status into CommandFailed with the output attached."""
     async with gb.Grid(capacity=CAPACITY) as grid:
         with pytest.raises(gb.CommandFailed, match="status 2: boom") as info:
-            await grid.run_command([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(2)"], check=True)
+            await grid.run_command(
+                [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(2)"], check=True
+            )
     assert info.value.returncode == 2 and info.value.stderr == b"boom"
 
 

@@ -31,7 +31,8 @@ from .abc import Reservation, ReservationRequest
 from .exceptions import BoostExpired, BoostUnavailable, InvalidRequest
 
 if TYPE_CHECKING:
-    from ._grid import Grid, _Run
+    from ._grid import Grid
+    from ._task import Run
 
 __all__ = ["Boost", "current_boost"]
 
@@ -87,7 +88,7 @@ class Boost:
         self.error: BaseException | None = None
         self.reservation: Reservation | None = None
         self._deadline = math.inf  # anyio clock
-        self._runs: set[_Run] = set()
+        self._runs: set[Run] = set()
         self._runs_idle: anyio.Event | None = None
         self._tokens: list[Token[Boost | None]] = []
 
@@ -207,7 +208,9 @@ class BoostBook:
         self._seq = itertools.count()
         self.boosts: dict[str, Boost] = {}
         self._wake: anyio.Event | None = None
-        self.outcomes: dict[str, int] = {s.value: 0 for s in BoostState if s not in (BoostState.PENDING, BoostState.ACTIVE)}
+        self.outcomes: dict[str, int] = {
+            s.value: 0 for s in BoostState if s not in (BoostState.PENDING, BoostState.ACTIVE)
+        }
 
     def make(
         self,
@@ -235,7 +238,8 @@ class BoostBook:
                 raise InvalidRequest(f"nodes must be a list of node ids or addresses, got {nodes!r}")
             nodes = tuple(nodes)
         if labels is not None and (
-            not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+            not isinstance(labels, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
         ):
             raise InvalidRequest(f"labels must map strings to strings, got {labels!r}")
         return Boost(
@@ -300,7 +304,9 @@ class BoostBook:
         if boost.strategy == "strict_pack":
             biggest = max(nodes, key=lambda n: boost.resources.fits_in(n.total), default=None)
             if biggest is None or not boost.resources.fits_in(biggest.total):
-                raise BoostUnavailable(f"boost {boost.id} ({boost.resources}) fits on no single node (strategy strict_pack)")
+                raise BoostUnavailable(
+                    f"boost {boost.id} ({boost.resources}) fits on no single node (strategy strict_pack)"
+                )
         total = sum((n.total for n in nodes), Resources())
         if not boost.resources.fits_in(total):
             raise BoostUnavailable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Mapping
@@ -32,17 +33,13 @@ async def stop_process(process: Process, grace: float) -> None:
     Callers run this shielded: it is the part of a cancellation that must finish.
     """
     if process.returncode is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it may exit between the check and the signal
             process.terminate()
-        except ProcessLookupError:  # exited between the check and the signal
-            pass
         with anyio.move_on_after(grace):
             await process.wait()
     if process.returncode is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             process.kill()
-        except ProcessLookupError:
-            pass
         await process.wait()
 
 

@@ -77,7 +77,11 @@ class Grid:
         teardown_timeout: float = 30.0,
         **options: Any,
     ) -> None:
-        if isinstance(teardown_timeout, bool) or not isinstance(teardown_timeout, int | float) or not teardown_timeout > 0:
+        if (
+            isinstance(teardown_timeout, bool)
+            or not isinstance(teardown_timeout, int | float)
+            or not teardown_timeout > 0
+        ):
             raise InvalidRequest(f"teardown_timeout must be a number of seconds > 0, got {teardown_timeout!r}")
         self.teardown_timeout = float(teardown_timeout)
         self.plugins = GridPluginManager.for_grid(plugins)
@@ -168,7 +172,9 @@ class Grid:
             while self._runs or self._grants:
                 self._runs_idle = anyio.Event()
                 await self._runs_idle.wait()
-        leftovers += [f"task {r.spec.id} ({r.spec.name}) still running after {self.teardown_timeout:g}s" for r in self._runs]
+        leftovers += [
+            f"task {r.spec.id} ({r.spec.name}) still running after {self.teardown_timeout:g}s" for r in self._runs
+        ]
         try:
             with anyio.fail_after(self.teardown_timeout):
                 await self._app_stack.aclose()
@@ -216,7 +222,9 @@ class Grid:
     def _check_open(self) -> None:
         if self._state != "open":
             raise GridClosed(
-                "this grid is closed" if self._state != "new" else "this grid is not open yet: use `async with Grid(...)`"
+                "this grid is closed"
+                if self._state != "new"
+                else "this grid is not open yet: use `async with Grid(...)`"
             )
 
     async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
@@ -293,8 +301,8 @@ class Grid:
         labels: Mapping[str, str] | None = None,
     ) -> _BoostBlock:
         """``async with grid.boost(...) as boost:`` — auto-placed work in the block runs inside it."""
-        kwargs = dict(ttl=ttl, priority=priority, wait=wait, strategy=strategy, nodes=nodes, labels=labels)
-        return _BoostBlock(self, resources, kwargs)
+        options = {"ttl": ttl, "priority": priority, "wait": wait, "strategy": strategy, "nodes": nodes}
+        return _BoostBlock(self, resources, {**options, "labels": labels})
 
     # -- running --------------------------------------------------------------------
 
@@ -311,9 +319,7 @@ class Grid:
         self._check_open()
         if not callable(target) and not isinstance(target, Command):
             raise InvalidTask(f"expected a callable, got {target!r} of type {type(target).__name__}")
-        spec = TaskSpec(
-            target, args, kwargs, resources=resources, where=where, retries=retries, timeout=timeout
-        )
+        spec = TaskSpec(target, args, kwargs, resources=resources, where=where, retries=retries, timeout=timeout)
         run = Run(spec)
         run.placement = self._place(spec)
         backend = self._host if run.placement.kind == "local" else self.backend
@@ -326,7 +332,9 @@ class Grid:
             if self._cached("placement_is_default"):
                 placement = default_placement(self, spec)
             else:
-                placement = call_decision(self.plugins.hook.gridboost_choose_placement, "gridboost_choose_placement", grid=self, task=spec)
+                placement = call_decision(
+                    self.plugins.hook.gridboost_choose_placement, "gridboost_choose_placement", grid=self, task=spec
+                )
                 if not isinstance(placement, Placement):
                     raise PolicyError(f"gridboost_choose_placement returned {placement!r}, not a Placement")
         elif where == "local":
@@ -482,7 +490,7 @@ class Grid:
     ) -> TaskMap[T]:
         """``fn(item)`` for each item, as an async iterator, with at most ``max_in_flight`` running."""
         self._check_open()
-        options = dict(resources=resources, where=where, retries=retries, timeout=timeout)
+        options = {"resources": resources, "where": where, "retries": retries, "timeout": timeout}
         return TaskMap(self, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options)
 
     async def run_command(

@@ -84,7 +84,9 @@ class LocalBackend(Backend):
     ) -> None:
         if executor not in ("thread", "process"):
             raise InvalidRequest(f"executor must be 'thread' or 'process', got {executor!r}")
-        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1):
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
+        ):
             raise InvalidRequest(f"max_workers must be a whole number >= 1, got {max_workers!r}")
         self.executor = executor
         self._capacity = None if capacity is None else Resources.coerce(capacity)
@@ -123,7 +125,7 @@ class LocalBackend(Backend):
     # -- life cycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        total = self._capacity or await anyio.to_thread.run_sync(_machine_capacity)
+        total = self._capacity if self._capacity is not None else await anyio.to_thread.run_sync(_machine_capacity)
         self._pool = _Pool(total)
         workers = self._max_workers or max(4, 2 * (os.cpu_count() or 1))
         self._limiter = anyio.CapacityLimiter(workers)
@@ -138,7 +140,7 @@ class LocalBackend(Backend):
         if self._procs is not None:
             leftovers += await self._procs.aclose()
         with anyio.move_on_after(self._close_timeout):
-            while self._threads:  # abandoned threads: nothing to await but their end
+            while self._threads:  # noqa: ASYNC110 - an abandoned thread has no event to await
                 await anyio.sleep(0.01)
         with self._threads_lock:
             leftovers += [f"thread still running {name}" for name in sorted(self._threads)]
@@ -166,13 +168,21 @@ class LocalBackend(Backend):
 
     async def reserve(self, request: ReservationRequest) -> Reservation:
         pool = self._require_pool()
-        if request.nodes is not None and self._node_id not in request.nodes and socket.gethostname() not in request.nodes:
-            raise BoostUnavailable(f"no node matches nodes={list(request.nodes)}; the local backend has {self._node_id!r}")
+        if (
+            request.nodes is not None
+            and self._node_id not in request.nodes
+            and socket.gethostname() not in request.nodes
+        ):
+            raise BoostUnavailable(
+                f"no node matches nodes={list(request.nodes)}; the local backend has {self._node_id!r}"
+            )
         if request.labels:
             raise BoostUnavailable(f"no node matches labels={dict(request.labels)}; the local node has no labels")
         if not request.resources.fits_in(pool.total):
             missing = request.resources.shortfall(pool.total)
-            raise BoostUnavailable(f"{request.resources} is more than this machine has ({pool.total}); missing {missing}")
+            raise BoostUnavailable(
+                f"{request.resources} is more than this machine has ({pool.total}); missing {missing}"
+            )
         await pool.take(request.resources)
         reservation = Reservation(request=request, placements=(self._node_id,))
         self._reserved[request.id] = (reservation, _Pool(request.resources))
@@ -189,7 +199,7 @@ class LocalBackend(Backend):
     # -- running --------------------------------------------------------------------
 
     def check_task(self, task: TaskSpec) -> None:
-        if self.executor == "process" and not task.is_command:
+        if self.executor == "process" and not isinstance(task.target, Command):
             check_picklable(task.target, task.args, task.kwargs)
 
     async def run(self, task: TaskSpec, reservation: Reservation | None) -> Any:
@@ -214,13 +224,21 @@ class LocalBackend(Backend):
             if self._procs is not None:
                 return await self._procs.run(task.target, task.args, task.kwargs)
             return await anyio.to_thread.run_sync(
-                self._call_in_thread, task.target, task.args, task.kwargs, task.name, abandon_on_cancel=True, limiter=self._limiter
+                self._call_in_thread,
+                task.target,
+                task.args,
+                task.kwargs,
+                task.name,
+                abandon_on_cancel=True,
+                limiter=self._limiter,
             )
         finally:
             if amount:
                 pool.give(amount)
 
-    def _call_in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str) -> Any:
+    def _call_in_thread(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str
+    ) -> Any:
         # Runs in the worker thread: the set says which threads are still busy even
         # after their caller was cancelled and moved on.
         key = f"{name} ({threading.get_ident()})"
@@ -259,4 +277,8 @@ _OPTIONS = {
 
 @hookimpl
 def gridboost_backends() -> Sequence[BackendSpec]:
-    return [BackendSpec(name="local", factory=LocalBackend, description="this machine, as a one-node cluster", options=_OPTIONS)]
+    return [
+        BackendSpec(
+            name="local", factory=LocalBackend, description="this machine, as a one-node cluster", options=_OPTIONS
+        )
+    ]

@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -39,7 +39,9 @@ class PluginLoadWarning(UserWarning):
 
 
 @functools.cache
-def load_entry_point_plugins(selection: str | None) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, str], ...]]:
+def load_entry_point_plugins(
+    selection: str | None,
+) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, str], ...]]:
     """Import the plugins of the ``gridboost`` entry-point group once per process.
 
     ``selection`` is the value of ``GRIDBOOST_LOAD_PLUGINS``: ``None`` loads all, an
@@ -106,10 +108,12 @@ class GridPluginManager(pluggy.PluginManager):
         specs: dict[str, BackendSpec] = {}
         owners: dict[str, str] = {}
         for impl in self.hook.gridboost_backends.get_hookimpls():
-            results = impl.function()
-            for spec in results or ():
+            results = cast("Iterable[object]", impl.function() or ())
+            for spec in results:
                 if not isinstance(spec, BackendSpec):
-                    raise PluginError(f"plugin {impl.plugin_name!r} yielded {spec!r} from gridboost_backends, not a BackendSpec")
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} yielded {spec!r} from gridboost_backends, not a BackendSpec"
+                    )
                 if spec.name in specs:
                     raise PluginError(
                         f"backend {spec.name!r} is provided by both {owners[spec.name]!r} and {impl.plugin_name!r}"

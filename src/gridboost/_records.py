@@ -6,7 +6,7 @@ import enum
 import itertools
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,15 +70,42 @@ def _argv(value: object) -> tuple[str, ...]:
     for item in value:
         if not isinstance(item, str | os.PathLike):
             raise InvalidTask(f"argv items must be strings, got {item!r} in {value!r}")
-    return tuple(os.fspath(item) for item in value)  # type: ignore[misc]
+    return tuple(os.fspath(item) for item in value)
+
+
+def frozen_map(value: Mapping[str, str]) -> Mapping[str, str]:
+    """A read-only copy, so a frozen record stays frozen."""
+    return MappingProxyType(dict(value))
+
+
+def optional_frozen_map(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    return None if value is None else frozen_map(value)
+
+
+def _cwd(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
+def _priority(value: int) -> Priority:
+    return Priority(value)
+
+
+def _resources(value: Resources | str | Mapping[str, Any] | None) -> Resources:
+    return Resources.coerce(value)
+
+
+def _tags(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
+
+
+def _nodes(value: Iterable[NodeSnapshot]) -> tuple[NodeSnapshot, ...]:
+    return tuple(value)
 
 
 def _env(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise InvalidTask(f"env must map strings to strings, got {value!r}")
     return MappingProxyType(dict(value))
 
@@ -93,7 +120,7 @@ class Command:
 
     argv: tuple[str, ...] = field(converter=_argv)
     env: Mapping[str, str] | None = field(default=None, converter=_env)
-    cwd: str | None = field(default=None, converter=lambda v: None if v is None else os.fspath(v))
+    cwd: str | None = field(default=None, converter=_cwd)
 
 
 @frozen
@@ -149,12 +176,12 @@ class TaskSpec:
     target: Callable[..., Any] | Command = field(validator=lambda _s, _a, v: _target(v))
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(factory=dict)
-    resources: Resources = field(default=Resources(), converter=Resources.coerce)
+    resources: Resources = field(default=Resources(), converter=_resources)
     where: Literal["auto", "local", "cluster"] | Boost = field(default="auto", validator=lambda _s, _a, v: _where(v))
     retries: int = field(default=0, validator=lambda _s, _a, v: _retries(v))
     timeout: float | None = field(default=None, converter=_timeout)
-    priority: Priority = field(default=Priority.NORMAL, converter=Priority)
-    tags: frozenset[str] = field(factory=frozenset, converter=frozenset)
+    priority: Priority = field(default=Priority.NORMAL, converter=_priority)
+    tags: frozenset[str] = field(factory=frozenset, converter=_tags)
     id: str = field(factory=lambda: new_id("task"))
     submitted_at: float = field(factory=time.monotonic)
 
@@ -201,7 +228,7 @@ class NodeSnapshot:
     address: str
     total: Resources
     available: Resources
-    labels: Mapping[str, str] = field(factory=dict, converter=lambda v: MappingProxyType(dict(v)))
+    labels: Mapping[str, str] = field(factory=dict, converter=frozen_map)
     usage: Resources | None = None
     alive: bool = True
     is_local: bool = False
@@ -212,7 +239,7 @@ class ClusterSnapshot:
     """Every node the backend knows, at one instant."""
 
     backend: str
-    nodes: tuple[NodeSnapshot, ...] = field(converter=tuple)
+    nodes: tuple[NodeSnapshot, ...] = field(converter=_nodes)
     taken_at: float = field(factory=time.time)
 
     @property

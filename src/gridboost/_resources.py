@@ -49,6 +49,22 @@ def _bytes(name: str, value: object) -> int:
     return math.ceil(_amount(name, value))
 
 
+def _cpu(value: object) -> float:
+    return _amount("cpu", value)
+
+
+def _gpu(value: object) -> float:
+    return _amount("gpu", value)
+
+
+def _memory(value: object) -> int:
+    return _bytes("memory", value)
+
+
+def _gpu_memory(value: object) -> int:
+    return _bytes("gpu_memory", value)
+
+
 def _custom(value: Mapping[str, Any] | None) -> Mapping[str, float]:
     if value is None:
         return MappingProxyType({})
@@ -93,10 +109,10 @@ class Resources:
     True
     """
 
-    cpu: float = field(default=0, converter=lambda v: _amount("cpu", v))
-    gpu: float = field(default=0, converter=lambda v: _amount("gpu", v))
-    memory: int = field(default=0, converter=lambda v: _bytes("memory", v))
-    gpu_memory: int = field(default=0, converter=lambda v: _bytes("gpu_memory", v))
+    cpu: float = field(default=0, converter=_cpu)
+    gpu: float = field(default=0, converter=_gpu)
+    memory: int = field(default=0, converter=_memory)
+    gpu_memory: int = field(default=0, converter=_gpu_memory)
     custom: Mapping[str, float] = field(factory=dict, converter=_custom)
 
     @classmethod

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from types import MappingProxyType
 from typing import Any
 
 from attrs import field, frozen
 
-from ._records import ClusterSnapshot, Priority, Strategy, TaskSpec
+from ._records import ClusterSnapshot, Priority, Strategy, TaskSpec, frozen_map, optional_frozen_map
 from ._resources import Resources
 
 __all__ = ["Backend", "BackendSpec", "Capabilities", "Reservation", "ReservationRequest"]
@@ -61,9 +60,7 @@ class ReservationRequest:
     priority: Priority = Priority.NORMAL
     ttl: float = 60.0
     nodes: tuple[str, ...] | None = None
-    labels: Mapping[str, str] | None = field(
-        default=None, converter=lambda v: None if v is None else MappingProxyType(dict(v))
-    )
+    labels: Mapping[str, str] | None = field(default=None, converter=optional_frozen_map)
 
 
 @frozen(eq=False)
@@ -165,4 +162,4 @@ class BackendSpec:
     name: str
     factory: Callable[..., Backend]
     description: str = ""
-    options: Mapping[str, str] = field(factory=dict, converter=lambda v: MappingProxyType(dict(v)))
+    options: Mapping[str, str] = field(factory=dict, converter=frozen_map)

@@ -52,7 +52,7 @@ __all__ = [
 
 
 @hookspec
-def gridboost_backends() -> Iterable[BackendSpec]:
+def gridboost_backends() -> Iterable[BackendSpec] | None:
     """Yield a :class:`~gridboost.abc.BackendSpec` for each backend this plugin provides.
 
     Called once per grid; the results of all plugins are flattened and a name given
@@ -87,7 +87,9 @@ def gridboost_choose_placement(grid: Grid, task: TaskSpec) -> Placement | None:
 
 
 @hookspec(firstresult=True)
-def gridboost_offload_candidates(grid: Grid, boost: Boost, queued: Sequence[TaskSpec], limit: int) -> Sequence[TaskSpec] | None:
+def gridboost_offload_candidates(
+    grid: Grid, boost: Boost, queued: Sequence[TaskSpec], limit: int
+) -> Sequence[TaskSpec] | None:
     """Choose which queued tasks (not started yet) move onto a boost that just became active.
 
     Return at most ``limit`` items of ``queued``; ``None`` defers to the next plugin.
