@@ -75,6 +75,11 @@ class GridPluginManager(pluggy.PluginManager):
         self.load_errors: tuple[tuple[str, str], ...] = ()
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
+        if name is None and not isinstance(plugin, ModuleType):
+            # pluggy would name an instance by its id(); errors should name its class.
+            name = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+            if self.has_plugin(name):
+                name = f"{name}@{id(plugin):x}"
         result = super().register(plugin, name)
         self.version += 1
         return result
@@ -108,8 +113,13 @@ class GridPluginManager(pluggy.PluginManager):
         specs: dict[str, BackendSpec] = {}
         owners: dict[str, str] = {}
         for impl in self.hook.gridboost_backends.get_hookimpls():
-            results = cast("Iterable[object]", impl.function() or ())
-            for spec in results:
+            try:
+                results = impl.function()
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin_name!r} failed in gridboost_backends: {exc!r}") from exc
+            if isinstance(results, BackendSpec):  # returned one instead of yielding it: meant the same
+                results = [results]
+            for spec in cast("Iterable[object]", results or ()):
                 if not isinstance(spec, BackendSpec):
                     raise PluginError(
                         f"plugin {impl.plugin_name!r} yielded {spec!r} from gridboost_backends, not a BackendSpec"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +30,7 @@ _UNITS = {
     "tib": 2**40,
 }
 _AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_EMPTY = "nothing"  # how an empty amount prints, and parses back
 _CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
 
 
@@ -36,7 +38,10 @@ def _amount(name: str, value: object) -> float:
     # bool is an int to Python, but cpu=True is a bug, not one core.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidResources(f"{name} must be a number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float is as unusable as inf
+        raise InvalidResources(f"{name} must be finite, got {value!r}") from None
     if math.isnan(number) or math.isinf(number):
         raise InvalidResources(f"{name} must be finite, got {value!r}")
     if number < 0:
@@ -46,7 +51,11 @@ def _amount(name: str, value: object) -> float:
 
 def _bytes(name: str, value: object) -> int:
     # Engines count memory in whole bytes; round a fractional request up, never down.
-    return math.ceil(_amount(name, value))
+    # Whole numbers stay exact: a float has only 53 bits.
+    number = _amount(name, value)
+    if isinstance(value, int):
+        return value
+    return math.ceil(number)
 
 
 def _cpu(value: object) -> float:
@@ -71,7 +80,7 @@ def _custom(value: Mapping[str, Any] | None) -> Mapping[str, float]:
     if not isinstance(value, Mapping):
         raise InvalidResources(f"custom must be a mapping of name to amount, got {value!r}")
     clean: dict[str, float] = {}
-    for key in sorted(value):
+    for key in sorted(value, key=str):
         if not isinstance(key, str) or not _CUSTOM_NAME.match(key) or key in _BUILTIN:
             raise InvalidResources(f"custom resource name {key!r} is not a valid name")
         amount = _amount(f"custom[{key!r}]", value[key])
@@ -126,6 +135,8 @@ class Resources:
             raise InvalidResources(f"Resources.parse takes a string, got {text!r}")
         values: dict[str, Any] = {}
         custom: dict[str, float] = {}
+        if text.strip() == _EMPTY:
+            return cls()
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, sep, raw = part.partition("=")
             name = name.strip()
@@ -139,11 +150,17 @@ class Resources:
             match = _AMOUNT.match(raw)
             if match is None:
                 raise InvalidResources(f"{name} must be a number, got {raw!r}")
-            number, unit = float(match.group(1)), match.group(2).lower()
-            if unit:
-                if name not in _BYTE_FIELDS or unit not in _UNITS:
-                    raise InvalidResources(f"{name} has an unknown unit {match.group(2)!r}")
-                number *= _UNITS[unit]
+            # Exact arithmetic: 1.07GB is 1070000000 bytes, not float noise rounded up.
+            exact, unit = Fraction(match.group(1)), match.group(2).lower()
+            if unit and name not in _BYTE_FIELDS:
+                raise InvalidResources(f"{name} takes no unit, got {raw!r}")
+            if unit not in _UNITS:
+                raise InvalidResources(f"{name} has an unknown unit {match.group(2)!r}; use B, KB..TB or KiB..TiB")
+            exact *= _UNITS[unit]
+            try:
+                number: float = math.ceil(exact) if name in _BYTE_FIELDS else float(exact)
+            except OverflowError:
+                raise InvalidResources(f"{name} must be finite, got {raw!r}") from None
             if name in _BUILTIN:
                 values[name] = number
             else:
@@ -162,7 +179,10 @@ class Resources:
         if isinstance(value, Mapping):
             known = {k: v for k, v in value.items() if k in _BUILTIN}
             extra = {k: v for k, v in value.items() if k not in _BUILTIN and k != "custom"}
-            return cls(**known, custom={**dict(value.get("custom") or {}), **extra})
+            nested = value.get("custom") or {}
+            if not isinstance(nested, Mapping):
+                raise InvalidResources(f"custom must be a mapping of name to amount, got {nested!r}")
+            return cls(**known, custom={**nested, **extra})
         raise InvalidResources(f"resources must be Resources, a string or a mapping, got {value!r}")
 
     def _items(self) -> Iterator[tuple[str, float]]:
@@ -254,7 +274,7 @@ class Resources:
                 continue
             text = _format_bytes(int(value)) if key in _BYTE_FIELDS else _format_number(value)
             parts.append(f"{key}={text}")
-        return ",".join(parts) or "nothing"
+        return ",".join(parts) or _EMPTY
 
     def __repr__(self) -> str:
         fields = []

@@ -1,0 +1,1 @@
+"""Plugin modules the tests register the way users do: ``Grid(plugins=[module])``."""
