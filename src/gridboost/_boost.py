@@ -286,6 +286,7 @@ class BoostBook:
         boost._deadline = anyio.current_time() + boost.ttl
         self._poke()
         grid._notify("gridboost_boost_activated", boost=boost)
+        grid._move_queued(boost)
         return boost
 
     async def _refuse_impossible(self, boost: Boost) -> None:

@@ -17,8 +17,11 @@ Whatever could not be done is named in one :class:`~gridboost.exceptions.Teardow
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
+import math
 from collections import Counter
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -54,6 +57,17 @@ T = TypeVar("T")
 log = logging.getLogger("gridboost")
 
 _PLACE_LOCAL = Placement("local", "asked for: where='local'")
+_NO_TIMEOUT = contextlib.nullcontext()
+
+
+class _Move(Exception):
+    """Not an error: the cause a queued run is cancelled with when it moves onto a boost."""
+
+    def __init__(self, boost: Boost) -> None:
+        super().__init__(boost.id)
+        self.boost = boost
+
+
 _PLACE_CLUSTER = Placement("cluster", "asked for: where='cluster'")
 _DEFAULT_MAP_IN_FLIGHT = 32
 
@@ -75,6 +89,8 @@ class Grid:
         *,
         plugins: Iterable[object] = (),
         teardown_timeout: float = 30.0,
+        auto_offload: bool = True,
+        auto_offload_limit: int = 5,
         **options: Any,
     ) -> None:
         if (
@@ -84,6 +100,12 @@ class Grid:
         ):
             raise InvalidRequest(f"teardown_timeout must be a number of seconds > 0, got {teardown_timeout!r}")
         self.teardown_timeout = float(teardown_timeout)
+        if isinstance(auto_offload_limit, bool) or not isinstance(auto_offload_limit, int) or auto_offload_limit < 0:
+            raise InvalidRequest(f"auto_offload_limit must be a whole number >= 0, got {auto_offload_limit!r}")
+        #: Move queued auto-placed work onto each boost as it becomes active; takes effect at once.
+        self.auto_offload = bool(auto_offload)
+        #: At most this many queued tasks move per boost activation.
+        self.auto_offload_limit = auto_offload_limit
         self.plugins = GridPluginManager.for_grid(plugins)
         specs = self.plugins.backend_specs()
         if not isinstance(backend, str) or backend not in specs:
@@ -95,7 +117,8 @@ class Grid:
             raise InvalidRequest(f"the {backend} backend has no option {', '.join(unknown)}; it accepts: {accepted}")
         self.backend: Backend = spec.factory(**options)
         # Work placed "local" runs on this machine even when the cluster is elsewhere.
-        self._host: LocalBackend = self.backend if isinstance(self.backend, LocalBackend) else LocalBackend()
+        local = isinstance(self.backend, LocalBackend) and not self.backend.capabilities.remote
+        self._host: LocalBackend = self.backend if local else LocalBackend()  # type: ignore[assignment]
         self._boosts = BoostBook(self)
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._tg: TaskGroup | None = None
@@ -362,65 +385,112 @@ class Grid:
         return self._hook_cache[key]
 
     async def _execute(self, run: Run) -> Any:
-        spec, placement = run.spec, run.placement
-        assert placement is not None
-        boost = run.boost = placement.boost
-        if boost is None:
-            backend, reservation = (self._host if placement.kind == "local" else self.backend), None
-        else:
-            backend, reservation = self.backend, boost.reservation
-            boost._runs.add(run)
+        spec = run.spec
         self._runs.add(run)
-        self._counts[f"placed.{placement.kind}"] += 1
-        if self._cached("gridboost_task_placed"):
-            self._notify("gridboost_task_placed", task=spec, placement=placement)
         started = anyio.current_time()
+        deadline = math.inf if spec.timeout is None else started + spec.timeout
         status: Literal["succeeded", "failed", "cancelled", "timed_out"] = "cancelled"
         error: BaseException | None = None
         try:
-            # A run cancelled before it starts must not reach the backend at all: some
-            # engines submit before their first checkpoint.
-            if run.cause is None:
-                if boost is not None:
-                    boost.require_active()
-                with run.scope:
-                    if spec.timeout is None:
-                        result = await self._attempts(run, backend, reservation)
-                    else:
-                        with anyio.fail_after(spec.timeout):
-                            result = await self._attempts(run, backend, reservation)
-                    status = "succeeded"
-                    return result
-            assert run.cause is not None
-            raise run.cause
+            while True:
+                self._enter_placement(run)
+                # A run cancelled before it starts must not reach the backend at all:
+                # some engines submit before their first checkpoint.
+                if run.cause is None:
+                    with run.scope:
+                        with anyio.fail_after(deadline - anyio.current_time()) if spec.timeout else _NO_TIMEOUT:
+                            result = await self._attempts(run)
+                        status = "succeeded"
+                        return result
+                assert run.cause is not None  # only Run.cancel cancels run.scope, and it sets the cause
+                if not isinstance(run.cause, _Move):
+                    raise run.cause
+                self._leave_placement(run)
+                run.move_to(run.cause.boost)
         except BaseException as exc:
             error = exc
             if exc is not run.cause and not isinstance(exc, anyio.get_cancelled_exc_class()):
                 status = "timed_out" if spec.timeout is not None and isinstance(exc, TimeoutError) else "failed"
             raise
         finally:
+            self._leave_placement(run)
             self._runs.discard(run)
-            if boost is not None:
-                boost._runs.discard(run)
-                if not boost._runs and boost._runs_idle is not None:
-                    boost._runs_idle.set()
             self._maybe_idle()
             self._counts[f"tasks.{status}"] += 1
             if self._cached("gridboost_task_finished"):
                 outcome = TaskOutcome(status, run.attempts, anyio.current_time() - started, error)
-                self._notify("gridboost_task_finished", task=spec, placement=placement, outcome=outcome)
+                self._notify("gridboost_task_finished", task=spec, placement=run.placement, outcome=outcome)
 
-    async def _attempts(self, run: Run, backend: Backend, reservation: Any) -> Any:
+    def _enter_placement(self, run: Run) -> None:
+        placement = run.placement
+        assert placement is not None
+        if placement.boost is not None:
+            placement.boost.require_active()
+            placement.boost._runs.add(run)
+        self._counts[f"placed.{placement.kind}"] += 1
+        if self._cached("gridboost_task_placed"):
+            self._notify("gridboost_task_placed", task=run.spec, placement=placement)
+
+    def _leave_placement(self, run: Run) -> None:
+        boost = run.placement.boost if run.placement is not None else None
+        if boost is not None:
+            boost._runs.discard(run)
+            if not boost._runs and boost._runs_idle is not None:
+                boost._runs_idle.set()
+
+    async def _attempts(self, run: Run) -> Any:
+        placement = run.placement
+        assert placement is not None
+        attempt: Callable[[], Awaitable[Any]]
+        if placement.boost is not None:
+            backend = self.backend
+            attempt = functools.partial(backend.run, run.spec, placement.boost.reservation)
+        elif placement.kind == "local":
+            # Only here does work wait for capacity where it can be moved before it starts.
+            backend = self._host
+            attempt = functools.partial(self._host.run, run.spec, None, on_start=run.mark_started)
+        else:
+            backend = self.backend
+            attempt = functools.partial(backend.run, run.spec, None)
         retries = 0 if backend.capabilities.native_retries else run.spec.retries
         while True:
             run.attempts += 1
             try:
-                return await backend.run(run.spec, reservation)
+                return await attempt()
             except GridboostError:
                 raise
             except Exception:
                 if run.attempts > retries:
                     raise
+
+    def _move_queued(self, boost: Boost) -> None:
+        """Move auto-placed work still waiting for local capacity onto a boost that just became active."""
+        if not self.auto_offload or self._state != "open":
+            return
+        queued = {
+            run.spec.id: run
+            for run in self._runs
+            if run.is_waiting_locally and run.spec.where == "auto" and run.spec.resources.fits_in(boost.resources)
+        }
+        if not queued:
+            return
+        try:
+            chosen = call_decision(
+                self.plugins.hook.gridboost_offload_candidates,
+                "gridboost_offload_candidates",
+                grid=self,
+                boost=boost,
+                queued=[run.spec for run in queued.values()],
+                limit=self.auto_offload_limit,
+            )
+        except PolicyError as exc:  # the boost is granted either way; only the move is off
+            self._log_error(f"choosing work to move onto boost {boost.id} failed", exc)
+            return
+        for spec in list(chosen or ())[: self.auto_offload_limit]:
+            run = queued.pop(getattr(spec, "id", None), None)  # type: ignore[arg-type]
+            if run is not None:
+                run.cancel(_Move(boost))
+                self._counts["moves"] += 1
 
     def _maybe_idle(self) -> None:
         if self._runs_idle is not None and not self._runs and not self._grants:

@@ -202,7 +202,10 @@ class LocalBackend(Backend):
         if self.executor == "process" and not isinstance(task.target, Command):
             check_picklable(task.target, task.args, task.kwargs)
 
-    async def run(self, task: TaskSpec, reservation: Reservation | None) -> Any:
+    async def run(
+        self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
+    ) -> Any:
+        """Run ``task``; ``on_start`` is called once it has its capacity, before it starts."""
         if self._closed:
             raise GridClosed("the local backend is closed")
         pool = self._require_pool()
@@ -217,6 +220,8 @@ class LocalBackend(Backend):
                 where = "its boost holds" if reservation is not None else "this machine has"
                 raise CapacityUnavailable(f"task {task.name} needs {amount}; the most {where} is {pool.total}")
             await pool.take(amount)
+        if on_start is not None:
+            on_start()
         try:
             if isinstance(task.target, Command):
                 status, out, err = await run_command(task.target, grace=self._grace)

@@ -24,15 +24,30 @@ __all__ = ["TaskHandle", "TaskMap"]
 class Run:
     """One task while the grid owns it: the scope that cancels it and the reason why."""
 
-    __slots__ = ("attempts", "boost", "cause", "placement", "scope", "spec")
+    __slots__ = ("attempts", "cause", "placement", "scope", "spec", "started")
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
         self.scope = anyio.CancelScope()
         self.cause: BaseException | None = None
-        self.boost: Boost | None = None
         self.placement: Placement | None = None
         self.attempts = 0
+        self.started = False
+
+    def mark_started(self) -> None:
+        """The backend admitted it: from now on it is running, and never moves."""
+        self.started = True
+
+    @property
+    def is_waiting_locally(self) -> bool:
+        return not self.started and self.cause is None and self.placement is not None and self.placement.kind == "local"
+
+    def move_to(self, boost: Boost) -> None:
+        """Re-place a run that has not started into ``boost``, with a fresh scope."""
+        self.cause = None
+        self.attempts = 0  # it never started: the waiting was not an attempt
+        self.scope = anyio.CancelScope()
+        self.placement = Placement("boost", f"moved onto boost {boost.id} when it became active", boost)
 
     def cancel(self, cause: BaseException) -> None:
         """Cancel the run; the first cause given is what its awaiter will see raised."""
