@@ -152,7 +152,7 @@ async def test_cancelled_thread_stops_when_it_checks() -> None:
             await handle
         backend = grid.backend
         with anyio.fail_after(2):
-            while backend._threads:  # type: ignore[attr-defined]
+            while backend.running_tasks():  # type: ignore[attr-defined]
                 await anyio.sleep(0.01)
 
 

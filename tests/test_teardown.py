@@ -49,7 +49,7 @@ async def test_body_exception_with_200_tasks_in_flight_cancels_and_awaits_all() 
             await handle
     assert boost.state is gb.BoostState.RELEASED
     assert isinstance(backend, LocalBackend)
-    assert backend._reserved == {} and backend._threads == set()
+    assert backend._reserved == {} and backend.running_tasks() == {}
     assert grid.closed
 
 
@@ -66,7 +66,7 @@ async def test_cancelled_body_with_200_tasks_in_flight_cancels_and_awaits_all() 
     assert outer.cancelled_caught
     assert all(h.cancelled() for h in handles)
     assert isinstance(backend, LocalBackend)
-    assert backend._reserved == {} and backend._threads == set()
+    assert backend._reserved == {} and backend.running_tasks() == {}
     assert grid.boosts == ()
 
 
@@ -192,7 +192,7 @@ async def test_thread_that_outlives_close_timeout_is_named() -> None:
         async with gb.Grid(capacity=CAPACITY, close_timeout=0.2) as grid:
             grid.submit(_stubborn, 1.0)
             await anyio.sleep(0.05)
-    assert any("thread still running" in item for item in info.value.leftovers)
+    assert any("in a thread is still running" in item for item in info.value.leftovers)
     await anyio.sleep(1.2)  # let the thread end before the next test
 
 

@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import math
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -70,6 +71,9 @@ class _Move(Exception):
 
 _PLACE_CLUSTER = Placement("cluster", "asked for: where='cluster'")
 _DEFAULT_MAP_IN_FLIGHT = 32
+
+# Grids between __aenter__ and the end of teardown; the test kit's leak check reads it.
+_open_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
 
 class Grid:
@@ -162,6 +166,7 @@ class Grid:
                         log.warning("closing %s after a failed start: %s", backend.name, exc)
             raise
         self._tg.start_soon(self._run_loops)
+        _open_grids.add(self)
         return self
 
     async def __aexit__(
@@ -183,6 +188,7 @@ class Grid:
                 with anyio.CancelScope(shield=True):
                     await self._close_backends(leftovers, errors)
                 self._state = "closed"
+                _open_grids.discard(self)
         if leftovers:
             raise TeardownError(leftovers, errors)
 

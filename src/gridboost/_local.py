@@ -15,10 +15,11 @@ names any still running in a :class:`~gridboost.exceptions.TeardownError`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -96,8 +97,11 @@ class LocalBackend(Backend):
         self._node_id = f"local:{socket.gethostname()}"
         self._pool: _Pool | None = None
         self._reserved: dict[str, tuple[Reservation, _Pool]] = {}
-        self._threads: set[str] = set()  # names of work still running in threads, even if abandoned
-        self._threads_lock = threading.Lock()
+        # What the engine is doing now, by task id: commands and process calls until
+        # their process is gone, threads until the function returns (even once their
+        # caller was cancelled and moved on). Written from worker threads, hence the lock.
+        self._running: dict[str, str] = {}
+        self._running_lock = threading.Lock()
         self._limiter: anyio.CapacityLimiter | None = None
         self._procs: ProcessPool | None = None
         self._closed = False
@@ -140,11 +144,10 @@ class LocalBackend(Backend):
         if self._procs is not None:
             leftovers += await self._procs.aclose()
         with anyio.move_on_after(self._close_timeout):
-            while self._threads:  # noqa: ASYNC110 - an abandoned thread has no event to await
+            while self._running:  # noqa: ASYNC110 - an abandoned thread has no event to await
                 await anyio.sleep(0.01)
-        with self._threads_lock:
-            leftovers += [f"thread still running {name}" for name in sorted(self._threads)]
-        self._reserved.clear()
+        leftovers += [f"{what} is still running" for what in sorted(self.running_tasks().values())]
+        # _reserved is kept: after close it still says what was never released.
         if leftovers:
             raise TeardownError(leftovers)
 
@@ -224,36 +227,38 @@ class LocalBackend(Backend):
             on_start()
         try:
             if isinstance(task.target, Command):
-                status, out, err = await run_command(task.target, grace=self._grace)
+                with self._tracking(task, "command"):
+                    status, out, err = await run_command(task.target, grace=self._grace)
                 return CommandResult(returncode=status, stdout=out, stderr=err, node=self._node_id)
             if self._procs is not None:
-                return await self._procs.run(task.target, task.args, task.kwargs)
+                with self._tracking(task, "worker process"):
+                    return await self._procs.run(task.target, task.args, task.kwargs)
             return await anyio.to_thread.run_sync(
-                self._call_in_thread,
-                task.target,
-                task.args,
-                task.kwargs,
-                task.name,
-                abandon_on_cancel=True,
-                limiter=self._limiter,
+                self._call_in_thread, task, abandon_on_cancel=True, limiter=self._limiter
             )
         finally:
             if amount:
                 pool.give(amount)
 
-    def _call_in_thread(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str
-    ) -> Any:
-        # Runs in the worker thread: the set says which threads are still busy even
-        # after their caller was cancelled and moved on.
-        key = f"{name} ({threading.get_ident()})"
-        with self._threads_lock:
-            self._threads.add(key)
+    def running_tasks(self) -> dict[str, str]:
+        """The engine's own view: id → description of every task whose work is executing now."""
+        with self._running_lock:
+            return dict(self._running)
+
+    @contextlib.contextmanager
+    def _tracking(self, task: TaskSpec, where: str) -> Iterator[None]:
+        with self._running_lock:
+            self._running[task.id] = f"task {task.id} ({task.name}) in a {where}"
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
-            with self._threads_lock:
-                self._threads.discard(key)
+            with self._running_lock:
+                self._running.pop(task.id, None)
+
+    def _call_in_thread(self, task: TaskSpec) -> Any:
+        with self._tracking(task, "thread"):
+            assert not isinstance(task.target, Command)
+            return task.target(*task.args, **task.kwargs)
 
     def _require_pool(self) -> _Pool:
         if self._pool is None:

@@ -1,0 +1,65 @@
+"""How a test asks the *engine*, not gridboost's books, what it holds and runs."""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import Callable, Collection
+
+from .._grid import Grid
+from .._local import LocalBackend
+
+__all__ = ["EngineProbe", "LocalProbe"]
+
+
+class EngineProbe(abc.ABC):
+    """The engine's own state, as the conformance suite and leak checks read it.
+
+    Each backend's tests provide one (Ray: the state API; Dask: the scheduler; local:
+    the local backend, which *is* its engine). Methods take the grid under test,
+    and must keep working after that grid has closed — that is when leaks show.
+    """
+
+    @abc.abstractmethod
+    async def reservations(self, grid: Grid) -> Collection[str]:
+        """Ids of the reservations (boost ids) the engine holds now."""
+
+    @abc.abstractmethod
+    async def reservation_nodes(self, grid: Grid, reservation_id: str) -> Collection[str]:
+        """The ids of the nodes the engine placed that reservation on."""
+
+    @abc.abstractmethod
+    async def running(self, grid: Grid) -> Collection[str]:
+        """Ids of the tasks (``TaskSpec.id``) whose work the engine is executing now."""
+
+    @property
+    @abc.abstractmethod
+    def whereami(self) -> Callable[[], str]:
+        """A module-level function that, run *as a task*, returns the id of the node it runs on."""
+
+
+def local_node_id() -> str:
+    return f"local:{socket.gethostname()}"
+
+
+class LocalProbe(EngineProbe):
+    """The probe of the built-in local backend."""
+
+    @staticmethod
+    def _backend(grid: Grid) -> LocalBackend:
+        assert isinstance(grid.backend, LocalBackend), f"LocalProbe needs a local backend, got {grid.backend!r}"
+        return grid.backend
+
+    async def reservations(self, grid: Grid) -> Collection[str]:
+        return {r.id for r in await self._backend(grid).reservations()}
+
+    async def reservation_nodes(self, grid: Grid, reservation_id: str) -> Collection[str]:
+        backend = self._backend(grid)
+        return {node for r in await backend.reservations() if r.id == reservation_id for node in r.placements}
+
+    async def running(self, grid: Grid) -> Collection[str]:
+        return set(self._backend(grid).running_tasks())
+
+    @property
+    def whereami(self) -> Callable[[], str]:
+        return local_node_id
