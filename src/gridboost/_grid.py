@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 from anyio.abc import TaskGroup
@@ -521,6 +521,19 @@ class Grid:
         run = self._spec(fn, args, kwargs, resources, where, retries, timeout)
         return await self._execute(run)  # type: ignore[no-any-return]
 
+    @overload
+    def submit(
+        self,
+        fn: Command,
+        /,
+        *,
+        resources: Resources | str | Mapping[str, Any] | None = None,
+        where: Literal["auto", "local", "cluster"] | Boost = "auto",
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> TaskHandle[CommandResult]: ...
+
+    @overload
     def submit(
         self,
         fn: Callable[..., T],
@@ -531,10 +544,22 @@ class Grid:
         retries: int = 0,
         timeout: float | None = None,
         **kwargs: Any,
-    ) -> TaskHandle[T]:
-        """Start ``fn(*args, **kwargs)`` and return a handle at once; bad input raises here."""
+    ) -> TaskHandle[T]: ...
+
+    def submit(
+        self,
+        fn: Callable[..., T] | Command,
+        /,
+        *args: Any,
+        resources: Resources | str | Mapping[str, Any] | None = None,
+        where: Literal["auto", "local", "cluster"] | Boost = "auto",
+        retries: int = 0,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> TaskHandle[Any]:
+        """Start ``fn(*args, **kwargs)`` (or a ``Command``) and return a handle at once; bad input raises here."""
         run = self._spec(fn, args, kwargs, resources, where, retries, timeout)
-        handle: TaskHandle[T] = TaskHandle(run)
+        handle: TaskHandle[Any] = TaskHandle(run)
         assert self._tg is not None
         self._runs.add(run)  # counted from now, so teardown waits for it even before it starts
         self._tg.start_soon(self._run_handle, handle)

@@ -1,0 +1,525 @@
+"""``BackendSuite``: what every backend must do, checked against the engine's own state.
+
+Subclass it in your backend's tests and provide five fixtures::
+
+    class TestMyBackend(BackendSuite):
+        @pytest.fixture
+        def backend_name(self): return "mine"
+
+        @pytest.fixture
+        def grid_options(self): return {"address": cluster_address}
+
+        @pytest.fixture
+        def probe(self): return MyEngineProbe()      # reads the engine, not gridboost
+
+        @pytest.fixture
+        def unit(self): return Resources(cpu=1)       # a small amount the cluster holds...
+
+        @pytest.fixture
+        def capacity_units(self): return 4            # ...exactly this many times over
+
+Every test sends work with ``where="cluster"`` so that the backend under test, not
+the host, runs it. Checks that depend on a capability the backend declares false
+(running commands, interrupting a running callable, reserving) are skipped with
+that reason; everything else must pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import anyio.from_thread
+import psutil
+import pytest
+
+from .._boost import Boost
+from .._grid import Grid
+from .._records import BoostState, Command, Priority
+from .._resources import Resources
+from ..exceptions import (
+    BoostUnavailable,
+    CommandFailed,
+    GridClosed,
+    InvalidRequest,
+    InvalidResources,
+    InvalidTask,
+    TaskCancelled,
+)
+from ._probe import EngineProbe
+
+__all__ = ["BackendSuite", "SuiteError"]
+
+# Engines report some state a little after the fact (Ray's GCS, Dask's scheduler):
+# the suite waits this long for the engine to agree before it calls something a leak.
+# A subclass may change it with the class attribute ``SETTLE``.
+SETTLE = 15.0
+# How long a process of the suite's own may take to start and say its pid (a loaded CI box is slow).
+START = 30.0
+
+
+# -- the work the suite sends: module-level, so every engine can ship it ------------------
+
+
+class SuiteError(Exception):
+    """The user's exception of the suite; it must reach the caller as itself."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"suite error {code}")
+        self.code = code
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def fail_with(code: int) -> None:
+    raise SuiteError(code)
+
+
+def fail_until(counter: str, failures: int) -> int:
+    """Fail the first ``failures`` calls; the count lives in a file, so it survives process boundaries."""
+    path = Path(counter)
+    calls = int(path.read_text() or 0) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if calls <= failures:
+        raise SuiteError(calls)
+    return calls
+
+
+def nap(seconds: float) -> float:
+    """Sleep, stopping early where the engine lets a thread see its cancellation."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        # Outside an anyio worker thread (a Ray or Dask worker) there is nothing to check.
+        with contextlib.suppress(RuntimeError, LookupError, AttributeError):
+            anyio.from_thread.check_cancelled()
+        time.sleep(0.01)
+    return seconds
+
+
+def _script(body: str) -> list[str]:
+    return [sys.executable, "-c", body]
+
+
+def _sleeper(pid_file: Path, seconds: float) -> list[str]:
+    """A command that writes its pid, then sleeps."""
+    return _script(f"import os,time; open({str(pid_file)!r},'w').write(str(os.getpid())); time.sleep({seconds})")
+
+
+async def _read_pid(path: Path, timeout: float) -> int:
+    with anyio.fail_after(timeout):
+        while True:
+            text = await anyio.Path(path).read_text() if await anyio.Path(path).exists() else ""
+            if text:
+                return int(text)
+            await anyio.sleep(0.02)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class BackendSuite:
+    """The conformance suite. Subclass it and provide the fixtures named in the module docstring."""
+
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.anyio]
+
+    #: Seconds to wait for the engine to agree (a release to show, a process to go).
+    SETTLE = SETTLE
+
+    # -- fixtures a backend's tests provide -------------------------------------------
+
+    @pytest.fixture
+    def backend_name(self) -> str:
+        pytest.fail("a BackendSuite subclass must provide the `backend_name` fixture")
+
+    @pytest.fixture
+    def grid_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture
+    def probe(self) -> EngineProbe:
+        pytest.fail("a BackendSuite subclass must provide the `probe` fixture (an EngineProbe)")
+
+    @pytest.fixture
+    def unit(self) -> Resources:
+        return Resources(cpu=1)
+
+    @pytest.fixture
+    def capacity_units(self) -> int:
+        pytest.fail("a BackendSuite subclass must provide `capacity_units`: how many `unit`s the cluster holds")
+
+    # -- fixtures of the suite --------------------------------------------------------
+
+    @pytest.fixture
+    async def grid(self, backend_name: str, grid_options: dict[str, Any], probe: EngineProbe) -> AsyncIterator[Grid]:
+        """The grid under test; after the test, the engine must hold and run nothing of it."""
+        async with Grid(backend_name, **grid_options) as grid:
+            yield grid
+        await self.assert_engine_clean(probe, grid)
+
+    async def assert_engine_clean(self, probe: EngineProbe, grid: Grid) -> None:
+        async def clean() -> bool:
+            return not await probe.reservations(grid) and not await probe.running(grid)
+
+        async def state() -> str:
+            held, running = await probe.reservations(grid), await probe.running(grid)
+            return f"the engine still holds {sorted(held)} and runs {sorted(running)} of the closed grid"
+
+        await self.eventually(clean, state)
+
+    async def eventually(self, check: Callable[[], Awaitable[bool]], what: Callable[[], Awaitable[str]]) -> None:
+        """Wait (up to ``SETTLE``) until the engine agrees; fail with ``await what()`` if it never does."""
+        with anyio.move_on_after(self.SETTLE):
+            while not await check():
+                await anyio.sleep(0.05)
+            return
+        pytest.fail(f"after {self.SETTLE:g}s: {await what()}")
+
+    @staticmethod
+    def need(grid: Grid, capability: str) -> None:
+        if not getattr(grid.backend.capabilities, capability):
+            pytest.skip(f"the {grid.backend.name} backend declares {capability}=False")
+
+    # -- life cycle and seeing --------------------------------------------------------
+
+    async def test_start_and_close(self, backend_name: str, grid_options: dict[str, Any], probe: EngineProbe) -> None:
+        """A grid starts, answers, and closes; afterwards it refuses work and the engine holds nothing of it."""
+        async with Grid(backend_name, **grid_options) as grid:
+            open_inside = not grid.closed
+            assert await grid.offload(add, 1, 2, where="cluster") == 3
+        assert open_inside
+        assert grid.closed
+        with pytest.raises(GridClosed):
+            await grid.offload(add, 1, where="cluster")
+        await self.assert_engine_clean(probe, grid)
+
+    async def test_snapshot_shape_and_totals(self, grid: Grid, unit: Resources) -> None:
+        """The snapshot lists live nodes with unique ids; totals add up and what is free fits in what exists."""
+        snapshot = await grid.snapshot()
+        assert snapshot.alive, "a snapshot must list at least one live node"
+        ids = [node.id for node in snapshot.nodes]
+        assert len(ids) == len(set(ids)), f"node ids are not unique: {ids}"
+        assert sum(node.is_local for node in snapshot.nodes) <= 1
+        for node in snapshot.alive:
+            assert node.available.fits_in(node.total), f"{node.id}: available {node.available} > total {node.total}"
+        assert snapshot.total == sum((n.total for n in snapshot.alive), Resources())
+        assert unit.fits_in(snapshot.total)
+
+    # -- reserving --------------------------------------------------------------------
+
+    async def test_reserve_places_where_asked_and_release_removes_it(
+        self, grid: Grid, probe: EngineProbe, unit: Resources
+    ) -> None:
+        """A boost aimed at a node is held by the engine on that node, and gone from the engine once released."""
+        self.need(grid, "reserve")
+        snapshot = await grid.snapshot()
+        target = next(n for n in reversed(snapshot.alive) if unit.fits_in(n.available))
+        boost = await grid.request_boost(unit, ttl=60, nodes=[target.id])
+        assert boost.is_active
+        assert boost.id in await probe.reservations(grid), "the engine does not hold the boost"
+        assert set(await probe.reservation_nodes(grid, boost.id)) == {target.id}
+        assert set(boost.placements) == {target.id}
+        await boost.release()
+        await boost.release()
+        assert boost.state is BoostState.RELEASED
+
+        async def gone() -> bool:
+            return boost.id not in await probe.reservations(grid)
+
+        async def held() -> str:
+            return f"the engine still holds released boost {boost.id}"
+
+        await self.eventually(gone, held)
+
+    async def test_work_of_a_boost_runs_inside_it(self, grid: Grid, probe: EngineProbe, unit: Resources) -> None:
+        """Work submitted into a boost runs on the boost's node."""
+        self.need(grid, "reserve")
+        async with grid.boost(unit, ttl=60) as boost:
+            node = await grid.offload(probe.whereami, where=boost)
+            assert node in set(await probe.reservation_nodes(grid, boost.id))
+
+    async def test_boost_expires_at_its_ttl(self, grid: Grid, probe: EngineProbe, unit: Resources) -> None:
+        """A boost past its TTL is expired by the grid and released on the engine."""
+        self.need(grid, "reserve")
+        boost = await grid.request_boost(unit, ttl=0.5)
+        assert boost.id in await probe.reservations(grid)
+
+        async def expired() -> bool:
+            return boost.state is BoostState.EXPIRED and boost.id not in await probe.reservations(grid)
+
+        async def state() -> str:
+            return f"boost {boost.id} is {boost.state}; engine holds it: {boost.id in await probe.reservations(grid)}"
+
+        await self.eventually(expired, state)
+
+    async def test_pending_boosts_are_granted_in_priority_order(
+        self, grid: Grid, unit: Resources, capacity_units: int
+    ) -> None:
+        """With the cluster full, pending boosts are granted highest priority first, then oldest first."""
+        self.need(grid, "reserve")
+        blockers = [await grid.request_boost(unit, ttl=120) for _ in range(capacity_units)]
+        granted: list[str] = []
+
+        async def ask(name: str, priority: Priority) -> None:
+            boost = await grid.request_boost(unit, ttl=120, priority=priority, wait=4 * self.SETTLE)
+            granted.append(name)
+            await anyio.sleep(0.1)
+            await boost.release()
+
+        with anyio.fail_after(6 * self.SETTLE):
+            async with anyio.create_task_group() as tg:
+                for name, priority in [("low", Priority.LOW), ("normal", Priority.NORMAL), ("high", Priority.HIGH)]:
+                    tg.start_soon(ask, name, priority)
+                    await anyio.sleep(0.1)  # a known arrival order
+                assert granted == [], f"granted while the cluster was full: {granted}"
+                await blockers[0].release()
+        assert granted == ["high", "normal", "low"]
+
+    async def test_a_boost_larger_than_the_cluster_fails_at_once(self, grid: Grid) -> None:
+        """A boost no node set can hold raises BoostUnavailable without waiting, and the grid stays usable."""
+        self.need(grid, "reserve")
+        if grid.backend.capabilities.grow:
+            pytest.skip("the backend can grow the cluster, so it decides what is impossible")
+        total = (await grid.snapshot()).total
+        with anyio.fail_after(10), pytest.raises(BoostUnavailable, match="missing"):
+            await grid.request_boost(total + Resources(cpu=1), ttl=60, wait=300)
+        assert await grid.offload(add, 1, where="cluster") == 1
+
+    # -- running ----------------------------------------------------------------------
+
+    async def test_submit_offload_and_map_return_results(self, grid: Grid) -> None:
+        """Results come back from submit, offload and map, with arguments intact."""
+        assert await grid.submit(add, 2, b=3, where="cluster") == 5
+        assert await grid.offload(add, 40, b=2, where="cluster") == 42
+        results = [r async for r in grid.map(add, range(10), where="cluster", max_in_flight=4)]
+        assert results == list(range(10))
+
+    async def test_user_exception_keeps_its_type(self, grid: Grid) -> None:
+        """The function's exception reaches the caller with its own type and attributes."""
+        with pytest.raises(SuiteError) as info:
+            await grid.offload(fail_with, 7, where="cluster")
+        assert info.value.code == 7
+
+    async def test_retries_rerun_failed_work(self, grid: Grid, tmp_path: Path) -> None:
+        """``retries`` reruns failing work; it runs once more per retry and no more."""
+        counter = tmp_path / "calls"
+        assert await grid.offload(fail_until, str(counter), 2, retries=2, where="cluster") == 3
+        hopeless = tmp_path / "hopeless"
+        with pytest.raises(SuiteError):
+            await grid.offload(fail_until, str(hopeless), 10, retries=1, where="cluster")
+        assert hopeless.read_text() == "2"
+
+    async def test_timeout_raises_and_stops_the_work(self, grid: Grid, probe: EngineProbe) -> None:
+        """Work over its timeout raises TimeoutError promptly, and the engine stops running it."""
+        interruptible = grid.backend.capabilities.interrupt_running
+        # A backend that cannot interrupt a running callable runs it to its end: keep that short.
+        seconds = 60.0 if interruptible else 2.0
+        with anyio.fail_after(0.5 + self.SETTLE), pytest.raises(TimeoutError):
+            await grid.offload(nap, seconds, timeout=0.5, where="cluster")
+
+        async def stopped() -> bool:
+            return not await probe.running(grid)
+
+        async def running() -> str:
+            return f"the engine still runs the timed-out work: {await probe.running(grid)}"
+
+        await self.eventually(stopped, running)
+
+    async def test_cancel_queued_work_drops_it(
+        self, grid: Grid, probe: EngineProbe, unit: Resources, capacity_units: int, tmp_path: Path
+    ) -> None:
+        """Work cancelled while it waits for capacity never runs, and the engine confirms it is not running."""
+        self.need(grid, "commands")
+        blockers = [
+            grid.submit(Command(_sleeper(tmp_path / f"blocker-{i}", 60)), resources=unit, where="cluster")
+            for i in range(capacity_units)
+        ]
+        for i in range(capacity_units):
+            await _read_pid(tmp_path / f"blocker-{i}", START)
+        marker = tmp_path / "queued-ran"
+        queued = grid.submit(Command(_script(f"open({str(marker)!r}, 'w').close()")), resources=unit, where="cluster")
+        await anyio.sleep(0.5)
+        assert queued.id not in await probe.running(grid), "the queued work runs although the cluster is full"
+        queued.cancel()
+        with anyio.fail_after(self.SETTLE), pytest.raises(TaskCancelled):
+            await queued
+        for blocker in blockers:
+            blocker.cancel()
+        with anyio.fail_after(self.SETTLE):
+            for blocker in blockers:
+                with pytest.raises(TaskCancelled):
+                    await blocker
+        await anyio.sleep(0.5)
+        assert not marker.exists(), "cancelled queued work ran anyway"
+
+    async def test_cancel_running_command_stops_its_process(
+        self, grid: Grid, probe: EngineProbe, tmp_path: Path
+    ) -> None:
+        """Cancelling a running command stops its process, and the engine stops counting it as running."""
+        self.need(grid, "commands")
+        pid_file = tmp_path / "pid"
+        handle = grid.submit(Command(_sleeper(pid_file, 30)), where="cluster")
+        pid = await _read_pid(pid_file, START)
+        assert handle.id in await probe.running(grid)
+        handle.cancel()
+        with anyio.fail_after(self.SETTLE), pytest.raises(TaskCancelled):
+            await handle
+
+        async def stopped() -> bool:
+            return _process_gone(pid) and handle.id not in await probe.running(grid)
+
+        async def alive() -> str:
+            return (
+                f"cancelled command: pid {pid} alive={not _process_gone(pid)}, engine runs {await probe.running(grid)}"
+            )
+
+        await self.eventually(stopped, alive)
+
+    async def test_cancel_running_callable(self, grid: Grid, probe: EngineProbe) -> None:
+        """Cancelling a running callable releases the caller, and the engine stops running it."""
+        handle = grid.submit(nap, 30.0 if grid.backend.capabilities.interrupt_running else 2.0, where="cluster")
+
+        async def started() -> bool:
+            return handle.id in await probe.running(grid)
+
+        async def never() -> str:
+            return "the callable never started"
+
+        await self.eventually(started, never)
+        handle.cancel()
+        with anyio.fail_after(self.SETTLE), pytest.raises(TaskCancelled):
+            await handle
+
+        async def stopped() -> bool:
+            return handle.id not in await probe.running(grid)
+
+        async def still() -> str:
+            return f"the engine still runs the cancelled callable: {await probe.running(grid)}"
+
+        await self.eventually(stopped, still)
+
+    async def test_commands_return_status_and_output(self, grid: Grid) -> None:
+        """A command's status, stdout and stderr come back; env reaches it; check=True raises CommandFailed."""
+        self.need(grid, "commands")
+        script = "import os,sys; print(os.environ['SUITE_X']); sys.stderr.write('err'); sys.exit(3)"
+        result = await grid.run_command(_script(script), env={"SUITE_X": "42"}, where="cluster")
+        assert (result.returncode, result.stdout.strip(), result.stderr) == (3, b"42", b"err")
+        assert result.node
+        with pytest.raises(CommandFailed, match="status 3"):
+            await grid.run_command(_script(script), env={"SUITE_X": "1"}, check=True, where="cluster")
+
+    async def test_command_timeout_kills_it(self, grid: Grid, tmp_path: Path) -> None:
+        """A command over its timeout raises TimeoutError and its process is gone."""
+        self.need(grid, "commands")
+        pid_file = tmp_path / "pid"
+        async with anyio.create_task_group() as tg:
+            pids: list[int] = []
+
+            async def watch() -> None:
+                pids.append(await _read_pid(pid_file, START))
+
+            tg.start_soon(watch)
+            with anyio.fail_after(2.0 + self.SETTLE), pytest.raises(TimeoutError):
+                await grid.run_command(_sleeper(pid_file, 60), timeout=2.0, where="cluster")
+
+        async def gone() -> bool:
+            return _process_gone(pids[0])
+
+        async def alive() -> str:
+            return f"timed-out command pid {pids[0]} is still alive"
+
+        await self.eventually(gone, alive)
+
+    # -- teardown with work in flight -------------------------------------------------
+
+    async def _fill(self, grid: Grid, unit: Resources, capacity_units: int) -> list[Any]:
+        handles: list[Any] = [grid.submit(nap, 1.0, resources=unit, where="cluster") for _ in range(capacity_units * 2)]
+        if grid.backend.capabilities.commands:
+            handles.append(grid.submit(Command(_script("import time; time.sleep(60)")), where="cluster"))
+        if grid.backend.capabilities.reserve:
+            handles.append(await grid.request_boost(unit, ttl=120, wait=60))
+        await anyio.sleep(0.5)
+        return handles
+
+    async def test_exception_with_work_in_flight_leaves_nothing_on_the_engine(
+        self,
+        backend_name: str,
+        grid_options: dict[str, Any],
+        probe: EngineProbe,
+        unit: Resources,
+        capacity_units: int,
+    ) -> None:
+        """An exception in the grid's block leaves no reservation and no running work on the engine."""
+
+        class Boom(Exception):
+            pass
+
+        with anyio.fail_after(120), pytest.raises(Boom):
+            async with Grid(backend_name, **grid_options) as grid:
+                in_flight = await self._fill(grid, unit, capacity_units)
+                raise Boom
+        assert all(isinstance(x, Boost) or x.cancelled() or x.done() for x in in_flight)
+        await self.assert_engine_clean(probe, grid)
+
+    async def test_cancellation_with_work_in_flight_leaves_nothing_on_the_engine(
+        self,
+        backend_name: str,
+        grid_options: dict[str, Any],
+        probe: EngineProbe,
+        unit: Resources,
+        capacity_units: int,
+    ) -> None:
+        """Cancelling the grid's block leaves no reservation and no running work on the engine."""
+        with anyio.fail_after(120):
+            with anyio.CancelScope() as scope:
+                async with Grid(backend_name, **grid_options) as grid:
+                    await self._fill(grid, unit, capacity_units)
+                    scope.cancel()
+                    await anyio.sleep(60)
+        assert scope.cancelled_caught
+        await self.assert_engine_clean(probe, grid)
+
+    # -- bad input --------------------------------------------------------------------
+
+    BAD_INPUT: ClassVar[list[tuple[str, Callable[[Grid], Awaitable[Any]], type[Exception], str]]] = [
+        ("negative", lambda g: g.offload(add, 1, resources={"cpu": -1}, where="cluster"), InvalidResources, "cpu"),
+        ("nan", lambda g: g.offload(add, 1, resources={"cpu": float("nan")}, where="cluster"), InvalidResources, "nan"),
+        (
+            "inf",
+            lambda g: g.offload(add, 1, resources={"memory": float("inf")}, where="cluster"),
+            InvalidResources,
+            "inf",
+        ),
+        ("string", lambda g: g.offload(add, 1, resources={"gpu": "one"}, where="cluster"), InvalidResources, "one"),
+        ("not-callable", lambda g: g.offload(42, where="cluster"), InvalidTask, "callable"),  # type: ignore[arg-type]
+        ("argv-string", lambda g: g.run_command("echo hi", where="cluster"), InvalidTask, "not a string"),
+        ("ttl-zero", lambda g: g.request_boost("cpu=1", ttl=0), InvalidRequest, "ttl"),
+        ("ttl-negative", lambda g: g.request_boost("cpu=1", ttl=-1), InvalidRequest, "ttl"),
+        ("bad-where", lambda g: g.offload(add, 1, where="moon"), InvalidRequest, "where"),  # type: ignore[arg-type]
+    ]
+
+    @pytest.mark.parametrize(("case", "call", "error", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+    async def test_bad_input_is_refused_and_the_grid_stays_usable(
+        self,
+        grid: Grid,
+        probe: EngineProbe,
+        case: str,
+        call: Callable[[Grid], Awaitable[Any]],
+        error: type[Exception],
+        message: str,
+    ) -> None:
+        """Bad input raises a typed error naming the problem, reaches no engine, and leaves the grid usable."""
+        with pytest.raises(error, match=message):
+            await call(grid)
+        assert not await probe.reservations(grid)
+        assert await grid.offload(add, 1, 1, where="cluster") == 2
