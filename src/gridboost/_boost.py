@@ -356,6 +356,8 @@ class BoostBook:
                 boost.state = BoostState.FAILED
                 boost.error = exc
                 self.outcomes["failed"] += 1
+                if isinstance(exc, Exception):
+                    grid._notify("gridboost_boost_failed", boost=boost, error=exc)
                 raise
             finally:
                 self.boosts.pop(boost.id, None)

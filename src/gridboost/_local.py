@@ -19,6 +19,7 @@ import contextlib
 import os
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -38,35 +39,45 @@ __all__ = ["LocalBackend"]
 
 
 class _Pool:
-    """Capacity that tasks and reservations take from and give back, with fair waiting."""
+    """Capacity that tasks and reservations take from and give back, first come first served.
+
+    Waiters are served in arrival order, each as soon as it fits; a large request
+    does not hold back smaller ones behind it that fit now (first fit, in order).
+    """
 
     def __init__(self, total: Resources) -> None:
         self.total = total
         self.used = Resources()
-        self._changed: anyio.Event | None = None
+        self._waiters: deque[tuple[Resources, anyio.Event]] = deque()
 
     @property
     def available(self) -> Resources:
         return self.total - self.used
 
-    def try_take(self, amount: Resources) -> bool:
-        if not amount.fits_in(self.available):
-            return False
-        self.used = self.used + amount
-        return True
-
     async def take(self, amount: Resources) -> None:
-        """Wait until ``amount`` fits, then take it; cancellable while waiting."""
-        while not self.try_take(amount):
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
+        """Wait until ``amount`` fits, then take it; cancellable while waiting (nothing is taken then)."""
+        if not self._waiters and amount.fits_in(self.available):
+            self.used = self.used + amount
+            return
+        waiter = (amount, anyio.Event())
+        self._waiters.append(waiter)
+        try:
+            await waiter[1].wait()
+        except BaseException:
+            if waiter[1].is_set():  # granted as we were cancelled: hand it on
+                self.give(amount)
+            else:
+                self._waiters.remove(waiter)
+            raise
 
     def give(self, amount: Resources) -> None:
         self.used = self.used - amount
-        if self._changed is not None:  # wake every waiter; each re-checks its own fit
-            self._changed.set()
-            self._changed = None
+        for waiter in list(self._waiters):
+            wanted, granted = waiter
+            if wanted.fits_in(self.available):
+                self.used = self.used + wanted  # taken on the waiter's behalf, before it wakes
+                self._waiters.remove(waiter)
+                granted.set()
 
 
 class LocalBackend(Backend):
@@ -100,22 +111,16 @@ class LocalBackend(Backend):
         # What the engine is doing now, by task id: commands and process calls until
         # their process is gone, threads until the function returns (even once their
         # caller was cancelled and moved on). Written from worker threads, hence the lock.
-        self._running: dict[str, str] = {}
+        self._running: dict[str, tuple[TaskSpec, str]] = {}
         self._running_lock = threading.Lock()
         self._limiter: anyio.CapacityLimiter | None = None
         self._procs: ProcessPool | None = None
         self._closed = False
+        self._capabilities = Capabilities(interrupt_running=executor == "process", remote=False)
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            reserve=True,
-            grow=False,
-            interrupt_running=self.executor == "process",
-            commands=True,
-            native_retries=False,
-            remote=False,
-        )
+        return self._capabilities
 
     @property
     def node_id(self) -> str:
@@ -243,12 +248,13 @@ class LocalBackend(Backend):
     def running_tasks(self) -> dict[str, str]:
         """The engine's own view: id → description of every task whose work is executing now."""
         with self._running_lock:
-            return dict(self._running)
+            running = list(self._running.items())
+        return {task_id: f"task {task_id} ({task.name}) in a {where}" for task_id, (task, where) in running}
 
     @contextlib.contextmanager
     def _tracking(self, task: TaskSpec, where: str) -> Iterator[None]:
         with self._running_lock:
-            self._running[task.id] = f"task {task.id} ({task.name}) in a {where}"
+            self._running[task.id] = (task, where)
         try:
             yield
         finally:
@@ -256,9 +262,15 @@ class LocalBackend(Backend):
                 self._running.pop(task.id, None)
 
     def _call_in_thread(self, task: TaskSpec) -> Any:
-        with self._tracking(task, "thread"):
-            assert not isinstance(task.target, Command)
-            return task.target(*task.args, **task.kwargs)
+        # The hot path of every offload: _tracking's work, without a generator's cost.
+        running, lock = self._running, self._running_lock
+        with lock:
+            running[task.id] = (task, "thread")
+        try:
+            return task.target(*task.args, **task.kwargs)  # type: ignore[operator]
+        finally:
+            with lock:
+                del running[task.id]
 
     def _require_pool(self) -> _Pool:
         if self._pool is None:

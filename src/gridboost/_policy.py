@@ -18,6 +18,8 @@ __all__ = ["default_offload_candidates", "default_placement"]
 _IN_BOOST = "inside the enclosing `async with grid.boost(...)` block"
 _LOCAL_IS_CLUSTER = "the backend is this machine"
 _FITS_LOCALLY = "fits in free local capacity"
+_HERE_IS_THE_CLUSTER = Placement("local", _LOCAL_IS_CLUSTER)
+_FITS_HERE = Placement("local", _FITS_LOCALLY)
 
 
 def default_placement(grid: Grid, task: TaskSpec) -> Placement:
@@ -26,9 +28,9 @@ def default_placement(grid: Grid, task: TaskSpec) -> Placement:
     if boost is not None and boost.is_active and boost.grid is grid:
         return Placement("boost", _IN_BOOST, boost)
     if not grid.backend.capabilities.remote:
-        return Placement("local", _LOCAL_IS_CLUSTER)
+        return _HERE_IS_THE_CLUSTER
     if task.resources.fits_in(grid.local_available):
-        return Placement("local", _FITS_LOCALLY)
+        return _FITS_HERE
     return Placement("cluster", f"local capacity is short of {task.resources.shortfall(grid.local_available)}")
 
 

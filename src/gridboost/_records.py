@@ -37,9 +37,20 @@ STRATEGIES: tuple[str, ...] = ("pack", "spread", "strict_pack", "strict_spread")
 _ids = itertools.count(1)
 
 
+_pid = f"{os.getpid():x}"
+
+
+def _forked() -> None:
+    global _pid
+    _pid = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def new_id(prefix: str) -> str:
     """A short id, unique in this process and readable in logs: ``task-1f3a-17``."""
-    return f"{prefix}-{os.getpid():x}-{next(_ids)}"
+    return f"{prefix}-{_pid}-{next(_ids)}"
 
 
 class Priority(enum.IntEnum):
@@ -87,7 +98,7 @@ def _cwd(value: str | os.PathLike[str] | None) -> str | None:
 
 
 def _priority(value: int) -> Priority:
-    return Priority(value)
+    return value if type(value) is Priority else Priority(value)
 
 
 def _resources(value: Resources | str | Mapping[str, Any] | None) -> Resources:
@@ -95,7 +106,7 @@ def _resources(value: Resources | str | Mapping[str, Any] | None) -> Resources:
 
 
 def _tags(value: Iterable[str]) -> frozenset[str]:
-    return frozenset(value)
+    return value if type(value) is frozenset else frozenset(value)
 
 
 def _nodes(value: Iterable[NodeSnapshot]) -> tuple[NodeSnapshot, ...]:

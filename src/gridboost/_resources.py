@@ -197,7 +197,7 @@ class Resources:
         return {k: v for k, v in self._items() if v}
 
     def __bool__(self) -> bool:
-        return any(v for _, v in self._items())
+        return bool(self.cpu or self.gpu or self.memory or self.gpu_memory or self.custom)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Resources):

@@ -138,13 +138,21 @@ class Backend(abc.ABC):
     # -- running --------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def run(self, task: TaskSpec, reservation: Reservation | None) -> Any:
+    async def run(
+        self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
+    ) -> Any:
         """Run ``task`` (inside ``reservation`` when given) and return its result.
 
         For a :class:`~gridboost.Command` return a :class:`~gridboost.CommandResult`.
         Re-raise the user's exception with its own type. On cancellation, cancel
         the engine's work from a shielded scope, then let the cancellation go on.
         With ``capabilities.native_retries``, retry ``task.retries`` times.
+
+        Call ``on_start()`` once the work has its capacity, just before it begins:
+        until then the grid may move it onto a boost that just became active. A
+        backend that cannot tell when its engine starts work calls it before it
+        submits (so nothing it submitted is ever moved). A backend with
+        ``capabilities.remote=False`` serves as the host and must honour it.
         """
 
     def check_task(self, task: TaskSpec) -> None:  # noqa: B027 - optional hook

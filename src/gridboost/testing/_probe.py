@@ -47,8 +47,11 @@ class LocalProbe(EngineProbe):
 
     @staticmethod
     def _backend(grid: Grid) -> LocalBackend:
-        assert isinstance(grid.backend, LocalBackend), f"LocalProbe needs a local backend, got {grid.backend!r}"
-        return grid.backend
+        backend = grid.backend
+        while not isinstance(backend, LocalBackend) and hasattr(backend, "inner"):  # a wrapper: FaultyBackend
+            backend = backend.inner
+        assert isinstance(backend, LocalBackend), f"LocalProbe needs a local backend, got {grid.backend!r}"
+        return backend
 
     async def reservations(self, grid: Grid) -> Collection[str]:
         return {r.id for r in await self._backend(grid).reservations()}
