@@ -10,6 +10,7 @@ import anyio.from_thread
 import pytest
 
 import gridboost as gb
+from gridboost.testing._suite import nap  # sleeps, but stops at a cancel, as thread code should
 
 pytestmark = pytest.mark.anyio
 
@@ -68,12 +69,6 @@ async def test_explicit_where_boost_runs_inside_the_reservation() -> None:
             await grid.offload(sum, [1], where=boost)
 
 
-def _wait_for_cancel() -> None:
-    for _ in range(3000):
-        anyio.from_thread.check_cancelled()
-        time.sleep(0.005)
-
-
 async def test_ttl_expiry_cancels_work_releases_and_fires_the_hook() -> None:
     """At its TTL a boost's work is cancelled with BoostExpired, its reservation released, and observers told."""
     expired: list[str] = []
@@ -85,7 +80,7 @@ async def test_ttl_expiry_cancels_work_releases_and_fires_the_hook() -> None:
 
     async with gb.Grid(capacity=CAPACITY, plugins=[Observer()]) as grid:
         boost = await grid.request_boost("cpu=1", ttl=0.3)
-        handle = grid.submit(_wait_for_cancel, where=boost)
+        handle = grid.submit(nap, 15.0, where=boost)
         with anyio.fail_after(5), pytest.raises(gb.BoostExpired, match=boost.id):
             await handle
         assert boost.state is gb.BoostState.EXPIRED

@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -14,11 +13,11 @@ import anyio.from_thread
 import pytest
 
 import gridboost as gb
+import test_conformance  # the local backend's suite fixtures (tests/ is on sys.path)
 from gridboost import _plugins
 from gridboost._local import LocalBackend
 from gridboost.testing._faulty import Fault, FaultPlan, FaultyBackend, FaultyPlugin, InjectedFault, Operation
-from gridboost.testing._probe import EngineProbe, local_node_id
-from gridboost.testing._suite import BackendSuite
+from gridboost.testing._suite import nap
 
 pytestmark = pytest.mark.anyio
 
@@ -75,10 +74,7 @@ def flaky() -> str:
 def work_until_cancelled(started: threading.Event, limit: float = 30.0) -> str:
     """A thread body that cooperates with cancellation, as the local backend documents."""
     started.set()
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        anyio.from_thread.check_cancelled()
-        time.sleep(0.005)
+    nap(limit)
     return "ran to the end"
 
 
@@ -382,29 +378,12 @@ def test_an_unknown_inner_backend_is_refused() -> None:
 # -- a merely slow engine still conforms ---------------------------------------------------
 
 
-class FaultyLocalProbe(EngineProbe):
-    """The local engine's own state, read under the faulty wrapper."""
-
-    async def reservations(self, grid: gb.Grid) -> Collection[str]:
-        return {r.id for r in await engine(grid).reservations()}
-
-    async def reservation_nodes(self, grid: gb.Grid, reservation_id: str) -> Collection[str]:
-        return {node for r in await engine(grid).reservations() if r.id == reservation_id for node in r.placements}
-
-    async def running(self, grid: gb.Grid) -> Collection[str]:
-        return set(engine(grid).running_tasks())
-
-    @property
-    def whereami(self) -> Callable[[], str]:
-        return local_node_id
-
-
 SLOW_EVERYWHERE = FaultPlan(
     [Fault("latency", operation=op, seconds=0.01) for op in ("run", "reserve", "release", "snapshot")]
 )
 
 
-class TestSlowLocalBackendPassesTheSuite(BackendSuite):
+class TestSlowLocalBackendPassesTheSuite(test_conformance.TestLocalBackend):
     """Latency on every operation changes nothing the conformance suite checks: the wrapper is transparent."""
 
     @pytest.fixture
@@ -414,15 +393,3 @@ class TestSlowLocalBackendPassesTheSuite(BackendSuite):
     @pytest.fixture
     def grid_options(self) -> dict[str, Any]:
         return {"plugins": [FaultyPlugin(SLOW_EVERYWHERE)], "capacity": CAPACITY, "grace": 0.5}
-
-    @pytest.fixture
-    def probe(self) -> EngineProbe:
-        return FaultyLocalProbe()
-
-    @pytest.fixture
-    def unit(self) -> gb.Resources:
-        return gb.Resources(cpu=1)
-
-    @pytest.fixture
-    def capacity_units(self) -> int:
-        return 2

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 import gridboost as gb
+from gridboost.testing._suite import nap  # sleeps, but stops at a cancel, as thread code should
 
 pytestmark = pytest.mark.anyio
 
@@ -45,14 +46,6 @@ class Custom(Exception):
 
 def raise_custom(code: int) -> None:
     raise Custom(code)
-
-
-def wait_for_cancel(limit: float = 30.0) -> str:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        anyio.from_thread.check_cancelled()
-        time.sleep(0.005)
-    return "not cancelled"
 
 
 def add(a: int, b: int = 0) -> int:
@@ -102,7 +95,7 @@ async def test_timeout_raises_timeout_error_and_is_not_retried() -> None:
     async with gb.Grid(capacity=CAPACITY) as grid:
         started = anyio.current_time()
         with pytest.raises(TimeoutError):
-            await grid.offload(wait_for_cancel, timeout=0.2, retries=3)
+            await grid.offload(nap, 30.0, timeout=0.2, retries=3)
         assert anyio.current_time() - started < 5
         assert grid.stats()["tasks.timed_out"] == 1
 
@@ -111,7 +104,7 @@ async def test_cancel_queued_work_never_runs_it() -> None:
     """Work cancelled while it waits for capacity is dropped and never runs."""
     ran = threading.Event()
     async with gb.Grid(capacity=CAPACITY) as grid:
-        blockers = [grid.submit(wait_for_cancel, resources="cpu=1") for _ in range(2)]
+        blockers = [grid.submit(nap, 30.0, resources="cpu=1") for _ in range(2)]
         with anyio.fail_after(5):
             while grid.local_available.cpu:  # trio starts tasks in any order: let the blockers in first
                 await anyio.sleep(0.01)
@@ -145,7 +138,7 @@ async def test_cancel_before_start_never_reaches_the_backend() -> None:
 async def test_cancelled_thread_stops_when_it_checks() -> None:
     """A running thread is released at once on cancel and stops at its next ``check_cancelled``."""
     async with gb.Grid(capacity=CAPACITY) as grid:
-        handle = grid.submit(wait_for_cancel)
+        handle = grid.submit(nap, 30.0)
         await anyio.sleep(0.05)
         handle.cancel()
         with anyio.fail_after(2), pytest.raises(gb.TaskCancelled):
@@ -193,8 +186,8 @@ async def test_map_unordered_and_async_source() -> None:
 async def test_map_block_cancels_what_is_left_on_early_exit() -> None:
     """Leaving ``async with grid.map(...)`` early cancels the tasks still in flight."""
     async with gb.Grid(capacity=CAPACITY) as grid:
-        async with grid.map(wait_for_cancel, [0.0] + [30.0] * 6, max_in_flight=3) as results:
-            assert await anext(results) == "not cancelled"
+        async with grid.map(nap, [0.0] + [30.0] * 6, max_in_flight=3) as results:
+            assert await anext(results) == 0.0
             in_flight = list(results._pending)
         assert in_flight and all(h.cancelled() for h in in_flight)
 

@@ -12,19 +12,11 @@ import pytest
 
 import gridboost as gb
 from gridboost._local import LocalBackend
+from gridboost.testing._suite import nap  # sleeps, but stops at a cancel, as thread code should
 
 pytestmark = pytest.mark.anyio
 
 CAPACITY = "cpu=2,memory=4GiB"
-
-
-def spin_until_cancelled(limit: float = 30.0) -> str:
-    """A thread body that cooperates with cancellation, as the local backend documents."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        anyio.from_thread.check_cancelled()
-        time.sleep(0.005)
-    return "ran to the end"
 
 
 class BodyFailed(Exception):
@@ -33,13 +25,13 @@ class BodyFailed(Exception):
 
 async def test_body_exception_with_200_tasks_in_flight_cancels_and_awaits_all() -> None:
     """An exception in the body leaves 200 in-flight tasks cancelled, the boost released and no reservation held."""
-    handles: list[gb.TaskHandle[str]] = []
+    handles: list[gb.TaskHandle[float]] = []
     with anyio.fail_after(30):
         with pytest.raises(BodyFailed):
             async with gb.Grid(capacity=CAPACITY) as grid:
                 backend = grid.backend
                 boost = await grid.request_boost("cpu=1", ttl=60)
-                handles += [grid.submit(spin_until_cancelled, resources="cpu=0.5") for _ in range(200)]
+                handles += [grid.submit(nap, 30.0, resources="cpu=0.5") for _ in range(200)]
                 await anyio.sleep(0.1)
                 assert len(await backend.reservations()) == 1
                 raise BodyFailed
@@ -55,13 +47,13 @@ async def test_body_exception_with_200_tasks_in_flight_cancels_and_awaits_all() 
 
 async def test_cancelled_body_with_200_tasks_in_flight_cancels_and_awaits_all() -> None:
     """Cancelling the block that holds the grid tears it down the same way, and the cancellation still propagates."""
-    handles: list[gb.TaskHandle[str]] = []
+    handles: list[gb.TaskHandle[float]] = []
     with anyio.fail_after(30):
         with anyio.move_on_after(0.3) as outer:
             async with gb.Grid(capacity=CAPACITY) as grid:
                 backend = grid.backend
                 await grid.request_boost("cpu=1", ttl=60)
-                handles += [grid.submit(spin_until_cancelled, resources="cpu=0.5") for _ in range(200)]
+                handles += [grid.submit(nap, 30.0, resources="cpu=0.5") for _ in range(200)]
                 await anyio.sleep(30)
     assert outer.cancelled_caught
     assert all(h.cancelled() for h in handles)
@@ -76,7 +68,7 @@ async def test_inline_offloads_from_other_tasks_are_cancelled_at_teardown() -> N
 
     async def caller(grid: gb.Grid) -> None:
         try:
-            await grid.offload(spin_until_cancelled)
+            await grid.offload(nap, 30.0)
         except gb.TaskCancelled as exc:
             seen.append(exc)
 
@@ -160,7 +152,7 @@ async def test_app_resources_close_in_reverse_order_after_work_stops() -> None:
             for name in ("x", "y", "z"):
                 await registry.register(name)
                 grid.push_async_callback(registry.unregister, name)
-            handle = grid.submit(spin_until_cancelled)
+            handle = grid.submit(nap, 30.0)
             await anyio.sleep(0.05)
     assert log == ["enter a", "enter b", "exit b", "exit a"]
     assert registry.agents == set()
