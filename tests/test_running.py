@@ -303,7 +303,7 @@ async def test_bad_resources_are_refused_and_the_grid_stays_usable(resources: An
 async def test_bad_task_input_is_refused_at_the_boundary() -> None:
     """Non-callables, string argv, bad where/retries/timeout each raise a typed, named error; the grid stays usable."""
     async with gb.Grid(capacity=CAPACITY) as grid:
-        with pytest.raises(gb.InvalidTask, match="expected a callable, got 42"):
+        with pytest.raises(gb.InvalidTask, match="expected a callable or a Command, got 42"):
             await grid.offload(42)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="not a string"):
             await grid.run_command("echo hi")  # type: ignore[arg-type]

@@ -44,7 +44,6 @@ from .exceptions import (
     GridboostError,
     GridClosed,
     InvalidRequest,
-    InvalidTask,
     PolicyError,
     TaskCancelled,
     TeardownError,
@@ -347,8 +346,6 @@ class Grid:
         timeout: Any,
     ) -> Run:
         self._check_open()
-        if not callable(target) and not isinstance(target, Command):
-            raise InvalidTask(f"expected a callable, got {target!r} of type {type(target).__name__}")
         spec = TaskSpec(target, args, kwargs, resources=resources, where=where, retries=retries, timeout=timeout)
         run = Run(spec)
         run.placement = self._place(spec)
