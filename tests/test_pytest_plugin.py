@@ -30,10 +30,17 @@ RUN_TIMEOUT = 120  # seconds for one pytest subprocess; each takes a few
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    """Run pytest in a new interpreter in the project, as strict as gridboost's own suite."""
-    return pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--strict-markers", "--strict-config", "-rA", *args, timeout=RUN_TIMEOUT
-    )
+    """Run pytest in a new interpreter in the project, as strict as gridboost's own suite.
+
+    Its output must not depend on where this runs: with ``CI`` set, pytest stops
+    shortening the summary lines, which repeats each error's message there.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("CI", "BUILD_NUMBER"):
+            env.delenv(name, raising=False)
+        return pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "--strict-markers", "--strict-config", "-rA", *args, timeout=RUN_TIMEOUT
+        )
 
 
 def output(result: pytest.RunResult) -> str:
