@@ -1,4 +1,4 @@
-"""Every Python block in ``docs/*.md`` runs: test modules under ``pytest -W error``, the rest as scripts.
+"""Every Python block in ``README.md`` and ``docs/*.md`` runs: test modules under ``pytest -W error``, the rest as scripts.
 
 A block that is a fragment (a skeleton with ``...``, code against a cluster we do not have, a deliberate bug) is
 marked so: ``<!-- not run -->`` on the line before its fence, or ``skip`` after the language (```` ```python skip ````).
@@ -64,7 +64,7 @@ def python_blocks(path: Path) -> list[Block]:
     return blocks
 
 
-BLOCKS = [block for path in sorted(DOCS.glob("*.md")) for block in python_blocks(path)]
+BLOCKS = [block for path in [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))] for block in python_blocks(path)]
 RUN = [block for block in BLOCKS if block.run]
 
 
