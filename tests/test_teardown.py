@@ -244,3 +244,16 @@ async def test_concurrent_use_from_many_tasks() -> None:
             for i in range(20):
                 tg.start_soon(worker, grid, i)
     assert sorted(results) == sorted([i**2 for i in range(20)] + [i**3 for i in range(20)])
+
+
+def test_a_grid_can_be_built_outside_an_event_loop() -> None:
+    """``Grid()`` needs no running loop; it is entered later, inside one, on either backend."""
+    for backend in ("asyncio", "trio"):
+        grid = gb.Grid(capacity=CAPACITY)
+
+        async def use(grid: gb.Grid = grid) -> int:
+            async with grid:
+                return await grid.offload(sum, [1, 2])
+
+        assert anyio.run(use, backend=backend) == 3
+        assert grid.closed

@@ -56,6 +56,13 @@ T = TypeVar("T")
 log = logging.getLogger("gridboost")
 
 _PLACE_LOCAL = Placement("local", "asked for: where='local'")
+_PLACE_CLUSTER = Placement("cluster", "asked for: where='cluster'")
+_PLACED = {kind: f"placed.{kind}" for kind in ("local", "cluster", "boost")}
+_TASKS = {status: f"tasks.{status}" for status in ("succeeded", "failed", "cancelled", "timed_out")}
+_DEFAULT_MAP_IN_FLIGHT = 32
+
+# Grids between __aenter__ and the end of teardown; the test kit's leak check reads it.
+_open_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
 
 class _Move(Exception):
@@ -64,15 +71,6 @@ class _Move(Exception):
     def __init__(self, boost: Boost) -> None:
         super().__init__(boost.id)
         self.boost = boost
-
-
-_PLACE_CLUSTER = Placement("cluster", "asked for: where='cluster'")
-_PLACED = {kind: f"placed.{kind}" for kind in ("local", "cluster", "boost")}
-_TASKS = {status: f"tasks.{status}" for status in ("succeeded", "failed", "cancelled", "timed_out")}
-_DEFAULT_MAP_IN_FLIGHT = 32
-
-# Grids between __aenter__ and the end of teardown; the test kit's leak check reads it.
-_open_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
 
 class Grid:
@@ -125,7 +123,7 @@ class Grid:
         self._boosts = BoostBook(self)
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._tg: TaskGroup | None = None
-        self._loops = anyio.CancelScope()
+        self._loops: anyio.CancelScope | None = None  # made in __aenter__: Grid() may be built outside a loop
         self._app_stack = AsyncExitStack()
         self._runs: set[Run] = set()
         self._runs_idle: anyio.Event | None = None
@@ -153,6 +151,7 @@ class Grid:
             await self.backend.start()
             if self._host is not self.backend:
                 await self._host.start()
+            self._loops = anyio.CancelScope()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
@@ -179,6 +178,7 @@ class Grid:
             with anyio.CancelScope(shield=True):
                 await self._stop_work(leftovers, errors)
         finally:
+            assert self._loops is not None
             self._loops.cancel()
             self._tg.cancel_scope.cancel()
             try:
@@ -244,6 +244,7 @@ class Grid:
                 leftovers.append(f"closing the {backend.name} backend failed: {type(exc).__name__}: {exc}")
 
     async def _run_loops(self) -> None:
+        assert self._loops is not None
         with self._loops:
             await self._boosts.expire_loop()
 
