@@ -28,7 +28,7 @@ import anyio
 from ._records import STRATEGIES, BoostState, Priority, Strategy, new_id
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
-from .exceptions import BoostExpired, BoostUnavailable, InvalidRequest
+from .exceptions import BoostExpired, BoostUnavailable, InvalidRequest, TaskCancelled
 
 if TYPE_CHECKING:
     from ._grid import Grid
@@ -343,7 +343,7 @@ class BoostBook:
         grid = self._grid
         with anyio.CancelScope(shield=True):
             for run in list(boost._runs):
-                run.cancel(reason or grid._cancelled(f"boost {boost.id} was released"))
+                run.cancel(reason or TaskCancelled(f"boost {boost.id} was released"))
             with anyio.move_on_after(grid.teardown_timeout):
                 while boost._runs:
                     boost._runs_idle = anyio.Event()

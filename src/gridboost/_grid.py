@@ -34,7 +34,17 @@ from ._boost import Boost, BoostBook
 from ._local import LocalBackend
 from ._plugins import GridPluginManager, call_decision, observer_impls
 from ._policy import default_placement
-from ._records import BoostState, Command, CommandResult, Placement, Priority, Strategy, TaskOutcome, TaskSpec
+from ._records import (
+    BoostState,
+    ClusterSnapshot,
+    Command,
+    CommandResult,
+    Placement,
+    Priority,
+    Strategy,
+    TaskOutcome,
+    TaskSpec,
+)
 from ._resources import Resources
 from ._task import Run, TaskHandle, TaskMap
 from .abc import Backend
@@ -268,7 +278,7 @@ class Grid:
 
     # -- seeing ---------------------------------------------------------------------
 
-    async def snapshot(self) -> Any:
+    async def snapshot(self) -> ClusterSnapshot:
         """Every node of the backend, with total and available resources (a ``ClusterSnapshot``)."""
         self._check_open()
         return await self.backend.snapshot()
@@ -670,9 +680,6 @@ class Grid:
     def _log_error(self, message: str, exc: BaseException) -> None:
         self._counts["errors"] += 1
         log.error("%s: %s: %s", message, type(exc).__name__, exc, exc_info=exc)
-
-    def _cancelled(self, message: str) -> BaseException:
-        return TaskCancelled(message)
 
 
 _OBSERVERS = (

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 
 from ._records import Placement, TaskSpec
-from .exceptions import InvalidRequest
+from .exceptions import InvalidRequest, TaskCancelled
 
 if TYPE_CHECKING:
     from ._boost import Boost
@@ -104,8 +104,6 @@ class TaskHandle(Generic[T]):
 
     def cancelled(self) -> bool:
         """Whether it ended by cancellation: its own ``cancel()``, its boost ending, or the grid closing."""
-        from .exceptions import TaskCancelled
-
         return self.done() and (self._error is self._run.cause or isinstance(self._error, TaskCancelled))
 
     def cancel(self) -> None:
@@ -114,8 +112,6 @@ class TaskHandle(Generic[T]):
             self._run.cancel(self._run_cancelled())
 
     def _run_cancelled(self) -> BaseException:
-        from .exceptions import TaskCancelled
-
         return TaskCancelled(f"task {self.spec.id} ({self.spec.name}) was cancelled")
 
     def result(self) -> T:
