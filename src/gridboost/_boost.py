@@ -260,10 +260,11 @@ class BoostBook:
         try:
             await self._refuse_impossible(boost)
             key = (-boost.priority, next(self._seq))
-            try:
-                with anyio.fail_after(boost.wait):
-                    reservation = await self._reserve_in_turn(boost, key)
-            except TimeoutError:
+            # move_on_after, not fail_after: an engine's own TimeoutError (Ray's
+            # GetTimeoutError is one) must not pass for our `wait` running out.
+            with anyio.move_on_after(boost.wait) as waited:
+                reservation = await self._reserve_in_turn(boost, key)
+            if waited.cancelled_caught:
                 snapshot = await grid.backend.snapshot()
                 room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
                 raise BoostUnavailable(
