@@ -370,7 +370,14 @@ class BackendSuite:
         pid_file = tmp_path / "pid"
         handle = grid.submit(Command(_sleeper(pid_file, 30)), where="cluster")
         pid = await _read_pid(pid_file, START)
-        assert handle.id in await probe.running(grid)
+
+        async def seen() -> bool:  # engines report what runs a little after the fact
+            return handle.id in await probe.running(grid)
+
+        async def unseen() -> str:
+            return f"the engine never reported the running command {handle.id}: {await probe.running(grid)}"
+
+        await self.eventually(seen, unseen)
         handle.cancel()
         with anyio.fail_after(self.SETTLE), pytest.raises(TaskCancelled):
             await handle
