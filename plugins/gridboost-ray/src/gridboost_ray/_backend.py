@@ -1,0 +1,675 @@
+"""``RayBackend``: boosts are placement groups, offloads are Ray tasks (inside the boost's group when given).
+
+Nothing here imports ray until :meth:`RayBackend.start`: the plugin loads with every grid of an environment that has
+it installed, and ``import ray`` costs about half a second.
+
+Names in the engine. Every placement group and task this backend makes is named ``gridboost:<session>:<id>``, where
+``<session>`` is random per backend and ``<id>`` is the boost's or the task's gridboost id. So Ray's own tables say
+what each one is, :meth:`RayBackend.reservations` reads this backend's groups back from the engine, and a test (or
+the CLI) can find a grid's work in Ray's task events.
+
+A boost's placement group. ``strict_pack`` holds the boost in one bundle (one node). ``pack`` does too when one
+matching node could ever hold it, and is split as below otherwise, so that Ray may pack it onto as few nodes as it
+can. ``spread`` and ``strict_spread`` split it into ``k`` equal bundles, ``k`` being its whole CPUs (its whole GPUs
+when it has no CPU; at least 1). A task inside a boost must fit into what the boost holds on one node: Ray places it
+in any bundle (``placement_group_bundle_index=-1``) and may combine the bundles one node holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import re
+import secrets
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from os import PathLike, fspath
+from types import FunctionType, ModuleType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from attrs import field, frozen
+
+from gridboost import ClusterSnapshot, Command, CommandResult, NodeSnapshot, Resources, TaskSpec
+from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
+from gridboost.exceptions import (
+    BackendError,
+    BoostUnavailable,
+    CapacityUnavailable,
+    GridClosed,
+    InvalidRequest,
+    InvalidResources,
+    InvalidTask,
+    NotSerializable,
+    TeardownError,
+)
+
+from . import _connect, _worker
+from ._errors import map_errors
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.util.placement_group import PlacementGroup
+
+__all__ = ["PREFIX", "RayBackend"]
+
+_log = logging.getLogger("gridboost.ray")
+
+#: Every placement group and task gridboost names in Ray starts with this.
+PREFIX = "gridboost:"
+
+# Ray's resource names for what Resources calls cpu, gpu and memory; they cannot also be custom names.
+_RAY_OWN = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+# What a placement group adds to a node's resources: CPU_group_<pg id>, CPU_group_0_<pg id>, bundle_group_<pg id>.
+_GROUP_RESOURCE = re.compile(r"_group_(?:\d+_)?[0-9a-f]{36}$")
+# The custom names gridboost.Resources accepts; a Ray resource named otherwise cannot be shown.
+_CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
+# A value Ray's label selectors match literally (anything else is an operator, or refused).
+_LABEL_VALUE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9_.-]{0,61}[a-zA-Z0-9])?")
+_NODE_ID_LABEL = "ray.io/node-id"
+# How long one wait for a pending placement group blocks a worker thread; between waits, INFEASIBLE is checked.
+_READY_POLL = 0.5
+_CACHE_SIZE = 512
+_EPS = 1e-9
+
+_CAPABILITIES = Capabilities(
+    reserve=True, grow=False, interrupt_running=True, commands=True, native_retries=True, remote=True
+)
+
+
+@frozen(eq=False)
+class _Group:
+    """A boost's placement group, with the bundles asked for and the node each landed on."""
+
+    pg: PlacementGroup
+    bundles: tuple[Mapping[str, float], ...]
+    nodes: tuple[str, ...]
+    #: What the group holds on each node: a task placed with bundle index -1 may use all of it.
+    rooms: Mapping[str, Mapping[str, float]] = field(init=False)
+
+    @rooms.default
+    def _rooms(self) -> Mapping[str, Mapping[str, float]]:
+        rooms: dict[str, dict[str, float]] = {}
+        for bundle, node in zip(self.bundles, self.nodes, strict=True):
+            room = rooms.setdefault(node, {})
+            for key, value in bundle.items():
+                room[key] = room.get(key, 0) + value
+        return rooms
+
+
+def _fits(amounts: Mapping[str, float], room: Mapping[str, float]) -> bool:
+    return all(value <= room.get(key, 0) + _EPS for key, value in amounts.items() if value)
+
+
+def _to_ray(resources: Resources, what: str) -> dict[str, float]:
+    """``Resources`` in Ray's names; what Ray cannot express raises ``InvalidResources``."""
+    if resources.gpu_memory:
+        raise InvalidResources(
+            f"{what} asks for gpu_memory={resources.gpu_memory}, which Ray cannot reserve: ask for (fractions of) GPUs"
+        )
+    clash = sorted(_RAY_OWN.intersection(resources.custom))
+    if clash:
+        raise InvalidResources(f"{what}: custom resource {clash[0]!r} is Ray's own name; use cpu=, gpu= or memory=")
+    amounts: dict[str, float] = {}
+    if resources.cpu:
+        amounts["CPU"] = resources.cpu
+    if resources.gpu:
+        amounts["GPU"] = resources.gpu
+    if resources.memory:
+        amounts["memory"] = resources.memory
+    amounts.update(resources.custom)
+    return amounts
+
+
+def _from_ray(raw: Mapping[str, float]) -> Resources:
+    """Ray's resource map as ``Resources``: ``node:*`` markers, the object store and group resources are left out."""
+    # max(0, ...): Ray's fixed-point bookkeeping is exact, but a negative amount would make Resources raise.
+    custom = {
+        key: max(0.0, value)
+        for key, value in raw.items()
+        if key not in _RAY_OWN
+        and not key.startswith("node:")
+        and not _GROUP_RESOURCE.search(key)
+        and _CUSTOM_NAME.match(key)
+    }
+    return Resources(
+        cpu=max(0.0, raw.get("CPU", 0)),
+        gpu=max(0.0, raw.get("GPU", 0)),
+        memory=max(0, int(raw.get("memory", 0))),
+        custom=custom,
+    )
+
+
+def _split(amounts: Mapping[str, float]) -> list[dict[str, float]]:
+    """``k`` equal bundles: ``k`` is the whole CPUs (else whole GPUs, else 1); memory stays in whole bytes."""
+    cpu, gpu = amounts.get("CPU", 0), amounts.get("GPU", 0)
+    k = max(1, int(cpu) if cpu >= 1 else int(gpu))
+    bundles: list[dict[str, float]] = [{} for _ in range(k)]
+    for key, value in amounts.items():
+        if key == "memory":
+            base, extra = divmod(int(value), k)
+            for i, bundle in enumerate(bundles):
+                if base + (i < extra):
+                    bundle[key] = base + (i < extra)
+        else:
+            for bundle in bundles:
+                bundle[key] = value / k
+    return bundles
+
+
+def _describe(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+
+
+def _on_trio() -> bool:
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_run())
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidRequest(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+class _LRU(OrderedDict[Hashable, Any]):
+    def remember(self, key: Hashable, value: Any) -> Any:
+        self[key] = value
+        if len(self) > _CACHE_SIZE:
+            self.popitem(last=False)
+        return value
+
+
+class RayBackend(Backend):
+    """A Ray cluster as a gridboost backend; see the module docstring and the plugin's README."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        namespace: str | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        temp_dir: str | PathLike[str] | None = None,
+        connect_timeout: float = 30.0,
+        grace: float = 2.0,
+        close_timeout: float = 30.0,
+    ) -> None:
+        self._target = _connect.parse_address(address)
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise InvalidRequest(f"namespace must be a non-empty string, got {namespace!r}")
+        if runtime_env is not None and not isinstance(runtime_env, Mapping):
+            raise InvalidRequest(f"runtime_env must be a mapping (Ray's runtime_env dict), got {runtime_env!r}")
+        for option, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise InvalidRequest(f"{option} must be a number >= 0, got {value!r}")
+            if self._target.kind != "embedded":
+                raise InvalidRequest(f"{option} applies only to a Ray that gridboost starts (no address)")
+        if temp_dir is not None and self._target.kind != "embedded":
+            raise InvalidRequest("temp_dir applies only to a Ray that gridboost starts (no address)")
+        self._namespace = namespace
+        self._runtime_env = dict(runtime_env) if runtime_env is not None else None
+        self._num_cpus = num_cpus
+        self._num_gpus = num_gpus
+        self._temp_dir = None if temp_dir is None else fspath(temp_dir)
+        self._connect_timeout = _positive("connect_timeout", connect_timeout)
+        self._grace = _positive("grace", grace)
+        self._close_timeout = _positive("close_timeout", close_timeout)
+        #: Random per backend: the middle part of every name this backend gives in Ray.
+        self.session = secrets.token_hex(4)
+        #: What this backend's placement groups and tasks are named with (then the boost's or task's id).
+        self.prefix = f"{PREFIX}{self.session}:"
+        self._conn: _connect.Connection | None = None
+        self._ray: ModuleType | None = None
+        self._trio = False
+        self._closed = False
+        self._remotes = _LRU()
+        self._options = _LRU()
+        self._picklable = _LRU()
+        self._call_remote: Any = None
+        self._command_remote: Any = None
+
+    def __repr__(self) -> str:
+        return f"<RayBackend {self._target} session={self.session}>"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return _CAPABILITIES
+
+    @property
+    def connection(self) -> _connect.Connection | None:
+        """This process's Ray connection while this backend uses it."""
+        return self._conn
+
+    # -- life cycle ---------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed or self._conn is not None:
+            raise GridClosed("a RayBackend starts once; make a new one")
+        self._trio = _on_trio()
+        # Not abandoned on cancel: a connection made while we were cancelled is recorded (by _connect_now) and then
+        # released by aclose, never lost.
+        await anyio.to_thread.run_sync(self._connect_now)
+
+    def _connect_now(self) -> None:
+        import ray
+        import ray.cloudpickle
+
+        # Workers need not have gridboost-ray installed: what they run of it travels with the task.
+        ray.cloudpickle.register_pickle_by_value(_worker)  # type: ignore[no-untyped-call]
+        self._conn = _connect.connect(
+            self._target,
+            namespace=self._namespace,
+            runtime_env=self._runtime_env,
+            num_cpus=self._num_cpus,
+            num_gpus=self._num_gpus,
+            temp_dir=self._temp_dir,
+            timeout=self._connect_timeout,
+        )
+        self._ray = ray
+        self._call_remote = ray.remote(_worker.call)
+        self._command_remote = ray.remote(_worker.run_command)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if conn is None:
+            return
+        leftovers: list[str] = []
+        try:
+            # The grid has already reported any of these as leaked; removing them keeps the leak from outliving us.
+            for row in await anyio.to_thread.run_sync(self._our_groups):
+                try:
+                    await anyio.to_thread.run_sync(self._remove_now, row["placement_group_id"], row["name"])
+                except Exception as exc:
+                    leftovers.append(f"placement group {row['name']}: {exc}")
+        except Exception as exc:
+            leftovers.append(f"could not list this backend's placement groups: {exc}")
+        try:
+            await anyio.to_thread.run_sync(_connect.release, conn, self._close_timeout)
+        except BackendError as exc:
+            leftovers.append(str(exc))
+        if leftovers:
+            raise TeardownError(leftovers)
+
+    def _require(self) -> ModuleType:
+        if self._ray is None or self._closed:
+            raise GridClosed("the Ray backend is not started" if not self._closed else "the Ray backend is closed")
+        return self._ray
+
+    # -- seeing -------------------------------------------------------------------------------------------------------
+
+    async def snapshot(self) -> ClusterSnapshot:
+        self._require()
+        with map_errors("reading Ray's nodes"):
+            nodes = await anyio.to_thread.run_sync(self._read_nodes)
+        return ClusterSnapshot(backend=self.name, nodes=nodes)
+
+    def _read_nodes(self) -> list[NodeSnapshot]:
+        ray = self._require()
+        assert self._conn is not None
+        local = ray.get_runtime_context().get_node_id()
+        # Ray has no public per-node "available": the GCS keeps it, and this is the accessor
+        # ray.available_resources() sums. A Ray Client process has no GCS accessor, and sees only totals.
+        available: dict[str, dict[str, float]] = {}
+        if not self._conn.client_mode:
+            from ray._private.state import state
+
+            available = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+        snapshot = []
+        for node in ray.nodes():
+            node_id = node["NodeID"]
+            alive = bool(node.get("Alive"))
+            total = _from_ray(node.get("Resources") or {})
+            free = (
+                _from_ray(available.get(node_id, node.get("Resources") or {})).capped(total) if alive else Resources()
+            )
+            snapshot.append(
+                NodeSnapshot(
+                    id=node_id,
+                    address=node.get("NodeManagerAddress", ""),
+                    total=total,
+                    available=free,
+                    labels=node.get("Labels") or {},
+                    alive=alive,
+                    is_local=node_id == local,
+                )
+            )
+        return snapshot
+
+    # -- reserving ----------------------------------------------------------------------------------------------------
+
+    async def reserve(self, request: ReservationRequest) -> Reservation:
+        self._require()
+        made: list[_Group] = []
+        what = f"boost {request.id}"
+        try:
+            with map_errors(what):
+                # Not abandoned on cancel, and the group is recorded from the thread: a group made while we were
+                # cancelled is still removed below.
+                await anyio.to_thread.run_sync(self._create_group, request, made)
+                group = made[0]
+                await self._until_ready(group, request)
+                nodes = await anyio.to_thread.run_sync(self._bundle_nodes, group.pg, len(group.bundles))
+        except BaseException:
+            if made:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._remove_now, made[0].pg.id.hex(), self.prefix + request.id)
+            raise
+        held = _Group(pg=group.pg, bundles=group.bundles, nodes=nodes)
+        return Reservation(request=request, placements=nodes, handle=held)
+
+    def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
+        ray = self._require()
+        from ray.util.placement_group import placement_group
+
+        what = f"boost {request.id}"
+        amounts = _to_ray(request.resources, what)
+        candidates = [
+            node
+            for node in ray.nodes()
+            if node.get("Alive")
+            and (
+                request.nodes is None
+                or node["NodeID"] in request.nodes
+                or node.get("NodeManagerAddress") in request.nodes
+            )
+            and all((node.get("Labels") or {}).get(k) == v for k, v in (request.labels or {}).items())
+        ]
+        if not candidates:
+            raise BoostUnavailable(f"{what}: no live Ray node matches nodes={request.nodes} labels={request.labels}")
+        selector: dict[str, str] = {}
+        for key, value in (request.labels or {}).items():
+            if not _LABEL_VALUE.fullmatch(value):
+                raise InvalidRequest(f"{what}: label value {value!r} cannot be matched by Ray's label selectors")
+            selector[key] = value
+        if request.nodes is not None:
+            ids = sorted(node["NodeID"] for node in candidates)
+            selector[_NODE_ID_LABEL] = ids[0] if len(ids) == 1 else f"in({','.join(ids)})"
+        one_node = any(_fits(amounts, node.get("Resources") or {}) for node in candidates)
+        strategy = request.strategy
+        bundles = [amounts] if strategy == "strict_pack" or (strategy == "pack" and one_node) else _split(amounts)
+        if strategy == "strict_spread" and len(bundles) > len(candidates):
+            raise BoostUnavailable(
+                f"{what} ({request.resources}, strategy strict_spread) needs {len(bundles)} distinct nodes, one per "
+                f"bundle; {len(candidates)} match"
+            )
+        try:
+            pg = placement_group(
+                bundles,
+                strategy=strategy.upper(),
+                name=self.prefix + request.id,
+                bundle_label_selector=[dict(selector) for _ in bundles] if selector else None,
+            )
+        except ValueError as exc:
+            raise InvalidRequest(f"{what}: Ray refused the placement group: {exc}") from exc
+        made.append(_Group(pg=pg, bundles=tuple(bundles), nodes=("",) * len(bundles)))
+
+    async def _until_ready(self, group: _Group, request: ReservationRequest) -> None:
+        # pg.wait returns as soon as the group is placed; the thread is given up on if the grid cancels us (it
+        # then blocks at most _READY_POLL more seconds, on a group we are removing).
+        while not await anyio.to_thread.run_sync(group.pg.wait, _READY_POLL, abandon_on_cancel=True):
+            if await anyio.to_thread.run_sync(self._scheduling_state, group.pg) == "INFEASIBLE":
+                raise BoostUnavailable(
+                    f"boost {request.id} ({request.resources}, strategy {request.strategy}) can never be placed: Ray "
+                    "finds no set of nodes that could hold its bundles "
+                    f"{[dict(b) for b in group.bundles]}"
+                )
+
+    def _scheduling_state(self, pg: PlacementGroup) -> str:
+        from ray.util.placement_group import placement_group_table
+
+        return str(placement_group_table(pg).get("stats", {}).get("scheduling_state", ""))
+
+    def _bundle_nodes(self, pg: PlacementGroup, count: int) -> tuple[str, ...]:
+        from ray.util.placement_group import placement_group_table
+
+        placed = placement_group_table(pg).get("bundles_to_node_id", {})
+        return tuple(str(placed.get(i, "")) for i in range(count))
+
+    def _our_groups(self) -> list[dict[str, Any]]:
+        """This backend's placement groups that Ray has not removed, from Ray's own table."""
+        from ray.util.placement_group import placement_group_table
+
+        return [
+            row
+            for row in placement_group_table().values()
+            if str(row.get("name", "")).startswith(self.prefix) and row.get("state") != "REMOVED"
+        ]
+
+    def _remove_now(self, pg_id: str, name: str) -> None:
+        """Remove a group and wait (bounded) until Ray's table says REMOVED; a group already gone is fine."""
+        import ray
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
+        with contextlib.suppress(Exception):  # already removed, or the table below says what is wrong
+            remove_placement_group(pg)
+        deadline = time.monotonic() + self._close_timeout
+        pause = 0.0005
+        while True:
+            row = placement_group_table(pg)
+            if not row or row.get("state") == "REMOVED":
+                return
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"placement group {name} is still {row.get('state')} {self._close_timeout:g}s after removal"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    async def release(self, reservation: Reservation) -> None:
+        group = reservation.handle
+        if not isinstance(group, _Group):
+            raise InvalidRequest(f"reservation {reservation.id} was not made by the Ray backend")
+        with map_errors(f"releasing boost {reservation.id}"):
+            await anyio.to_thread.run_sync(self._remove_now, group.pg.id.hex(), self.prefix + reservation.id)
+
+    async def reservations(self) -> Sequence[Reservation]:
+        if self._ray is None or not self._ray.is_initialized():
+            return []  # not connected: this backend holds nothing (a closed one's groups died with its Ray)
+        with map_errors("listing placement groups"):
+            rows = await anyio.to_thread.run_sync(self._our_groups)
+        held = []
+        for row in rows:
+            bundles = [row["bundles"][i] for i in sorted(row.get("bundles", {}))]
+            total = sum((_from_ray(bundle) for bundle in bundles), Resources())
+            request = ReservationRequest(
+                id=str(row["name"]).removeprefix(self.prefix),
+                resources=total,
+                strategy=str(row.get("strategy", "PACK")).lower(),  # type: ignore[arg-type]
+            )
+            nodes = row.get("bundles_to_node_id", {})
+            held.append(Reservation(request=request, placements=tuple(str(nodes.get(i, "")) for i in sorted(nodes))))
+        return held
+
+    # -- running ------------------------------------------------------------------------------------------------------
+
+    def check_task(self, task: TaskSpec) -> None:
+        resources = task.resources
+        if resources.gpu_memory or (resources.custom and not _RAY_OWN.isdisjoint(resources.custom)):
+            _to_ray(resources, f"task {task.name}")
+        target = task.target
+        if isinstance(target, Command):
+            return
+        try:
+            if target in self._picklable:
+                return
+        except TypeError:  # unhashable: checked every time
+            pass
+        import ray.cloudpickle
+
+        if inspect.iscoroutinefunction(target):
+            raise InvalidTask(f"{_describe(target)} is an async function: a Ray task runs plain functions")
+        try:
+            ray.cloudpickle.dumps(target)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise NotSerializable(
+                f"cannot send {_describe(target)} to Ray: it cannot be serialised ({type(exc).__name__}: {exc})"
+            ) from exc
+        with contextlib.suppress(TypeError):  # unhashable
+            self._picklable.remember(target, True)
+
+    async def run(
+        self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
+    ) -> Any:
+        """Submit ``task`` to Ray and await its result; see :meth:`gridboost.abc.Backend.run`."""
+        if self._ray is None or self._closed:
+            self._require()
+        what = f"task {task.id} ({task.name})"
+        remote, args, kwargs, options = self._prepare(task, reservation)
+        # Ray queues work itself and never says when it starts, so nothing we submit may be moved: started now.
+        if on_start is not None:
+            on_start()
+        with map_errors(what):
+            ref = remote.options(name=self.prefix + task.id, **options).remote(*args, **kwargs)
+        # The ref is recorded: from here on a cancellation can reach the task.
+        try:
+            with map_errors(what):
+                result = await (self._trio_wait(ref) if self._trio else ref)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled here (or interrupted): the task must stop too
+                # A command stops its process itself within grace (SIGTERM, then SIGKILL): give it that long, and a
+                # little more, before the force that would leave the process to its death signal.
+                polite = self._grace + 1.0 if isinstance(task.target, Command) else self._grace
+                with anyio.CancelScope(shield=True):
+                    await self._cancel(ref, polite)
+            raise
+        if isinstance(task.target, Command):
+            status, out, err, node = result
+            return CommandResult(returncode=status, stdout=out, stderr=err, node=node)
+        return result
+
+    def _prepare(
+        self, task: TaskSpec, reservation: Reservation | None
+    ) -> tuple[Any, tuple[Any, ...], Mapping[str, Any], dict[str, Any]]:
+        target = task.target
+        if isinstance(target, Command):
+            remote = self._command_remote
+            args: tuple[Any, ...] = (target.argv, dict(target.env) if target.env else None, target.cwd, self._grace)
+            kwargs: Mapping[str, Any] = {}
+        elif type(target) is FunctionType:
+            remote = self._remotes.get(target)
+            if remote is None:
+                assert self._ray is not None
+                remote = self._remotes.remember(target, self._ray.remote(target))
+            args, kwargs = task.args, task.kwargs
+        else:  # a builtin, a partial, a callable object: ray.remote takes only functions
+            remote = self._call_remote
+            args, kwargs = (target, task.args, dict(task.kwargs)), {}
+        key = (task.resources, reservation, task.retries)
+        options = self._options.get(key)
+        if options is None:
+            options = self._options.remember(key, self._task_options(task, reservation))
+        return remote, args, kwargs, options
+
+    def _task_options(self, task: TaskSpec, reservation: Reservation | None) -> dict[str, Any]:
+        amounts = _to_ray(task.resources, f"task {task.name}")
+        group = None
+        if reservation is not None:
+            group = reservation.handle
+            if not isinstance(group, _Group):
+                raise InvalidRequest(f"reservation {reservation.id} was not made by the Ray backend")
+        if not task.resources:
+            # Ray's default of one CPU a task keeps unsized work from starting a worker per task; inside a boost
+            # that holds less than a CPU on any node, unsized work takes nothing, as it does locally.
+            cpu_room = max((room.get("CPU", 0) for room in group.rooms.values()), default=0) if group else 1
+            amounts = {"CPU": 1.0 if cpu_room >= 1 - _EPS else 0.0}
+        options: dict[str, Any] = {
+            "num_cpus": amounts.pop("CPU", 0),
+            "num_gpus": amounts.pop("GPU", 0),
+            "max_retries": task.retries,
+            "retry_exceptions": task.retries > 0,
+        }
+        memory = amounts.pop("memory", 0)
+        if memory:
+            options["memory"] = memory
+        if amounts:
+            options["resources"] = amounts
+        if group is not None and reservation is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            wanted = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": memory, **amounts}
+            if not any(_fits(wanted, room) for room in group.rooms.values()):
+                biggest = max(group.rooms.values(), key=lambda room: room.get("CPU", 0))
+                raise CapacityUnavailable(
+                    f"task {task.name} needs {task.resources or 'one CPU'}; the most boost {reservation.id} holds "
+                    f"on one node is {_from_ray(biggest)}"
+                )
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group.pg, placement_group_bundle_index=-1)
+        return options
+
+    async def _trio_wait(self, ref: ObjectRef[Any]) -> Any:
+        """Await a ref on trio: Ray completes its future from its own thread, which wakes us through trio's token."""
+        import trio
+
+        future = ref.future()
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # the run ended, and nobody waits any more
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        await done.wait()
+        return future.result()
+
+    async def _cancel(self, ref: ObjectRef[Any], polite: float) -> None:
+        """Ask Ray to stop the task; force (kill its worker) if it has not stopped after ``polite`` seconds.
+
+        A polite cancel drops queued work and raises KeyboardInterrupt in a running task (a command then stops its
+        process: SIGTERM, and SIGKILL after ``grace``); Python delivers that only between bytecodes, so code blocked
+        in C needs the force.
+        """
+        ray = self._ray
+        assert ray is not None
+        # Each step on its own: a polite cancel that fails must not keep the force from being tried.
+        try:
+            ray.cancel(ref)
+        except Exception as exc:
+            _log.warning("cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
+        if await self._stopped(ref, polite):
+            return
+        try:
+            ray.cancel(ref, force=True)
+        except Exception as exc:
+            _log.warning("force-cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
+        await self._stopped(ref, self._grace)
+
+    async def _stopped(self, ref: ObjectRef[Any], timeout: float) -> bool:
+        ray = self._ray
+        assert ray is not None
+        try:
+            ready, _ = await anyio.to_thread.run_sync(
+                lambda: ray.wait([ref], timeout=timeout, fetch_local=False), abandon_on_cancel=True
+            )
+        except Exception as exc:
+            _log.warning("waiting for cancelled Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
+            return False
+        return bool(ready)
+
+
+_OPTIONS = {
+    "address": "None (default) or 'local': a private Ray on this machine; 'auto', 'host:port' or 'ray://host:port' "
+    "joins a running cluster",
+    "namespace": "Ray namespace for this process's connection",
+    "runtime_env": "Ray runtime_env (dict) for this process's connection",
+    "num_cpus": "CPUs of a private Ray instance (default: all)",
+    "num_gpus": "GPUs of a private Ray instance (default: all)",
+    "temp_dir": "directory of a private Ray instance's sessions and logs (default: a temporary one, removed after)",
+    "connect_timeout": "seconds to start or reach Ray before BackendError (default 30)",
+    "grace": "seconds between a polite cancel and killing the worker; SIGTERM to SIGKILL for commands (default 2)",
+    "close_timeout": "seconds to wait for a removal or Ray's shutdown (default 30)",
+}

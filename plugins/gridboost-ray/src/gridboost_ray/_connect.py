@@ -1,0 +1,407 @@
+"""Starting or joining Ray, once per process, shared by every ``RayBackend`` in it.
+
+``ray.init`` is process-global: a process is connected to one Ray at a time. So the connection is refcounted. The
+first backend to start connects (or starts a private instance); the others share it; the last one to close shuts
+down what gridboost started — a private instance's processes, or a join's connection — and nothing else. A
+connection the application made itself (its own ``ray.init``) is used and never shut down.
+
+Where a backend points:
+
+* no address (or ``"local"``): a fresh private Ray on this machine (``address="local"``: never some other instance
+  that happens to run here), without dashboard, in a temporary directory of its own that is removed afterwards —
+  unless the process is already connected to Ray, which it then uses;
+* ``"auto"``: the cluster ``RAY_ADDRESS`` names, or the one ``ray start`` recorded on this machine;
+* ``"host:port"``: that cluster's GCS; ``"ray://host:port"``: a Ray Client server.
+
+Joining never hangs: the address must accept a TCP connection, and (for a GCS) answer Ray's own handshake, within
+``timeout`` seconds, or :class:`~gridboost.BackendError` says what failed. (``ray.init`` itself would retry an
+unreachable GCS for minutes, and report a refused token as a bare ``ConnectionError`` after 20 s.)
+
+Two Ray facts shape this module:
+
+* The processes an embedded ``ray.init`` starts are bound to the *thread* that started them (``PR_SET_PDEATHSIG``):
+  they are SIGKILLed when it exits. So a dedicated thread calls ``ray.init``, lives as long as the instance, and
+  calls ``ray.shutdown``; an ``anyio`` worker thread, which exits when idle, would take Ray down with it.
+* Ray ≥ 2.60 uses token authentication by default. See the README for what a user sets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from attrs import define, field, frozen
+
+from gridboost.exceptions import BackendError, InvalidRequest
+
+__all__ = ["Connection", "Target", "connect", "current", "parse_address", "release"]
+
+Kind = Literal["embedded", "gcs", "client"]
+
+_NO_TOKEN = (
+    "RAY_AUTH_MODE=token is set, but this process has no token for the cluster: give it in RAY_AUTH_TOKEN, in a file "
+    "named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token"
+)
+
+
+@frozen
+class Target:
+    """Where a backend asked to connect: ``address`` is ``host:port`` (canonical once resolved) or ``ray://...``."""
+
+    kind: Kind
+    address: str = ""
+    #: The address as the user gave it, when Ray resolved it to another (``auto``, ``localhost``).
+    given: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "embedded":
+            return "a private local Ray instance"
+        return f"{self.given} ({self.address})" if self.given and self.given != self.address else self.address
+
+
+def parse_address(address: object) -> Target:
+    """Check an address's form without importing ray; ``"auto"`` and host names are resolved when connecting."""
+    if address is None or address == "local":
+        return Target("embedded")
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidRequest(
+            f"address must be None, 'local', 'auto', 'host:port' or 'ray://host:port', got {address!r}"
+        )
+    address = address.strip()
+    if address == "auto":
+        return Target("gcs", "auto")
+    if address.startswith("ray://"):
+        _host_port(address.removeprefix("ray://"), address)
+        return Target("client", address)
+    if "://" in address:
+        raise InvalidRequest(f"address {address!r}: only ray:// is understood (a Ray Client server)")
+    _host_port(address, address)
+    return Target("gcs", address)
+
+
+def _host_port(text: str, original: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"address {original!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+@define(eq=False)
+class Connection:
+    """This process's connection to Ray, as gridboost holds it."""
+
+    target: Target
+    #: The GCS this process is connected to (``host:port``); empty for a Ray Client connection.
+    gcs_address: str
+    #: gridboost called ``ray.init`` (so it calls ``ray.shutdown``); false when the application did.
+    owned: bool
+    namespace: str | None = None
+    runtime_env: Mapping[str, Any] | None = None
+    cpus_gpus: tuple[float | None, float | None] = (None, None)
+    users: int = 0
+    _owner: _Owner | None = field(default=None, alias="owner")
+    #: The private instance's directory that gridboost made (its owner thread removes it after ray.shutdown).
+    _temp_dir: str | None = field(default=None, alias="temp_dir")
+
+    @property
+    def client_mode(self) -> bool:
+        return self.target.kind == "client"
+
+    def serves(self, target: Target) -> bool:
+        if target.kind == "embedded":
+            return True  # ray.init is process-wide: with no address, use the Ray the process has
+        if target.kind == "client":
+            return self.target == target
+        return bool(self.gcs_address) and self.gcs_address == target.address
+
+
+class _Owner:
+    """A thread that calls ``ray.init``, lives as long as the connection, then calls ``ray.shutdown``."""
+
+    def __init__(self, init_kwargs: dict[str, Any], own_dir: str | None) -> None:
+        self._init_kwargs = init_kwargs
+        self._own_dir = own_dir
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="gridboost-ray-owner", daemon=True)
+
+    def start(self, timeout: float) -> bool:
+        self.thread.start()
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float) -> bool:
+        self._stop.set()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def _main(self) -> None:
+        import ray
+
+        try:
+            try:
+                ray.init(**self._init_kwargs)
+            except BaseException as exc:
+                self.error = exc
+                # A start that failed half-way may have left processes; they are this thread's to end.
+                ray.shutdown(wait_for_processes=True)
+                self._ready.set()
+                return
+            self._ready.set()
+            self._stop.wait()
+            ray.shutdown(wait_for_processes=True)
+        finally:
+            _remove_dir(self._own_dir)  # whenever this thread ends, even long after a connect gave up on it
+
+
+_lock = threading.Lock()
+_current: Connection | None = None
+# Owner threads whose start was given up on: a later connect must wait for them to finish ray.shutdown.
+_stragglers: list[_Owner] = []
+
+
+def connect(
+    target: Target,
+    *,
+    namespace: str | None,
+    runtime_env: Mapping[str, Any] | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    temp_dir: str | None,
+    timeout: float,
+) -> Connection:
+    """Connect this process to ``target`` (or share the connection it has); blocking, bounded by ``timeout``."""
+    global _current
+    import ray
+
+    if target.kind == "gcs":
+        target = _resolve(target)
+    with _lock:
+        _wait_for_stragglers(timeout)
+        if _current is not None and not ray.is_initialized():
+            # The application called ray.shutdown() under us: that connection is gone, whoever still holds it.
+            stale, _current = _current, None
+            if stale._owner is not None:
+                stale._owner.stop(timeout)
+        conn = _current if _current is not None else _adopt()
+        if conn is not None:
+            if not conn.serves(target):
+                if target.kind != "embedded":
+                    _check_reachable(target, timeout)
+                raise BackendError(
+                    f"this process is already connected to Ray at {conn.gcs_address or conn.target}, and ray.init is "
+                    f"process-wide: it cannot also connect to {target}. Use one address for every grid of a process."
+                )
+            _check_same_options(conn, namespace, runtime_env, num_cpus, num_gpus)
+            conn.users += 1
+            _current = conn
+            return conn
+        if target.kind != "embedded":
+            _check_reachable(target, timeout)
+        kwargs: dict[str, Any] = {"namespace": namespace, "runtime_env": dict(runtime_env) if runtime_env else None}
+        own_dir = None
+        if target.kind == "embedded":
+            own_dir = None if temp_dir is not None else tempfile.mkdtemp(prefix="gridboost-ray-")
+            kwargs.update(
+                address="local",
+                include_dashboard=False,
+                _temp_dir=temp_dir or own_dir,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+            )
+        else:
+            kwargs["address"] = target.address
+        owner = _Owner(kwargs, own_dir)
+        if not owner.start(timeout):
+            _stragglers.append(owner)
+            owner.stop(0)  # once ray.init returns, it shuts down again
+            raise BackendError(f"Ray at {target} did not start or answer within {timeout:g}s")
+        if owner.error is not None:
+            owner.thread.join(timeout)
+            raise _init_failed(target, owner.error)
+        conn = Connection(
+            target=target,
+            gcs_address="" if target.kind == "client" else str(ray.get_runtime_context().gcs_address),
+            owned=True,
+            namespace=namespace,
+            runtime_env=runtime_env,
+            cpus_gpus=(num_cpus, num_gpus),
+            owner=owner,
+            temp_dir=own_dir,
+            users=1,
+        )
+        _current = conn
+        return conn
+
+
+def release(conn: Connection, timeout: float) -> None:
+    """One user fewer; the last one shuts down what gridboost started. Raises ``BackendError`` if Ray would not stop."""
+    global _current
+    with _lock:
+        conn.users -= 1
+        if conn.users > 0:
+            return
+        if _current is conn:
+            _current = None
+        owner = conn._owner
+        if owner is not None and not owner.stop(timeout):
+            _stragglers.append(owner)
+            raise BackendError(f"ray.shutdown() did not finish within {timeout:g}s")
+
+
+def current() -> Connection | None:
+    """The connection gridboost holds now (for tests and the CLI)."""
+    return _current
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _adopt() -> Connection | None:
+    """The application's own ``ray.init``, if it made one: used, never shut down."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    client = _client_connected()
+    gcs = "" if client else str(context.gcs_address)
+    return Connection(
+        target=Target("client", "ray://?") if client else Target("gcs", gcs),
+        gcs_address=gcs,
+        owned=False,
+        namespace=context.namespace,
+        runtime_env=None,
+    )
+
+
+def _client_connected() -> bool:
+    try:
+        from ray.util.client import ray as client_ray
+    except ImportError:  # pragma: no cover - ray always ships it
+        return False
+    return bool(client_ray.is_connected())  # type: ignore[no-untyped-call]  # ray's own annotations lack it
+
+
+def _check_same_options(
+    conn: Connection,
+    namespace: str | None,
+    runtime_env: Mapping[str, Any] | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+) -> None:
+    import ray
+
+    problems = []
+    if namespace is not None and namespace != conn.namespace:
+        problems.append(f"namespace {namespace!r} (it uses {conn.namespace!r})")
+    if runtime_env:
+        have = conn.runtime_env if conn.owned else dict(ray.get_runtime_context().runtime_env)
+        if dict(runtime_env) != dict(have or {}):
+            problems.append(f"runtime_env {dict(runtime_env)!r} (it uses {dict(have or {})!r})")
+    if (num_cpus, num_gpus) != (None, None) and (num_cpus, num_gpus) != conn.cpus_gpus:
+        problems.append(f"num_cpus={num_cpus}, num_gpus={num_gpus} (they apply only when gridboost starts Ray)")
+    if problems:
+        raise BackendError(
+            f"this process's Ray connection ({conn.gcs_address or conn.target}) is shared by every grid in it, and "
+            f"was made with other options: cannot use {'; '.join(problems)}"
+        )
+
+
+def _resolve(target: Target) -> Target:
+    """``auto`` → the cluster it names; ``localhost:port`` → the address Ray itself will use."""
+    from ray._private import services
+
+    try:
+        address = services.canonicalize_bootstrap_address(target.address)
+    except ConnectionError as exc:
+        raise BackendError(f"address='auto' found no Ray cluster: {exc}") from None
+    except Exception as exc:
+        raise BackendError(f"cannot use Ray address {target.address!r}: {exc}") from exc
+    if address is None:
+        raise BackendError(
+            "address='auto' found no Ray cluster: set RAY_ADDRESS, run `ray start --head`, or pass the address"
+        )
+    if target.address == "auto":
+        # What ray.init does for "auto", and must happen before the handshake below: a cluster found
+        # automatically uses the token this machine holds, if any.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return Target("gcs", address, given=target.address)
+
+
+def _check_reachable(target: Target, timeout: float) -> None:
+    host, port = _host_port(target.address.removeprefix("ray://"), target.address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror as exc:
+        raise BackendError(f"cannot resolve the host of Ray address {target}: {exc}") from None
+    except OSError as exc:
+        raise BackendError(
+            f"cannot reach Ray at {target} ({exc or type(exc).__name__}): is the cluster running, and is this "
+            "its GCS address (port 6379 by default; ray://host:10001 for a Ray Client server)?"
+        ) from None
+    if target.kind == "gcs":
+        _handshake(target, timeout)
+
+
+def _handshake(target: Target, timeout: float) -> None:
+    """Ask the GCS for its cluster id, in a thread given up on after ``timeout`` (Ray's own wait is ~12 s)."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+        from ray._raylet import AuthenticationTokenLoader, InnerGcsClient  # type: ignore[attr-defined]  # not in its .pyi
+    except ImportError:  # pragma: no cover - a Ray without these internals: ray.init alone must do
+        return
+    if is_token_auth_enabled() and not AuthenticationTokenLoader.instance().has_token():
+        raise BackendError(_NO_TOKEN)  # asking without one aborts the process inside Ray's C++
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            InnerGcsClient.standalone(target.address, None, int(timeout * 1000))
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    asker = threading.Thread(target=ask, name="gridboost-ray-handshake", daemon=True)
+    asker.start()
+    asker.join(timeout)
+    if not outcome:
+        raise BackendError(f"nothing at {target} answered as a Ray GCS within {timeout:g}s")
+    error = outcome[0]
+    if error is not None:
+        raise _init_failed(target, error)
+
+
+def _init_failed(target: Target, exc: BaseException) -> BackendError:
+    from ._errors import translate
+
+    if type(exc).__name__ == "AuthenticationError":
+        translated = translate(exc, f"connecting to Ray at {target}")
+        return translated if isinstance(translated, BackendError) else BackendError(str(exc))
+    first = (str(exc).strip().splitlines() or [""])[0]
+    error = BackendError(f"could not connect to {target}: {type(exc).__name__}: {first}")
+    error.__cause__ = exc
+    return error
+
+
+def _wait_for_stragglers(timeout: float) -> None:
+    for owner in list(_stragglers):
+        if owner.stop(timeout):
+            _stragglers.remove(owner)
+        else:
+            raise BackendError(f"an earlier Ray start or shutdown in this process is still running after {timeout:g}s")
+
+
+def _remove_dir(path: str | None) -> None:
+    if path is not None and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
