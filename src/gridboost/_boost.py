@@ -28,7 +28,7 @@ import anyio
 from ._records import STRATEGIES, BoostState, Priority, Strategy, new_id
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
-from .exceptions import BoostExpired, BoostUnavailable, InvalidRequest, TaskCancelled
+from .exceptions import BoostExpired, BoostLost, BoostUnavailable, InvalidRequest, TaskCancelled
 
 if TYPE_CHECKING:
     from ._grid import Grid
@@ -334,17 +334,28 @@ class BoostBook:
         boost._deadline = anyio.current_time() + ttl
         self._poke()
 
-    async def finish(self, boost: Boost, state: BoostState) -> None:
-        """End an active boost: cancel its work, release its reservation; awaited and shielded."""
+    async def finish(self, boost: Boost, state: BoostState, error: BoostLost | None = None) -> None:
+        """End an active boost: cancel its work, release its reservation; awaited and shielded.
+
+        ``state`` is ``released``, ``expired``, or ``failed`` with the ``error`` that
+        says what the engine lost.
+        """
         if boost.state is not BoostState.ACTIVE:
             return
         boost.state = state  # first, so a second caller returns at once
         boost.expires_at = None
-        reason = BoostExpired(f"boost {boost.id} expired") if state is BoostState.EXPIRED else None
+        if state is BoostState.FAILED:
+            assert error is not None
+            reason: Exception = error
+            boost.error = error
+        elif state is BoostState.EXPIRED:
+            reason = BoostExpired(f"boost {boost.id} expired")
+        else:
+            reason = TaskCancelled(f"boost {boost.id} was released")
         grid = self._grid
         with anyio.CancelScope(shield=True):
             for run in list(boost._runs):
-                run.cancel(reason or TaskCancelled(f"boost {boost.id} was released"))
+                run.cancel(reason)
             with anyio.move_on_after(grid.teardown_timeout):
                 while boost._runs:
                     boost._runs_idle = anyio.Event()
@@ -354,18 +365,37 @@ class BoostBook:
                 with anyio.fail_after(grid.teardown_timeout):
                     await grid.backend.release(boost.reservation)
             except BaseException as exc:
-                boost.state = BoostState.FAILED
-                boost.error = exc
-                self.outcomes["failed"] += 1
-                if isinstance(exc, Exception):
-                    grid._notify("gridboost_boost_failed", boost=boost, error=exc)
+                if state is not BoostState.FAILED:
+                    boost.state = BoostState.FAILED
+                    boost.error = exc
+                    self.outcomes["failed"] += 1
+                    if isinstance(exc, Exception):
+                        grid._notify("gridboost_boost_failed", boost=boost, error=exc)
                 raise
             finally:
                 self.boosts.pop(boost.id, None)
                 self._poke()
         self.outcomes[state.value] += 1
-        hook = "gridboost_boost_expired" if state is BoostState.EXPIRED else "gridboost_boost_released"
-        grid._notify(hook, boost=boost)
+        if state is BoostState.FAILED:
+            assert error is not None
+            grid._notify("gridboost_boost_failed", boost=boost, error=error)
+        else:
+            hook = "gridboost_boost_expired" if state is BoostState.EXPIRED else "gridboost_boost_released"
+            grid._notify(hook, boost=boost)
+
+    async def lost(self, reservation_id: str, error: BaseException) -> None:
+        """The backend says the engine lost this reservation: fail the boost and stop its work."""
+        boost = self.boosts.get(reservation_id)
+        if boost is None or not boost.is_active:
+            return  # already ended, or not ours: engines may report a loss twice
+        lost = BoostLost(f"boost {boost.id} lost its reservation: {error}")
+        lost.__cause__ = error
+        try:
+            await self.finish(boost, BoostState.FAILED, lost)
+        except Exception as exc:  # what is left of it could not be released; the boost is failed anyway
+            self._grid._log_error(f"releasing what is left of lost boost {boost.id} failed", exc)
+            self.outcomes["failed"] += 1
+            self._grid._notify("gridboost_boost_failed", boost=boost, error=lost)
 
     def _poke(self) -> None:
         if self._wake is not None:

@@ -39,6 +39,7 @@ from ._records import (
     ClusterSnapshot,
     Command,
     CommandResult,
+    Lease,
     Placement,
     Priority,
     Strategy,
@@ -256,7 +257,15 @@ class Grid:
     async def _run_loops(self) -> None:
         assert self._loops is not None
         with self._loops:
-            await self._boosts.expire_loop()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._boosts.expire_loop)
+                tg.start_soon(self._watch)
+
+    async def _watch(self) -> None:
+        try:
+            await self.backend.watch(self._boosts.lost)
+        except Exception as exc:  # losing the watch must not take the grid down; say so loudly
+            self._log_error(f"the {self.backend.name} backend stopped watching its reservations", exc)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -288,6 +297,11 @@ class Grid:
         """Capacity free on this machine for work placed here, by gridboost's own accounting."""
         available: Resources = getattr(self._host, "available", Resources())
         return available
+
+    async def leases(self) -> Sequence[Lease]:
+        """Every lease the engine records, this grid's and other processes' alike (``Lease`` records)."""
+        self._check_open()
+        return await self.backend.leases()
 
     @property
     def boosts(self) -> tuple[Boost, ...]:

@@ -19,6 +19,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from . import _nvml
 from ._command import run_command
 from ._plugins import hookimpl
 from ._procpool import ProcessPool, check_picklable
-from ._records import ClusterSnapshot, Command, CommandResult, NodeSnapshot, TaskSpec
+from ._records import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, TaskSpec, owner_name
 from ._resources import Resources
 from .abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from .exceptions import BoostUnavailable, CapacityUnavailable, GridClosed, InvalidRequest, TeardownError
@@ -108,6 +109,7 @@ class LocalBackend(Backend):
         self._node_id = f"local:{socket.gethostname()}"
         self._pool: _Pool | None = None
         self._reserved: dict[str, tuple[Reservation, _Pool]] = {}
+        self._expires: dict[str, float] = {}
         # What the engine is doing now, by task id: commands and process calls until
         # their process is gone, threads until the function returns (even once their
         # caller was cancelled and moved on). Written from worker threads, hence the lock.
@@ -194,15 +196,37 @@ class LocalBackend(Backend):
         await pool.take(request.resources)
         reservation = Reservation(request=request, placements=(self._node_id,))
         self._reserved[request.id] = (reservation, _Pool(request.resources))
+        self._expires[request.id] = time.time() + request.ttl
         return reservation
 
     async def release(self, reservation: Reservation) -> None:
+        self._expires.pop(reservation.id, None)
         entry = self._reserved.pop(reservation.id, None)
         if entry is not None:
             self._require_pool().give(reservation.request.resources)
 
+    async def extend(self, reservation: Reservation, ttl: float) -> None:
+        if reservation.id in self._expires:
+            self._expires[reservation.id] = time.time() + ttl
+
     async def reservations(self) -> Sequence[Reservation]:
         return [reservation for reservation, _ in self._reserved.values()]
+
+    async def leases(self) -> Sequence[Lease]:
+        # One process is the whole cluster here, so its own reservations are every lease.
+        return [
+            Lease(
+                id=r.id,
+                backend=self.name,
+                resources=r.request.resources,
+                owner=owner_name(),
+                state="active",
+                priority=r.request.priority,
+                expires_at=self._expires[r.id],
+                placements=r.placements,
+            )
+            for r, _ in self._reserved.values()
+        ]
 
     # -- running --------------------------------------------------------------------
 

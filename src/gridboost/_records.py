@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -23,6 +24,7 @@ __all__ = [
     "ClusterSnapshot",
     "Command",
     "CommandResult",
+    "Lease",
     "NodeSnapshot",
     "Placement",
     "Priority",
@@ -46,6 +48,11 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+def owner_name() -> str:
+    """Who owns the leases this process takes, as lease registries record it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def new_id(prefix: str) -> str:
@@ -229,6 +236,31 @@ class TaskOutcome:
     attempts: int
     duration: float
     error: BaseException | None = None
+
+
+@frozen
+class Lease:
+    """A boost as the engine's lease registry records it, readable from any process on the cluster.
+
+    ``owner`` says who took it (``host:pid``); ``state`` is ``active``, or ``lingering``
+    for capacity a backend keeps a moment after release to serve the next request fast.
+    ``expires_at`` is wall-clock time: past it (plus the backend's grace) the engine
+    removes the lease even when its owner died without releasing it.
+    """
+
+    id: str
+    backend: str
+    resources: Resources
+    owner: str
+    state: Literal["active", "lingering"]
+    priority: Priority
+    expires_at: float
+    placements: tuple[str, ...] = ()
+
+    @property
+    def ttl_left(self) -> float:
+        """Seconds until the lease expires (0 when it has)."""
+        return max(0.0, self.expires_at - time.time())
 
 
 @frozen

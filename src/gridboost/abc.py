@@ -20,12 +20,12 @@ everything the engine raises for its own reasons becomes a
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import field, frozen
 
-from ._records import ClusterSnapshot, Priority, Strategy, TaskSpec, frozen_map, optional_frozen_map
+from ._records import ClusterSnapshot, Lease, Priority, Strategy, TaskSpec, frozen_map, optional_frozen_map
 from ._resources import Resources
 
 __all__ = ["Backend", "BackendSpec", "Capabilities", "Reservation", "ReservationRequest"]
@@ -134,6 +134,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def reservations(self) -> Sequence[Reservation]:
         """The reservations the *engine* holds for this backend now — the leak check reads it."""
+
+    async def leases(self) -> Sequence[Lease]:
+        """Every gridboost lease the engine records, of *any* owner process (the CLI lists them).
+
+        Engines with a shared lease registry (a Ray actor, a Dask scheduler plugin)
+        answer for the whole cluster. The default knows only this process's
+        reservations, with the TTL each was granted for.
+        """
+        return ()
+
+    async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:  # noqa: B027 - optional hook
+        """Report reservations the engine loses on its own: ``await lost(reservation_id, error)``.
+
+        The grid runs this in its task group from start to teardown and cancels it
+        there. When a node dies under a boost, the backend says so here; the grid
+        marks the boost ``failed``, stops the work inside it with
+        :class:`~gridboost.exceptions.BoostLost`, releases what is left and fires
+        ``gridboost_boost_failed``. A backend whose reservations cannot be lost
+        (the local one) returns at once, which is the default.
+        """
 
     # -- running --------------------------------------------------------------------
 

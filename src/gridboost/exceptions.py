@@ -14,6 +14,7 @@ from collections.abc import Sequence
 __all__ = [
     "BackendError",
     "BoostExpired",
+    "BoostLost",
     "BoostUnavailable",
     "CapacityUnavailable",
     "CommandFailed",
@@ -73,6 +74,10 @@ class BoostUnavailable(CapacityUnavailable):
 
 class BoostExpired(GridboostError):
     """The boost reached its TTL (or was released) while it was being used."""
+
+
+class BoostLost(GridboostError):
+    """The engine lost a boost's reservation (a node died under it); its work was stopped."""
 
 
 class GridClosed(GridboostError, RuntimeError):

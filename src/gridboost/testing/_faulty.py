@@ -80,7 +80,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, NoReturn, get_args
 
 import anyio
@@ -88,7 +88,7 @@ import anyio.lowlevel
 from attrs import Factory, field, frozen
 
 from .._plugins import GridPluginManager, hookimpl
-from .._records import ClusterSnapshot, TaskSpec
+from .._records import ClusterSnapshot, Lease, TaskSpec
 from .._resources import Resources
 from ..abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from ..exceptions import BackendError, GridboostError, InvalidRequest, UnknownBackend
@@ -323,6 +323,7 @@ class FaultyBackend(Backend):
         # operations (or tasks it filters out) did in between.
         self._applied = [0] * len(plan.faults)
         self._random = [random.Random(f"{plan.seed}:{index}") for index in range(len(plan.faults))]
+        self._lost: Callable[[str, BaseException], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         return f"<FaultyBackend over {self.inner!r}, {len(self.plan.faults)} fault(s), {len(self.injected)} injected>"
@@ -412,6 +413,30 @@ class FaultyBackend(Backend):
 
     async def reservations(self) -> Sequence[Reservation]:
         return await self.inner.reservations()
+
+    async def leases(self) -> Sequence[Lease]:
+        return await self.inner.leases()
+
+    async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
+        self._lost = lost
+        try:
+            await self.inner.watch(lost)
+            await anyio.sleep_forever()  # stay ready for lose_reservation until the grid stops us
+        finally:
+            self._lost = None
+
+    async def lose_reservation(self, reservation_id: str, reason: str = "injected reservation loss") -> None:
+        """Report ``reservation_id`` lost, as an engine whose node died would; the inner one still holds it.
+
+        Needs a grid watching this backend (``Grid`` does from start to teardown; its
+        watch may take a moment to begin after the grid opens).
+        """
+        with anyio.move_on_after(1):
+            while self._lost is None:  # noqa: ASYNC110 - the watch has no event to await
+                await anyio.sleep(0.01)
+        if self._lost is None:
+            raise InvalidRequest("no grid is watching this backend; open the grid first")
+        await self._lost(reservation_id, BackendError(reason))
 
     # -- running --------------------------------------------------------------------
 

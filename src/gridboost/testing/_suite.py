@@ -27,6 +27,7 @@ that reason; everything else must pass.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -240,6 +241,27 @@ class BackendSuite:
             return f"the engine still holds released boost {boost.id}"
 
         await self.eventually(gone, held)
+
+    async def test_leases_list_held_boosts(self, grid: Grid, unit: Resources) -> None:
+        """The engine's lease registry lists a held boost with its owner and expiry, and not once released."""
+        self.need(grid, "reserve")
+        before = time.time()
+        boost = await grid.request_boost(unit, ttl=90, priority=Priority.HIGH)
+        leases = {lease.id: lease for lease in await grid.leases()}
+        assert boost.id in leases, f"the engine lists no lease for boost {boost.id}: {list(leases)}"
+        lease = leases[boost.id]
+        assert (lease.state, lease.priority, lease.resources) == ("active", Priority.HIGH, unit)
+        assert lease.owner.endswith(f":{os.getpid()}")
+        assert before + 90 - 1 <= lease.expires_at <= time.time() + 90 + 1
+        await boost.release()
+
+        async def gone() -> bool:
+            return all(le.id != boost.id or le.state != "active" for le in await grid.leases())
+
+        async def listed() -> str:
+            return f"the engine still lists released boost {boost.id} as active: {await grid.leases()}"
+
+        await self.eventually(gone, listed)
 
     async def test_work_of_a_boost_runs_inside_it(self, grid: Grid, probe: EngineProbe, unit: Resources) -> None:
         """Work submitted into a boost runs on the boost's node."""
