@@ -13,6 +13,7 @@ import pytest
 import gridboost as gb
 from gridboost import _plugins
 from gridboost._local import LocalBackend
+from gridboost.testing import HookLog
 from gridboost.testing._faulty import FaultPlan, FaultyBackend, FaultyPlugin
 from gridboost.testing._suite import nap
 
@@ -25,17 +26,6 @@ CAPACITY = "cpu=2,memory=4GiB"
 def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Load no entry-point plugins, so what is installed in the venv cannot interfere."""
     monkeypatch.setenv(_plugins.LOAD_ENV, "")
-
-
-class Failures:
-    """Records every ``gridboost_boost_failed`` call."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, BaseException]] = []
-
-    @gb.hookimpl
-    def gridboost_boost_failed(self, boost: gb.Boost, error: BaseException) -> None:
-        self.seen.append((boost.id, error))
 
 
 def faulty_grid(*plugins: Any) -> gb.Grid:
@@ -51,7 +41,7 @@ def parts(grid: gb.Grid) -> tuple[FaultyBackend, LocalBackend]:
 
 async def test_lost_reservation_fails_the_boost_and_its_work() -> None:
     """A reservation the engine reports lost fails its boost, stops its work with BoostLost, and fires the hook."""
-    failures = Failures()
+    failures = HookLog()
     async with faulty_grid(failures) as grid:
         backend, engine = parts(grid)
         boost = await grid.request_boost("cpu=1", ttl=60)
@@ -69,15 +59,15 @@ async def test_lost_reservation_fails_the_boost_and_its_work() -> None:
         assert grid.boosts == ()
         assert grid.stats()["boosts.failed"] == 1
         with anyio.fail_after(5):
-            while not failures.seen:
+            while not failures.failed:
                 await anyio.sleep(0.01)
-        assert failures.seen == [(boost.id, boost.error)]
+        assert [(b.id, e) for b, e in failures.failed] == [(boost.id, boost.error)]
         assert await grid.offload(sum, [1, 2], where="cluster") == 3  # the grid is still usable
 
 
 async def test_loss_of_an_ended_boost_is_ignored() -> None:
     """A loss reported for a boost already released changes nothing and fires no hook."""
-    failures = Failures()
+    failures = HookLog()
     async with faulty_grid(failures) as grid:
         backend, _ = parts(grid)
         boost = await grid.request_boost("cpu=1", ttl=60)
@@ -86,7 +76,7 @@ async def test_loss_of_an_ended_boost_is_ignored() -> None:
         await backend.lose_reservation("boost-not-ours")
         assert boost.state is gb.BoostState.RELEASED
         assert grid.stats()["boosts.failed"] == 0
-    assert failures.seen == []
+    assert failures.failed == []
 
 
 async def test_lose_reservation_needs_a_watching_grid() -> None:

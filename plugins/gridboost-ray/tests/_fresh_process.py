@@ -2,6 +2,8 @@
 
 ``python _fresh_process.py embedded``: two grids with no address share one private Ray instance; prints a JSON
 report. ``python _fresh_process.py join ADDRESS``: joins ADDRESS and prints the error it gets, as JSON.
+``python _fresh_process.py lease ADDRESS TTL GRACE``: takes a one-CPU boost, prints ``READY`` with its ids, then
+waits to be killed (or stopped) by the test.
 """
 
 from __future__ import annotations
@@ -72,8 +74,21 @@ async def join(address: str) -> dict[str, Any]:
     return {"error": None, "seconds": time.monotonic() - started}
 
 
+async def lease(address: str, ttl: float, grace: float) -> dict[str, Any]:
+    async with gb.Grid("ray", address=address, lease_grace=grace, linger=0) as grid:
+        boost = await grid.request_boost("cpu=1", ttl=ttl)
+        assert boost.reservation is not None
+        ids = {"boost": boost.id, "pg": boost.reservation.handle.pg.id.hex(), "pid": os.getpid()}
+        print("READY " + json.dumps(ids), flush=True)
+        await anyio.sleep(600)
+    return ids
+
+
 def main() -> None:
     what = sys.argv[1]
+    if what == "lease":
+        anyio.run(lease, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        return
     report = anyio.run(embedded) if what == "embedded" else anyio.run(join, sys.argv[2])
     print("REPORT " + json.dumps(report), flush=True)
 

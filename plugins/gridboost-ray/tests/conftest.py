@@ -82,6 +82,19 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
+@pytest.fixture
+def doomed_node(cluster: Cluster) -> Iterator[Any]:
+    """A third node (for one test only) with a resource no other node has; started here, in the main thread (Ray ties a node's
+    processes to the thread that starts them)."""
+    node = cluster.add_node(num_cpus=1, resources={"doomed": 1})
+    cluster.wait_for_nodes()
+    try:
+        yield node
+    finally:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node)
+
+
 @pytest.fixture(scope="session")
 def cluster_address(cluster: Cluster) -> str:
     return str(cluster.address)

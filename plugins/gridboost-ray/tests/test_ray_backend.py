@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,11 @@ class TestOnTheCluster:
             assert boost.placements == (target,)
             ran_on = [await grid.offload(whereami, where=boost) for _ in range(4)]
             assert set(ran_on) == {target}
-        assert boost.id not in await probe.reservations(grid)
+
+        async def gone() -> bool:  # once its linger time is up
+            return boost.id not in await probe.reservations(grid)
+
+        await eventually(gone, f"released boost {boost.id} is still held")
 
     async def test_strict_spread_puts_one_bundle_on_each_of_distinct_nodes(self, grid: Grid) -> None:
         """strict_spread splits a boost into one-CPU bundles, each on a different node."""
@@ -290,19 +294,6 @@ def _describe_process(pid: int) -> str:
 
 
 # -- a node that dies mid-task (added to the session's cluster for this test only) ------------------------------------
-
-
-@pytest.fixture
-def doomed_node(cluster: Cluster) -> Iterator[Any]:
-    """A third node with a resource no other node has; started here, in the main thread (Ray ties a node's
-    processes to the thread that starts them)."""
-    node = cluster.add_node(num_cpus=1, resources={"doomed": 1})
-    cluster.wait_for_nodes()
-    try:
-        yield node
-    finally:
-        if node in cluster.worker_nodes:
-            cluster.remove_node(node)
 
 
 @pytest.mark.anyio

@@ -2,6 +2,7 @@
 
 - :class:`BackendSuite`: the conformance suite every backend's tests subclass;
 - :class:`EngineProbe` (and :class:`LocalProbe`): how a test reads the *engine's* state;
+- :class:`HookLog`: an observer that records every observer hook call;
 - :class:`FaultyBackend` with :class:`FaultPlan`/:class:`Fault`, and :class:`FaultyPlugin`:
   fault injection around any backend;
 - :func:`no_leaks`, :func:`snapshot`/:func:`find_leaks` and :class:`LeakError`: the leak
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._faulty import Fault, FaultPlan, FaultyBackend, FaultyPlugin, InjectedFault
+    from ._hooklog import HookLog
     from ._leaks import LeakError, find_leaks, no_leaks, snapshot
     from ._probe import EngineProbe, LocalProbe
     from ._suite import BackendSuite, SuiteError
@@ -31,6 +33,7 @@ _WHERE = {
     "FaultPlan": "_faulty",
     "FaultyBackend": "_faulty",
     "FaultyPlugin": "_faulty",
+    "HookLog": "_hooklog",
     "InjectedFault": "_faulty",
     "LeakError": "_leaks",
     "LocalProbe": "_probe",
@@ -47,6 +50,7 @@ __all__ = [
     "FaultPlan",
     "FaultyBackend",
     "FaultyPlugin",
+    "HookLog",
     "InjectedFault",
     "LeakError",
     "LocalProbe",

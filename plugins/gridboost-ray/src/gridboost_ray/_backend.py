@@ -26,15 +26,15 @@ import secrets
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from os import PathLike, fspath
 from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
-from gridboost import ClusterSnapshot, Command, CommandResult, NodeSnapshot, Resources, TaskSpec
+from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.exceptions import (
     BackendError,
@@ -48,7 +48,7 @@ from gridboost.exceptions import (
     TeardownError,
 )
 
-from . import _connect, _worker
+from . import _connect, _leases, _worker
 from ._errors import map_errors
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ _NODE_ID_LABEL = "ray.io/node-id"
 # How long one wait for a pending placement group blocks a worker thread; between waits, INFEASIBLE is checked.
 _READY_POLL = 0.5
 _CACHE_SIZE = 512
+# How often watch() looks for lingering groups whose time is up and for held groups whose node died.
+_WATCH = 0.25
 _EPS = 1e-9
 
 _CAPABILITIES = Capabilities(
@@ -88,6 +90,8 @@ class _Group:
     pg: PlacementGroup
     bundles: tuple[Mapping[str, float], ...]
     nodes: tuple[str, ...]
+    #: The label selector every bundle carries (the request's labels and nodes), for the autoscaler too.
+    selector: Mapping[str, str] = field(factory=dict)
     #: What the group holds on each node: a task placed with bundle index -1 may use all of it.
     rooms: Mapping[str, Mapping[str, float]] = field(init=False)
 
@@ -161,6 +165,10 @@ def _split(amounts: Mapping[str, float]) -> list[dict[str, float]]:
     return bundles
 
 
+def _shape(request: ReservationRequest) -> tuple[Resources, str, Sequence[str] | None, Mapping[str, str] | None]:
+    return request.resources, request.strategy, request.nodes, request.labels
+
+
 def _describe(fn: object) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
 
@@ -201,6 +209,9 @@ class RayBackend(Backend):
         connect_timeout: float = 30.0,
         grace: float = 2.0,
         close_timeout: float = 30.0,
+        linger: float = 2.0,
+        lease_grace: float = 5.0,
+        grow: bool = False,
     ) -> None:
         self._target = _connect.parse_address(address)
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
@@ -224,6 +235,19 @@ class RayBackend(Backend):
         self._connect_timeout = _positive("connect_timeout", connect_timeout)
         self._grace = _positive("grace", grace)
         self._close_timeout = _positive("close_timeout", close_timeout)
+        if isinstance(linger, bool) or not isinstance(linger, int | float) or not 0 <= linger < math.inf:
+            raise InvalidRequest(f"linger must be a number of seconds >= 0, got {linger!r}")
+        if not isinstance(grow, bool):
+            raise InvalidRequest(f"grow must be True or False, got {grow!r}")
+        self._grow = grow
+        self._capabilities = _CAPABILITIES if not grow else evolve(_CAPABILITIES, grow=True)
+        self._registry = _leases.Registry(grace=_positive("lease_grace", lease_grace), timeout=self._close_timeout)
+        self._lingering = _leases.Lingering(float(linger))
+        self._demand = _leases.Demand()
+        #: The boosts this backend holds now, by id: what ``watch`` checks, and which lease each group serves.
+        self._held: dict[str, Reservation] = {}
+        #: Held boosts whose group Ray lost (a node died): reported to the grid, never kept to linger.
+        self._lost: set[str] = set()
         #: Random per backend: the middle part of every name this backend gives in Ray.
         self.session = secrets.token_hex(4)
         #: What this backend's placement groups and tasks are named with (then the boost's or task's id).
@@ -243,7 +267,7 @@ class RayBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return _CAPABILITIES
+        return self._capabilities
 
     @property
     def connection(self) -> _connect.Connection | None:
@@ -287,6 +311,14 @@ class RayBackend(Backend):
         if conn is None:
             return
         leftovers: list[str] = []
+        # Lingering groups go with the rest of ours below; the keeper drops their records once Ray says REMOVED.
+        self._lingering.drain()
+        if self._demand.bundles:
+            self._demand.bundles.clear()
+            try:
+                await anyio.to_thread.run_sync(self._demand.send)
+            except Exception as exc:
+                leftovers.append(f"could not clear this process's autoscaler request: {exc}")
         try:
             # The grid has already reported any of these as leaked; removing them keeps the leak from outliving us.
             for row in await anyio.to_thread.run_sync(self._our_groups):
@@ -352,23 +384,68 @@ class RayBackend(Backend):
 
     async def reserve(self, request: ReservationRequest) -> Reservation:
         self._require()
-        made: list[_Group] = []
         what = f"boost {request.id}"
+        key = _leases.Lingering.key(*_shape(request))
+        idle = self._lingering.take(key)
+        if idle is not None:
+            with map_errors(what):
+                reused = await anyio.to_thread.run_sync(self._reuse, idle, request)
+            if reused is not None:
+                return reused
+        made: list[_Group] = []
         try:
             with map_errors(what):
                 # Not abandoned on cancel, and the group is recorded from the thread: a group made while we were
                 # cancelled is still removed below.
                 await anyio.to_thread.run_sync(self._create_group, request, made)
                 group = made[0]
+                if self._grow:
+                    selectors = [group.selector] * len(group.bundles)
+                    await anyio.to_thread.run_sync(self._demand.add, request.id, group.bundles, selectors)
                 await self._until_ready(group, request)
                 nodes = await anyio.to_thread.run_sync(self._bundle_nodes, group.pg, len(group.bundles))
+                held = _Group(pg=group.pg, bundles=group.bundles, nodes=nodes, selector=group.selector)
+                reservation = Reservation(request=request, placements=nodes, handle=held)
+                await anyio.to_thread.run_sync(self._record, reservation, "active", time.time() + request.ttl)
         except BaseException:
-            if made:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if self._grow:
+                    with contextlib.suppress(Exception):  # the request is replaced by the next one anyway
+                        await anyio.to_thread.run_sync(self._demand.remove, request.id)
+                if made:
                     await anyio.to_thread.run_sync(self._remove_now, made[0].pg.id.hex(), self.prefix + request.id)
             raise
-        held = _Group(pg=group.pg, bundles=group.bundles, nodes=nodes)
-        return Reservation(request=request, placements=nodes, handle=held)
+        self._held[request.id] = reservation
+        return reservation
+
+    def _reuse(self, idle: _leases.Idle, request: ReservationRequest) -> Reservation | None:
+        """Serve ``request`` with a lingering group of its shape, if Ray still holds it whole; else remove it."""
+        group = idle.handle
+        assert isinstance(group, _Group)
+        if self._scheduling_state(group.pg) != "FINISHED":  # rescheduling after a node died, or gone
+            self._remove_now(group.pg.id.hex(), idle.lease_id)
+            with contextlib.suppress(Exception):
+                self._registry.drop(idle.lease_id)
+            return None
+        with contextlib.suppress(Exception):
+            self._registry.drop(idle.lease_id)
+        reservation = Reservation(request=request, placements=group.nodes, handle=group)
+        self._record(reservation, "active", time.time() + request.ttl)
+        self._held[request.id] = reservation
+        return reservation
+
+    def _record(self, reservation: Reservation, state: str, expires_at: float) -> None:
+        group = reservation.handle
+        assert isinstance(group, _Group)
+        self._registry.put(
+            reservation.id,
+            pg_id=group.pg.id.hex(),
+            state=state,
+            expires_at=expires_at,
+            resources=reservation.request.resources,
+            priority=reservation.request.priority,
+            placements=reservation.placements,
+        )
 
     def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
         ray = self._require()
@@ -414,7 +491,7 @@ class RayBackend(Backend):
             )
         except ValueError as exc:
             raise InvalidRequest(f"{what}: Ray refused the placement group: {exc}") from exc
-        made.append(_Group(pg=pg, bundles=tuple(bundles), nodes=("",) * len(bundles)))
+        made.append(_Group(pg=pg, bundles=tuple(bundles), nodes=("",) * len(bundles), selector=selector))
 
     async def _until_ready(self, group: _Group, request: ReservationRequest) -> None:
         # pg.wait returns as soon as the group is placed; the thread is given up on if the grid cancels us (it
@@ -473,26 +550,98 @@ class RayBackend(Backend):
         group = reservation.handle
         if not isinstance(group, _Group):
             raise InvalidRequest(f"reservation {reservation.id} was not made by the Ray backend")
+        if self._held.pop(reservation.id, None) is None:
+            return  # released before
+        broken = reservation.id in self._lost
+        self._lost.discard(reservation.id)
         with map_errors(f"releasing boost {reservation.id}"):
+            if self._grow:
+                await anyio.to_thread.run_sync(self._demand.remove, reservation.id)
+            if self._lingering.seconds > 0 and not self._closed and not broken:
+                await anyio.to_thread.run_sync(
+                    self._record, reservation, "lingering", time.time() + self._lingering.seconds
+                )
+                key = _leases.Lingering.key(*_shape(reservation.request))
+                self._lingering.keep(key, reservation.id, group.pg, group)
+                return
             await anyio.to_thread.run_sync(self._remove_now, group.pg.id.hex(), self.prefix + reservation.id)
+            await anyio.to_thread.run_sync(self._registry.drop, reservation.id)
+
+    async def extend(self, reservation: Reservation, ttl: float) -> None:
+        with map_errors(f"renewing boost {reservation.id}"):
+            await anyio.to_thread.run_sync(self._record, reservation, "active", time.time() + ttl)
 
     async def reservations(self) -> Sequence[Reservation]:
         if self._ray is None or not self._ray.is_initialized():
             return []  # not connected: this backend holds nothing (a closed one's groups died with its Ray)
         with map_errors("listing placement groups"):
             rows = await anyio.to_thread.run_sync(self._our_groups)
+        # A group serves the lease that holds it now, whose id its name need not carry (a reused group keeps the
+        # name of the boost that made it); a lingering group is this backend's cache, removed when it closes.
+        serving = {r.handle.pg.id.hex(): r for r in self._held.values() if isinstance(r.handle, _Group)}
+        idle = {i.pg.id.hex() for i in self._lingering.idle.values()}
         held = []
         for row in rows:
+            pg_id = row["placement_group_id"]
+            if pg_id in idle:
+                continue
             bundles = [row["bundles"][i] for i in sorted(row.get("bundles", {}))]
             total = sum((_from_ray(bundle) for bundle in bundles), Resources())
+            current = serving.get(pg_id)
             request = ReservationRequest(
-                id=str(row["name"]).removeprefix(self.prefix),
+                id=current.id if current is not None else str(row["name"]).removeprefix(self.prefix),
                 resources=total,
                 strategy=str(row.get("strategy", "PACK")).lower(),  # type: ignore[arg-type]
             )
             nodes = row.get("bundles_to_node_id", {})
             held.append(Reservation(request=request, placements=tuple(str(nodes.get(i, "")) for i in sorted(nodes))))
         return held
+
+    async def leases(self) -> Sequence[Lease]:
+        self._require()
+        with map_errors("listing the cluster's leases"):
+            return await anyio.to_thread.run_sync(self._registry.leases)
+
+    async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
+        """Every ``_WATCH`` seconds: remove lingering groups whose time is up, and report held groups Ray lost."""
+        while True:
+            await anyio.sleep(_WATCH)
+            for idle in self._lingering.due():
+                with anyio.CancelScope(shield=True), map_errors(f"removing lingering group of {idle.lease_id}"):
+                    await anyio.to_thread.run_sync(self._remove_now, idle.pg.id.hex(), idle.lease_id)
+                    await anyio.to_thread.run_sync(self._registry.drop, idle.lease_id)
+            if len(self._held) <= len(self._lost):
+                continue
+            with map_errors("reading placement groups"):
+                watched = {k: v for k, v in self._held.items() if k not in self._lost}
+                broken = await anyio.to_thread.run_sync(self._broken, watched)
+            for lease_id, why in broken.items():
+                if lease_id in self._held and lease_id not in self._lost:
+                    self._lost.add(lease_id)  # reported once; the grid's release then removes what is left
+                    await lost(lease_id, BackendError(why))
+
+    def _broken(self, held: Mapping[str, Reservation]) -> dict[str, str]:
+        """The held groups Ray no longer holds whole, with why: a node of theirs died, or the group is gone."""
+        from ray.util.placement_group import placement_group_table
+
+        ray = self._require()
+        table = placement_group_table()
+        dead = {str(n["NodeID"]) for n in ray.nodes() if not n.get("Alive")}
+        broken = {}
+        for lease_id, reservation in held.items():
+            group = reservation.handle
+            assert isinstance(group, _Group)
+            row = table.get(group.pg.id.hex())
+            state = row.get("state") if row else "REMOVED"
+            if state == "CREATED":
+                continue
+            died = sorted(dead.intersection(group.nodes))
+            broken[lease_id] = (
+                f"node(s) {', '.join(died)} holding its placement group died; Ray reports the group {state}"
+                if died
+                else f"Ray reports its placement group {state}"
+            )
+        return broken
 
     # -- running ------------------------------------------------------------------------------------------------------
 
@@ -672,4 +821,10 @@ _OPTIONS = {
     "connect_timeout": "seconds to start or reach Ray before BackendError (default 30)",
     "grace": "seconds between a polite cancel and killing the worker; SIGTERM to SIGKILL for commands (default 2)",
     "close_timeout": "seconds to wait for a removal or Ray's shutdown (default 30)",
+    "linger": "seconds a released boost's placement group is kept for a matching request to reuse (default 2; 0: "
+    "remove at once)",
+    "lease_grace": "seconds past a lease's expiry after which the cluster's lease keeper removes it, when its owner "
+    "did not (default 5)",
+    "grow": "ask Ray's autoscaler (request_resources) for boosts that do not fit now, instead of refusing them "
+    "(default False)",
 }

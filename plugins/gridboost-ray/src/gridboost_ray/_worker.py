@@ -7,6 +7,7 @@ library at the top, and ray inside the functions (every Ray worker has it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["call", "run_command"]
+__all__ = ["LeaseKeeper", "call", "run_command"]
 
 # How often a waiting command checks in: Ray's cancel raises KeyboardInterrupt in the task's thread, and Python
 # delivers it only between bytecodes, never while the thread is blocked in waitpid().
@@ -131,3 +132,70 @@ def run_command(
             _stop(process, grace)
         raise
     return process.returncode, out, err, ray.get_runtime_context().get_node_id()
+
+
+class LeaseKeeper:
+    """The cluster's registry of gridboost leases: a detached actor, one per cluster, on the head node.
+
+    Every backend records its leases here (``put``), so any process connected to the cluster can list them
+    (``leases``), and the keeper removes a lease's placement group ``grace`` seconds past its ``expires_at`` whoever
+    owns it: a lease never outlives its TTL, even when its owner hangs. Records whose group Ray removed (released,
+    or its owner's job ended, which takes its groups with it) are dropped. With no record for ``idle_exit`` seconds
+    the keeper exits, so a cluster that gridboost stopped using is left as it was found.
+
+    An async actor: its methods run on one event loop, so the records need no lock.
+    """
+
+    def __init__(self, grace: float, tick: float, idle_exit: float) -> None:
+        self._records: dict[str, dict[str, Any]] = {}
+        self._grace = grace
+        self._tick = tick
+        self._idle_exit = idle_exit
+        self._reaper: asyncio.Task[None] | None = None
+        self.reaped: list[str] = []
+
+    def _start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def put(self, record: dict[str, Any]) -> None:
+        """Record a lease (or replace its record): id, pg_id, owner, state, expires_at, and what it holds."""
+        self._start()
+        self._records[record["id"]] = record
+
+    async def drop(self, lease_id: str) -> None:
+        self._start()
+        self._records.pop(lease_id, None)
+
+    async def leases(self) -> list[dict[str, Any]]:
+        self._start()
+        return list(self._records.values())
+
+    async def reaped_ids(self) -> list[str]:
+        """The leases this keeper removed at their expiry (for tests and the CLI)."""
+        return list(self.reaped)
+
+    async def _reap_forever(self) -> None:
+        import ray
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        idle_since = time.monotonic()
+        while True:
+            await asyncio.sleep(self._tick)
+            if self._records:
+                idle_since = time.monotonic()
+                table = placement_group_table()
+                now = time.time()
+                for lease_id, record in list(self._records.items()):
+                    row = table.get(record["pg_id"])
+                    if row is None or row.get("state") == "REMOVED":
+                        self._records.pop(lease_id, None)
+                    elif now >= record["expires_at"] + self._grace:
+                        with contextlib.suppress(Exception):  # already being removed: the next tick drops it
+                            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record["pg_id"]))))
+                        self._records.pop(lease_id, None)
+                        self.reaped.append(lease_id)
+            elif time.monotonic() - idle_since >= self._idle_exit:
+                # exit_actor() works only from a method; from this task the keeper ends itself by its handle.
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

@@ -1,0 +1,309 @@
+"""Leases beyond one call: lingering groups, the cluster's lease keeper, lost nodes and the autoscaler request.
+
+Every check reads Ray's own state: the GCS's placement group table, its node table, the keeper actor's registry and
+the autoscaler request the GCS stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import ray
+from gridboost_ray._leases import KEEPER_NAME, KEEPER_NAMESPACE
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group_table
+
+import gridboost as gb
+from conftest import RayProbe
+from gridboost import Grid
+from gridboost.testing import HookLog
+from gridboost.testing._suite import nap
+
+HERE = Path(__file__).parent
+SETTLE = 20.0
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # type: ignore[no-untyped-call]
+
+pytestmark = pytest.mark.anyio
+
+
+def pg_state(pg_id: str) -> str:
+    """The group's state in Ray's table (REMOVED when Ray no longer has it)."""
+    row = placement_group_table().get(pg_id)
+    return str(row["state"]) if row else "REMOVED"
+
+
+def pg_of(boost: gb.Boost) -> str:
+    assert boost.reservation is not None
+    return str(boost.reservation.handle.pg.id.hex())
+
+
+def keeper_ids() -> set[str]:
+    keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
+    return {record["id"] for record in ray.get(keeper.leases.remote(), timeout=SETTLE)}
+
+
+def autoscaler_request() -> list[dict[str, float]]:
+    """The resource request the GCS keeps for the autoscaler (one per cluster; the last call wins)."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray._raylet import GcsClient
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        state = get_cluster_resource_state(GcsClient(address=ray.get_runtime_context().gcs_address))
+        return [
+            dict(request.resources_bundle)
+            for constraint in state.cluster_resource_constraints
+            for by_count in constraint.resource_requests
+            for request in [by_count.request] * by_count.count
+        ]
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get("autoscaler_resource_request")
+    return list(json.loads(raw)) if raw else []
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = SETTLE) -> None:
+    with anyio.move_on_after(within):
+        while not await check():
+            await anyio.sleep(0.05)
+        return
+    pytest.fail(f"after {within:g}s: {what}")
+
+
+async def until_state(pg_id: str, state: str, within: float = SETTLE) -> float:
+    """Wait until Ray reports the group in ``state``; return how long that took."""
+    started = time.monotonic()
+
+    async def reached() -> bool:
+        return await anyio.to_thread.run_sync(pg_state, pg_id) == state
+
+    await eventually(reached, f"placement group {pg_id} never became {state}", within)
+    return time.monotonic() - started
+
+
+async def until_unlisted(grid: Grid, lease_id: str) -> None:
+    async def unlisted() -> bool:
+        return lease_id not in {le.id for le in await grid.leases()}
+
+    await eventually(unlisted, f"the keeper still lists lease {lease_id}", within=5)
+
+
+@pytest.fixture
+async def grid_factory(cluster_address: str, probe: RayProbe) -> AsyncIterator[Callable[..., Grid]]:
+    """Makes grids joined to the session's cluster; afterwards Ray must hold nothing of any of them."""
+    made: list[Grid] = []
+
+    def make(**options: Any) -> Grid:
+        made.append(Grid("ray", address=cluster_address, grace=1.0, **options))
+        return made[-1]
+
+    yield make
+
+    async def clean() -> bool:
+        for g in made:
+            if await probe.reservations(g):
+                return False
+        return True
+
+    await eventually(clean, "Ray still holds groups of a closed grid")
+
+
+# -- lingering ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_released_boost_lingers_for_its_linger_time_then_is_removed(grid_factory: Any) -> None:
+    """A released boost's group stays in Ray, listed as lingering, for ``linger`` seconds, then Ray removes it."""
+    async with grid_factory(linger=1.5) as grid:
+        boost = await grid.request_boost("cpu=1", ttl=60)
+        pg = pg_of(boost)
+        await boost.release()
+        assert pg_state(pg) == "CREATED"
+        (lease,) = [le for le in await grid.leases() if le.id == boost.id]
+        assert lease.state == "lingering" and lease.expires_at <= time.time() + 1.5
+        assert boost.id not in {r.id for r in await grid.backend.reservations()}
+        took = await until_state(pg, "REMOVED")
+        assert took <= 1.5 + 3.0  # linger, plus the watch interval and Ray's removal on a loaded machine
+        await until_unlisted(grid, boost.id)  # the record goes just after the group
+
+
+async def test_a_matching_request_reuses_the_lingering_group_and_another_shape_does_not(grid_factory: Any) -> None:
+    """The next boost of the same shape gets the lingering group itself; a different shape gets a new group."""
+    async with grid_factory(linger=30) as grid:
+        first = await grid.request_boost("cpu=1", ttl=60, labels={"zone": "a"})
+        pg = pg_of(first)
+        await first.release()
+        second = await grid.request_boost("cpu=1", ttl=60, labels={"zone": "a"})
+        assert pg_of(second) == pg and pg_state(pg) == "CREATED"
+        held = {r.id: r for r in await grid.backend.reservations()}
+        assert set(held) == {second.id}
+        (lease,) = [le for le in await grid.leases() if le.id == second.id]
+        assert lease.state == "active"
+        other = await grid.request_boost("cpu=1", ttl=60, labels={"zone": "b"})
+        assert pg_of(other) != pg
+        await second.release()
+        await other.release()
+    assert pg_state(pg) == "REMOVED"  # closing the grid removes lingering groups at once
+
+
+async def test_linger_zero_removes_at_release(grid_factory: Any) -> None:
+    """With ``linger=0`` a released boost's group is removed before release returns."""
+    async with grid_factory(linger=0) as grid:
+        boost = await grid.request_boost("cpu=1", ttl=60)
+        pg = pg_of(boost)
+        await boost.release()
+        assert pg_state(pg) == "REMOVED"
+
+
+# -- the lease keeper ---------------------------------------------------------------------------------------------
+
+
+def _owner(cluster_address: str, ttl: float, grace: float) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A separate process that takes a lease on the cluster and waits; returns it with the ids it printed."""
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "_fresh_process.py"), "lease", cluster_address, str(ttl), str(grace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith("READY "):
+            return process, json.loads(line.removeprefix("READY "))
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    process.wait(10)
+    pytest.fail("the lease owner process never took its lease")
+
+
+@pytest.fixture
+def owners() -> Iterator[list[subprocess.Popen[str]]]:
+    """Lease owner processes started by a test; any still alive at the end is killed, by pid."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()  # a stopped process dies of SIGKILL too
+        process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+async def test_another_process_lists_a_lease_and_its_owner_killed_takes_it_away(
+    grid_factory: Any, cluster_address: str, owners: list[subprocess.Popen[str]]
+) -> None:
+    """A lease taken by another process is listed here with that owner; SIGKILL the owner and Ray removes it in TTL + grace."""
+    ttl, grace = 6.0, 2.0
+    process, ids = await anyio.to_thread.run_sync(_owner, cluster_address, ttl, grace)
+    owners.append(process)
+    async with grid_factory() as grid:
+        leases = {le.id: le for le in await grid.leases()}
+        assert ids["boost"] in leases
+        assert leases[ids["boost"]].owner.endswith(f":{ids['pid']}") and leases[ids["boost"]].state == "active"
+        assert pg_state(ids["pg"]) == "CREATED"
+        os.kill(process.pid, signal.SIGKILL)
+        await anyio.to_thread.run_sync(process.wait, 30)
+        await until_state(ids["pg"], "REMOVED", within=ttl + grace + 2)
+        await until_unlisted(grid, ids["boost"])
+
+
+async def test_the_keeper_removes_the_lease_of_a_stuck_owner_at_ttl_plus_grace(
+    cluster_address: str, owners: list[subprocess.Popen[str]]
+) -> None:
+    """An owner that stops (alive, but never renews nor releases) loses its lease at TTL + grace, by the keeper."""
+    ttl, grace = 3.0, 1.0
+    process, ids = await anyio.to_thread.run_sync(_owner, cluster_address, ttl, grace)
+    owners.append(process)
+    os.kill(process.pid, signal.SIGSTOP)
+    took = await until_state(ids["pg"], "REMOVED", within=ttl + grace + 5)
+    assert took >= grace  # not before its expiry (the lease was taken under a second ago, with ttl 3)
+    keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
+    assert ids["boost"] in await anyio.to_thread.run_sync(ray.get, keeper.reaped_ids.remote())
+    assert ids["boost"] not in keeper_ids()
+
+
+async def test_renewal_moves_the_keepers_expiry(grid_factory: Any) -> None:
+    """``renew`` tells the keeper, which then lists the lease with the new expiry."""
+    async with grid_factory() as grid:
+        boost = await grid.request_boost("cpu=1", ttl=5)
+        await boost.renew(300)
+        (lease,) = [le for le in await grid.leases() if le.id == boost.id]
+        assert lease.expires_at >= time.time() + 290
+        await boost.release()
+
+
+# -- a node that dies under a boost -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_node_dying_under_a_boost_fails_it_and_fires_the_hook(
+    cluster: Cluster, cluster_address: str, probe: RayProbe, doomed_node: Any
+) -> None:
+    """The boost on a node that dies is marked failed with BoostLost, its work stops, and ``boost_failed`` fires."""
+    failures = HookLog()
+    async with Grid("ray", address=cluster_address, grace=1.0, plugins=[failures]) as grid:
+        boost = await grid.request_boost("cpu=1,doomed=1", ttl=120)
+        pg = pg_of(boost)
+        handle = grid.submit(nap, 60, where=boost)
+
+        async def running() -> bool:
+            return handle.id in await probe.running(grid)
+
+        await eventually(running, "the task never started in the boost")
+        await anyio.to_thread.run_sync(cluster.remove_node, doomed_node)
+        with anyio.fail_after(60), pytest.raises((gb.BoostLost, gb.BackendError)):
+            await handle
+
+        async def failed() -> bool:
+            return boost.state is gb.BoostState.FAILED and bool(failures.failed)
+
+        await eventually(failed, f"boost {boost.id} is {boost.state}; hook calls: {failures.failed}")
+        assert isinstance(boost.error, gb.BoostLost) and "died" in str(boost.error)
+        assert [(b.id, e) for b, e in failures.failed] == [(boost.id, boost.error)]
+        await until_state(pg, "REMOVED")
+        assert grid.boosts == ()
+        assert await grid.offload(sum, [1, 2], where="cluster") == 3
+
+
+# -- growth -------------------------------------------------------------------------------------------------------
+
+
+async def test_growth_keeps_one_combined_autoscaler_request_and_clears_it(grid_factory: Any) -> None:
+    """With ``grow=True`` the autoscaler request holds the bundles of every live lease, and is empty after the last."""
+    async with grid_factory(grow=True, linger=0) as grid:
+        assert grid.backend.capabilities.grow
+        held = await grid.request_boost("cpu=1", ttl=60)
+        assert autoscaler_request() == [{"CPU": 1.0}]
+        # Larger than the cluster: with growth it waits for the autoscaler (none here) instead of being refused.
+        async with anyio.create_task_group() as tg:
+            seen: list[list[dict[str, float]]] = []
+
+            async def too_big() -> None:
+                with pytest.raises(gb.BoostUnavailable, match="not granted within"):
+                    await grid.request_boost("cpu=8", ttl=60, wait=3)
+
+            tg.start_soon(too_big)
+
+            async def combined() -> bool:
+                seen.append(autoscaler_request())
+                return len(seen[-1]) == 9
+
+            await eventually(combined, f"the autoscaler request never combined both leases: {seen[-1:]}")
+            assert sorted(b["CPU"] for b in seen[-1]) == [1.0] * 9
+        assert autoscaler_request() == [{"CPU": 1.0}]
+        await held.release()
+        assert autoscaler_request() == []
