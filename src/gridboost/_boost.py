@@ -296,7 +296,8 @@ class BoostBook:
             raise BoostUnavailable(f"the {backend.name} backend cannot reserve capacity")
         snapshot = await backend.snapshot()
         nodes = snapshot.matching(boost.nodes, boost.labels)
-        if not nodes and (boost.nodes is not None or boost.labels):
+        growable = backend.capabilities.grow and boost.nodes is None  # new nodes may carry the labels
+        if not nodes and (boost.nodes is not None or boost.labels) and not growable:
             raise BoostUnavailable(
                 f"no live node matches nodes={list(boost.nodes) if boost.nodes else None} labels={boost.labels}; "
                 f"nodes are {', '.join(n.id for n in snapshot.alive) or 'none'}"

@@ -3,13 +3,17 @@
 ``python _fresh_process.py embedded``: two grids with no address share one private Ray instance; prints a JSON
 report. ``python _fresh_process.py join ADDRESS``: joins ADDRESS and prints the error it gets, as JSON.
 ``python _fresh_process.py lease ADDRESS TTL GRACE``: takes a one-CPU boost, prints ``READY`` with its ids, then
-waits to be killed (or stopped) by the test.
+waits to be killed (or stopped) by the test. ``python _fresh_process.py grow``: starts a cluster of its own whose
+head runs Ray's fake-multinode autoscaler, takes a boost only a node it has not got yet can hold, and prints a JSON
+report of how the cluster grew; then ends every process it started, by pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -84,8 +88,122 @@ async def lease(address: str, ttl: float, grace: float) -> dict[str, Any]:
     return ids
 
 
+def _autoscaling_config(gcs_address: str) -> dict[str, Any]:
+    """Ray's fake-multinode provider config (the wheel lacks the example.yaml AutoscalingCluster reads)."""
+    return {
+        "cluster_name": "gridboost-grow",
+        "max_workers": 1,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address},
+        "use_internal_ips": True,
+        "idle_timeout_minutes": 1,
+        "upscaling_speed": 1.0,
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "max_workers": 0, "node_config": {}},
+            "ray.worker.grown": {
+                "resources": {"CPU": 2},
+                "labels": {"zone": "grown"},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 1,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {"ssh_user": "nobody"},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+def _request() -> list[dict[str, float]]:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get("autoscaler_resource_request")
+    return list(json.loads(raw)) if raw else []
+
+
+async def grow() -> dict[str, Any]:
+    import secrets
+    import socket
+    import tempfile
+
+    # Before ray is imported: a temp dir, a token of our own, and the autoscaler's fake provider (its monitor, a
+    # child of the head, inherits these).
+    own_dir = tempfile.mkdtemp(prefix="gbgrow-")
+    os.environ.update(
+        RAY_TMPDIR=own_dir,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        RAY_FAKE_CLUSTER="1",
+        AUTOSCALER_UPDATE_INTERVAL_S="1",
+    )
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with socket.socket() as free:
+        free.bind(("", 0))
+        port = free.getsockname()[1]
+    gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
+    config = os.path.join(own_dir, "autoscaling.json")
+    await anyio.Path(config).write_text(json.dumps(_autoscaling_config(gcs)))
+    report: dict[str, Any] = {"temp_dir": own_dir}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": None,
+            "temp_dir": os.path.join(own_dir, "ray"),
+            "gcs_server_port": port,
+            "autoscaling_config": config,
+        },
+    )
+    try:
+        async with gb.Grid("ray", address=cluster.address, grow=True, linger=0) as grid:
+            before = {n.id for n in (await grid.snapshot()).alive}
+            started = time.monotonic()
+            async with grid.boost("cpu=2", ttl=120, labels={"zone": "grown"}, wait=90) as boost:
+                report["granted_after"] = time.monotonic() - started
+                report["request_while_held"] = _request()
+                report["placements"] = list(boost.placements)
+                report["ran_on"] = await grid.offload(namespace_node, where=boost)
+                snapshot = await grid.snapshot()
+                report["new_nodes"] = {n.id: dict(n.labels) for n in snapshot.alive if n.id not in before}
+            report["request_after"] = _request()
+    finally:
+        descendants = psutil.Process().children(recursive=True)
+        ray.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
+        # The grown node's processes are the autoscaler monitor's children, and outlive it: end them, by pid.
+        for process in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(descendants, timeout=15)
+        report["alive_after"] = _alive([p.pid for p in descendants])
+        shutil.rmtree(own_dir, ignore_errors=True)
+    return report
+
+
+def namespace_node() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def main() -> None:
     what = sys.argv[1]
+    if what == "grow":
+        print("REPORT " + json.dumps(anyio.run(grow)), flush=True)
+        return
     if what == "lease":
         anyio.run(lease, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
         return

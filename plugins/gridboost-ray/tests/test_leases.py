@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 import ray
 from gridboost_ray._leases import KEEPER_NAME, KEEPER_NAMESPACE
@@ -307,3 +308,26 @@ async def test_growth_keeps_one_combined_autoscaler_request_and_clears_it(grid_f
         assert autoscaler_request() == [{"CPU": 1.0}]
         await held.release()
         assert autoscaler_request() == []
+
+
+def test_the_fake_autoscaler_grows_the_cluster_for_a_boost_and_the_request_clears(tmp_path: Path) -> None:
+    """On a cluster of its own whose autoscaler adds nodes (Ray's fake provider), a boost for a node type not yet
+    running is granted on a new node, its work runs there, and the autoscaler request is cleared on release."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_fresh_process.py"), "grow"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("REPORT ")), None)
+    assert line is not None, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(line.removeprefix("REPORT "))
+    (grown, labels), *others = report["new_nodes"].items()
+    assert not others and labels["zone"] == "grown"
+    assert set(report["placements"]) == {grown} and report["ran_on"] == grown
+    assert sum(b["CPU"] for b in report["request_while_held"]) == 2
+    assert report["request_after"] == []
+    assert report["alive_after"] == []
+    assert not [p for p in psutil.process_iter(["cmdline"]) if report["temp_dir"] in " ".join(p.info["cmdline"] or ())]

@@ -388,10 +388,14 @@ class RayBackend(Backend):
         key = _leases.Lingering.key(*_shape(request))
         idle = self._lingering.take(key)
         if idle is not None:
+            # watch() removes lingering groups Ray no longer holds whole, so this one is whole (as of its last look).
+            group = idle.handle
+            assert isinstance(group, _Group)
+            reservation = Reservation(request=request, placements=group.nodes, handle=group)
             with map_errors(what):
-                reused = await anyio.to_thread.run_sync(self._reuse, idle, request)
-            if reused is not None:
-                return reused
+                self._record(reservation, "active", time.time() + request.ttl, replaces=idle.lease_id, wait=False)
+            self._held[request.id] = reservation
+            return reservation
         made: list[_Group] = []
         try:
             with map_errors(what):
@@ -418,23 +422,9 @@ class RayBackend(Backend):
         self._held[request.id] = reservation
         return reservation
 
-    def _reuse(self, idle: _leases.Idle, request: ReservationRequest) -> Reservation | None:
-        """Serve ``request`` with a lingering group of its shape, if Ray still holds it whole; else remove it."""
-        group = idle.handle
-        assert isinstance(group, _Group)
-        if self._scheduling_state(group.pg) != "FINISHED":  # rescheduling after a node died, or gone
-            self._remove_now(group.pg.id.hex(), idle.lease_id)
-            with contextlib.suppress(Exception):
-                self._registry.drop(idle.lease_id)
-            return None
-        with contextlib.suppress(Exception):
-            self._registry.drop(idle.lease_id)
-        reservation = Reservation(request=request, placements=group.nodes, handle=group)
-        self._record(reservation, "active", time.time() + request.ttl)
-        self._held[request.id] = reservation
-        return reservation
-
-    def _record(self, reservation: Reservation, state: str, expires_at: float) -> None:
+    def _record(
+        self, reservation: Reservation, state: str, expires_at: float, *, replaces: str | None = None, wait: bool = True
+    ) -> None:
         group = reservation.handle
         assert isinstance(group, _Group)
         self._registry.put(
@@ -445,6 +435,8 @@ class RayBackend(Backend):
             resources=reservation.request.resources,
             priority=reservation.request.priority,
             placements=reservation.placements,
+            replaces=replaces,
+            wait=wait,
         )
 
     def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
@@ -464,7 +456,7 @@ class RayBackend(Backend):
             )
             and all((node.get("Labels") or {}).get(k) == v for k, v in (request.labels or {}).items())
         ]
-        if not candidates:
+        if not candidates and (not self._grow or request.nodes is not None):  # the autoscaler may add labelled nodes
             raise BoostUnavailable(f"{what}: no live Ray node matches nodes={request.nodes} labels={request.labels}")
         selector: dict[str, str] = {}
         for key, value in (request.labels or {}).items():
@@ -477,7 +469,7 @@ class RayBackend(Backend):
         one_node = any(_fits(amounts, node.get("Resources") or {}) for node in candidates)
         strategy = request.strategy
         bundles = [amounts] if strategy == "strict_pack" or (strategy == "pack" and one_node) else _split(amounts)
-        if strategy == "strict_spread" and len(bundles) > len(candidates):
+        if strategy == "strict_spread" and len(bundles) > len(candidates) and not self._grow:
             raise BoostUnavailable(
                 f"{what} ({request.resources}, strategy strict_spread) needs {len(bundles)} distinct nodes, one per "
                 f"bundle; {len(candidates)} match"
@@ -497,7 +489,8 @@ class RayBackend(Backend):
         # pg.wait returns as soon as the group is placed; the thread is given up on if the grid cancels us (it
         # then blocks at most _READY_POLL more seconds, on a group we are removing).
         while not await anyio.to_thread.run_sync(group.pg.wait, _READY_POLL, abandon_on_cancel=True):
-            if await anyio.to_thread.run_sync(self._scheduling_state, group.pg) == "INFEASIBLE":
+            # With growth, INFEASIBLE means "until the autoscaler adds a node": the grid's wait bounds it.
+            if not self._grow and await anyio.to_thread.run_sync(self._scheduling_state, group.pg) == "INFEASIBLE":
                 raise BoostUnavailable(
                     f"boost {request.id} ({request.resources}, strategy {request.strategy}) can never be placed: Ray "
                     "finds no set of nodes that could hold its bundles "
@@ -558,9 +551,7 @@ class RayBackend(Backend):
             if self._grow:
                 await anyio.to_thread.run_sync(self._demand.remove, reservation.id)
             if self._lingering.seconds > 0 and not self._closed and not broken:
-                await anyio.to_thread.run_sync(
-                    self._record, reservation, "lingering", time.time() + self._lingering.seconds
-                )
+                self._record(reservation, "lingering", time.time() + self._lingering.seconds, wait=False)
                 key = _leases.Lingering.key(*_shape(reservation.request))
                 self._lingering.keep(key, reservation.id, group.pg, group)
                 return
@@ -603,33 +594,43 @@ class RayBackend(Backend):
             return await anyio.to_thread.run_sync(self._registry.leases)
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
-        """Every ``_WATCH`` seconds: remove lingering groups whose time is up, and report held groups Ray lost."""
+        """Every ``_WATCH`` seconds: remove lingering groups whose time is up or that Ray no longer holds whole,
+        report held groups Ray lost, and check the keeper took the records sent to it without waiting."""
         while True:
             await anyio.sleep(_WATCH)
-            for idle in self._lingering.due():
-                with anyio.CancelScope(shield=True), map_errors(f"removing lingering group of {idle.lease_id}"):
-                    await anyio.to_thread.run_sync(self._remove_now, idle.pg.id.hex(), idle.lease_id)
-                    await anyio.to_thread.run_sync(self._registry.drop, idle.lease_id)
-            if len(self._held) <= len(self._lost):
-                continue
-            with map_errors("reading placement groups"):
-                watched = {k: v for k, v in self._held.items() if k not in self._lost}
-                broken = await anyio.to_thread.run_sync(self._broken, watched)
+            with map_errors("checking the lease keeper's records"):
+                await anyio.to_thread.run_sync(self._registry.confirm)
+            idle = {i.lease_id: i for i in self._lingering.idle.values()}
+            watched = {k: v for k, v in self._held.items() if k not in self._lost}
+            if watched or idle:
+                groups = {**{k: v.handle for k, v in watched.items()}, **{k: i.handle for k, i in idle.items()}}
+                with map_errors("reading placement groups"):
+                    broken = await anyio.to_thread.run_sync(self._broken, groups)
+            else:
+                broken = {}
+            # Taken out of the lingering ones before the first await, so that no reserve can reuse them meanwhile.
+            gone = self._lingering.due()
+            for lease_id in broken:
+                if lease_id in idle and self._lingering.idle.get(lease_id) is idle[lease_id]:
+                    gone.append(self._lingering.idle.pop(lease_id))
+            for gone_one in gone:
+                with anyio.CancelScope(shield=True), map_errors(f"removing lingering group of {gone_one.lease_id}"):
+                    await anyio.to_thread.run_sync(self._remove_now, gone_one.pg.id.hex(), gone_one.lease_id)
+                    await anyio.to_thread.run_sync(self._registry.drop, gone_one.lease_id)
             for lease_id, why in broken.items():
                 if lease_id in self._held and lease_id not in self._lost:
                     self._lost.add(lease_id)  # reported once; the grid's release then removes what is left
                     await lost(lease_id, BackendError(why))
 
-    def _broken(self, held: Mapping[str, Reservation]) -> dict[str, str]:
-        """The held groups Ray no longer holds whole, with why: a node of theirs died, or the group is gone."""
+    def _broken(self, groups: Mapping[str, Any]) -> dict[str, str]:
+        """The groups (by lease id) Ray no longer holds whole, with why: a node of theirs died, or the group is gone."""
         from ray.util.placement_group import placement_group_table
 
         ray = self._require()
         table = placement_group_table()
         dead = {str(n["NodeID"]) for n in ray.nodes() if not n.get("Alive")}
         broken = {}
-        for lease_id, reservation in held.items():
-            group = reservation.handle
+        for lease_id, group in groups.items():
             assert isinstance(group, _Group)
             row = table.get(group.pg.id.hex())
             state = row.get("state") if row else "REMOVED"
@@ -682,7 +683,13 @@ class RayBackend(Backend):
         if on_start is not None:
             on_start()
         with map_errors(what):
-            ref = remote.options(name=self.prefix + task.id, **options).remote(*args, **kwargs)
+            ref = remote._remote(
+                args=args,
+                kwargs=kwargs,
+                serialized_runtime_env_info=remote._serialized_base_runtime_env_info,
+                name=self.prefix + task.id,
+                **options,
+            )
         # The ref is recorded: from here on a cancellation can reach the task.
         try:
             with map_errors(what):
@@ -717,10 +724,16 @@ class RayBackend(Backend):
         else:  # a builtin, a partial, a callable object: ray.remote takes only functions
             remote = self._call_remote
             args, kwargs = (target, task.args, dict(task.kwargs)), {}
-        key = (task.resources, reservation, task.retries)
+        # RemoteFunction.options() validates and builds a wrapper class on every call, a third of what submitting
+        # costs: it runs once per remote function and set of options, and each task then goes to what .remote()
+        # itself calls (_remote), with the options merged as options() merges them, and its own name.
+        key = (remote, task.resources, reservation, task.retries)
         options = self._options.get(key)
         if options is None:
-            options = self._options.remember(key, self._task_options(task, reservation))
+            options = self._task_options(task, reservation)
+            remote.options(**options)  # validation only: Ray's own errors, raised here once
+            defaults = {k: v for k, v in remote._default_options.items() if k != "max_calls"}
+            options = self._options.remember(key, {**defaults, **options})
         return remote, args, kwargs, options
 
     def _task_options(self, task: TaskSpec, reservation: Reservation | None) -> dict[str, Any]:

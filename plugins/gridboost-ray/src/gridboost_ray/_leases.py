@@ -15,6 +15,7 @@ Three things a placement group alone does not give, each kept apart from the bac
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
 __all__ = ["KEEPER_NAME", "KEEPER_NAMESPACE", "Demand", "Lingering", "Registry"]
+
+_log = logging.getLogger("gridboost.ray")
 
 KEEPER_NAME = "gridboost-lease-keeper"
 KEEPER_NAMESPACE = "gridboost"
@@ -47,6 +50,7 @@ class Registry:
         self.grace = grace
         self._timeout = timeout
         self._keeper: Any = None  # a ray ActorHandle of LeaseKeeper
+        self._unconfirmed: list[tuple[Any, str]] = []  # (ObjectRef of a put sent without waiting, lease id)
         self.owner = owner_name()
 
     def keeper(self) -> Any:
@@ -66,6 +70,7 @@ class Registry:
         return self._keeper
 
     def _call(self, method: str, *args: Any) -> Any:
+        """Call the keeper and wait (bounded) for its answer."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
@@ -89,7 +94,10 @@ class Registry:
         resources: Resources,
         priority: Priority,
         placements: Sequence[str],
+        replaces: str | None = None,
+        wait: bool = True,
     ) -> None:
+        """Record a lease. ``wait=False`` only sends it (never blocks): :meth:`confirm` checks it arrived."""
         record = {
             "id": lease_id,
             "pg_id": pg_id,
@@ -100,7 +108,29 @@ class Registry:
             "priority": int(priority),
             "placements": list(placements),
         }
-        self._call("put", record)
+        if wait:
+            self._call("put", record, replaces)
+        else:
+            # Calls from one process reach an actor in the order they were sent: a later listing sees this one.
+            self._unconfirmed.append((self.keeper().put.remote(record, replaces), lease_id))
+
+    def confirm(self) -> None:
+        """Check the records sent without waiting; one the keeper did not take is logged, and the keeper looked up
+        again on the next call (its next renewal or release records the lease anew)."""
+        import ray
+
+        if not self._unconfirmed:
+            return
+        refs = [ref for ref, _ in self._unconfirmed]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
+        finished = set(done)
+        for ref, lease_id in [entry for entry in self._unconfirmed if entry[0] in finished]:
+            try:
+                ray.get(ref, timeout=self._timeout)
+            except Exception as exc:
+                _log.warning("the lease keeper did not record lease %s: %s: %s", lease_id, type(exc).__name__, exc)
+                self._keeper = None
+        self._unconfirmed = [entry for entry in self._unconfirmed if entry[0] not in finished]
 
     def drop(self, lease_id: str) -> None:
         self._call("drop", lease_id)

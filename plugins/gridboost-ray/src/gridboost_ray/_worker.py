@@ -158,9 +158,14 @@ class LeaseKeeper:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
-    async def put(self, record: dict[str, Any]) -> None:
-        """Record a lease (or replace its record): id, pg_id, owner, state, expires_at, and what it holds."""
+    async def put(self, record: dict[str, Any], replaces: str | None = None) -> None:
+        """Record a lease (or replace its record): id, pg_id, owner, state, expires_at, and what it holds.
+
+        ``replaces`` names a record this one takes over (a lingering group reused by a new lease).
+        """
         self._start()
+        if replaces is not None:
+            self._records.pop(replaces, None)
         self._records[record["id"]] = record
 
     async def drop(self, lease_id: str) -> None:
