@@ -29,6 +29,7 @@ os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 import anyio  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -54,6 +55,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """A head (no CPUs) and two 2-CPU workers labelled zone=a (with one ``accel``) and zone=b; the driver joins."""
@@ -77,9 +85,17 @@ def cluster() -> Iterator[Cluster]:
         ray.init(address=cluster.address)
         yield cluster
     finally:
+        started = psutil.Process().children(recursive=True)  # every Ray process of the session is one of these
         ray.shutdown()
         cluster.shutdown()  # type: ignore[no-untyped-call]
         shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+        _, alive = psutil.wait_procs(started, timeout=20)
+        alive = [p for p in alive if _running(p)]
+        if alive:
+            names = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in alive]
+            for process in alive:  # ours, by pid: the session must not leave them to the machine
+                process.kill()
+            pytest.fail(f"Ray processes of the test session survived its shutdown: {names}")
 
 
 @pytest.fixture
