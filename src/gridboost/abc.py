@@ -27,6 +27,7 @@ from attrs import field, frozen
 
 from ._records import ClusterSnapshot, Lease, Priority, Strategy, TaskSpec, frozen_map, optional_frozen_map
 from ._resources import Resources
+from .exceptions import InvalidRequest
 
 __all__ = ["Backend", "BackendSpec", "Capabilities", "Reservation", "ReservationRequest"]
 
@@ -39,7 +40,10 @@ class Capabilities:
     force-cancel); threads and Dask worker threads cannot. ``native_retries``: the
     engine retries failed work itself (``max_retries``), so the grid does not.
     ``grow``: the backend can add capacity (autoscaler, ``cluster.scale``), so a
-    boost larger than today's cluster is not refused at once.
+    boost larger than today's cluster is not refused at once. ``shared_leases``: the
+    engine keeps a lease registry that other processes read and act on, so a lease can
+    outlive the process that took it (until its TTL) and be renewed or released by
+    another (the ``gridboost boost`` commands need it).
     """
 
     reserve: bool = True
@@ -48,11 +52,16 @@ class Capabilities:
     commands: bool = True
     native_retries: bool = False
     remote: bool = True
+    shared_leases: bool = False
 
 
 @frozen
 class ReservationRequest:
-    """What the grid asks the engine to hold for one boost."""
+    """What the grid asks the engine to hold for one boost.
+
+    ``detached``: a lease that outlives this process, until its TTL; the engine's lease
+    registry, not the grid, ends it (only asked of backends with ``shared_leases``).
+    """
 
     id: str
     resources: Resources
@@ -61,6 +70,7 @@ class ReservationRequest:
     ttl: float = 60.0
     nodes: tuple[str, ...] | None = None
     labels: Mapping[str, str] | None = field(default=None, converter=optional_frozen_map)
+    detached: bool = False
 
 
 @frozen(eq=False)
@@ -143,6 +153,18 @@ class Backend(abc.ABC):
         reservations, with the TTL each was granted for.
         """
         return ()
+
+    async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
+        """Move any owner's lease in the engine's registry to expire ``ttl`` seconds from now.
+
+        Only backends with ``capabilities.shared_leases``; an id the registry does not
+        know raises :class:`~gridboost.exceptions.InvalidRequest` naming it.
+        """
+        raise InvalidRequest(f"the {self.name} backend keeps no lease registry: it cannot renew lease {lease_id!r}")
+
+    async def release_lease(self, lease_id: str) -> None:
+        """Give back any owner's lease in the engine's registry now, awaited (see :meth:`renew_lease`)."""
+        raise InvalidRequest(f"the {self.name} backend keeps no lease registry: it cannot release lease {lease_id!r}")
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:  # noqa: B027 - optional hook
         """Report reservations the engine loses on its own: ``await lost(reservation_id, error)``.

@@ -79,7 +79,13 @@ _WATCH = 0.25
 _EPS = 1e-9
 
 _CAPABILITIES = Capabilities(
-    reserve=True, grow=False, interrupt_running=True, commands=True, native_retries=True, remote=True
+    reserve=True,
+    grow=False,
+    interrupt_running=True,
+    commands=True,
+    native_retries=True,
+    remote=True,
+    shared_leases=True,
 )
 
 
@@ -386,7 +392,7 @@ class RayBackend(Backend):
         self._require()
         what = f"boost {request.id}"
         key = _leases.Lingering.key(*_shape(request))
-        idle = self._lingering.take(key)
+        idle = None if request.detached else self._lingering.take(key)
         if idle is not None:
             # watch() removes lingering groups Ray no longer holds whole, so this one is whole (as of its last look).
             group = idle.handle
@@ -417,9 +423,10 @@ class RayBackend(Backend):
                     with contextlib.suppress(Exception):  # the request is replaced by the next one anyway
                         await anyio.to_thread.run_sync(self._demand.remove, request.id)
                 if made:
-                    await anyio.to_thread.run_sync(self._remove_now, made[0].pg.id.hex(), self.prefix + request.id)
+                    await anyio.to_thread.run_sync(self._remove_now, made[0].pg.id.hex(), self._name(request))
             raise
-        self._held[request.id] = reservation
+        if not request.detached:  # a detached lease is the keeper's from now on, not this backend's
+            self._held[request.id] = reservation
         return reservation
 
     def _record(
@@ -438,6 +445,10 @@ class RayBackend(Backend):
             replaces=replaces,
             wait=wait,
         )
+
+    def _name(self, request: ReservationRequest) -> str:
+        # A detached lease is named outside this backend's prefix: the backend neither lists nor removes it.
+        return f"{PREFIX}lease:{request.id}" if request.detached else self.prefix + request.id
 
     def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
         ray = self._require()
@@ -478,8 +489,9 @@ class RayBackend(Backend):
             pg = placement_group(
                 bundles,
                 strategy=strategy.upper(),
-                name=self.prefix + request.id,
+                name=self._name(request),
                 bundle_label_selector=[dict(selector) for _ in bundles] if selector else None,
+                lifetime="detached" if request.detached else None,
             )
         except ValueError as exc:
             raise InvalidRequest(f"{what}: Ray refused the placement group: {exc}") from exc
@@ -587,6 +599,24 @@ class RayBackend(Backend):
             nodes = row.get("bundles_to_node_id", {})
             held.append(Reservation(request=request, placements=tuple(str(nodes.get(i, "")) for i in sorted(nodes))))
         return held
+
+    async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
+        self._require()
+        with map_errors(f"renewing lease {lease_id}"):
+            lease = await anyio.to_thread.run_sync(self._registry.renew, lease_id, time.time() + ttl)
+        if lease is None:
+            raise InvalidRequest(f"no lease {lease_id!r} on this Ray cluster")
+        return lease
+
+    async def release_lease(self, lease_id: str) -> None:
+        self._require()
+        with map_errors(f"releasing lease {lease_id}"):
+            record = await anyio.to_thread.run_sync(self._registry.get, lease_id)
+            if record is None:
+                raise InvalidRequest(f"no lease {lease_id!r} on this Ray cluster")
+            # Its owner, if it is alive and watching, sees the group gone and fails the boost (BoostLost).
+            await anyio.to_thread.run_sync(self._remove_now, record["pg_id"], lease_id)
+            await anyio.to_thread.run_sync(self._registry.drop, lease_id)
 
     async def leases(self) -> Sequence[Lease]:
         self._require()

@@ -107,6 +107,7 @@ class Registry:
             "resources": str(resources),
             "priority": int(priority),
             "placements": list(placements),
+            "grace": self.grace,
         }
         if wait:
             self._call("put", record, replaces)
@@ -135,27 +136,43 @@ class Registry:
     def drop(self, lease_id: str) -> None:
         self._call("drop", lease_id)
 
-    def leases(self) -> list[Lease]:
+    def renew(self, lease_id: str, expires_at: float) -> Lease | None:
+        record = self._call("renew", lease_id, expires_at)
+        return None if record is None else _lease(record)
+
+    def get(self, lease_id: str) -> dict[str, Any] | None:
+        """The keeper's record of ``lease_id``, or ``None`` (also when no keeper runs)."""
+        if not self._found():
+            return None
+        record: dict[str, Any] | None = self._call("get", lease_id)
+        return record
+
+    def _found(self) -> bool:
+        """Whether a keeper runs (looked up, never started: asking must not start one)."""
         if self._keeper is None:
             import ray
 
-            try:  # listing must not start a keeper: no keeper means no leases
+            try:
                 self._keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
             except ValueError:
-                return []
-        return [
-            Lease(
-                id=r["id"],
-                backend="ray",
-                resources=Resources.parse(r["resources"]),
-                owner=r["owner"],
-                state=r["state"],
-                priority=Priority(r["priority"]),
-                expires_at=r["expires_at"],
-                placements=tuple(r["placements"]),
-            )
-            for r in self._call("leases")
-        ]
+                return False
+        return True
+
+    def leases(self) -> list[Lease]:
+        return [_lease(record) for record in self._call("leases")] if self._found() else []
+
+
+def _lease(record: Mapping[str, Any]) -> Lease:
+    return Lease(
+        id=record["id"],
+        backend="ray",
+        resources=Resources.parse(record["resources"]),
+        owner=record["owner"],
+        state=record["state"],
+        priority=Priority(record["priority"]),
+        expires_at=record["expires_at"],
+        placements=tuple(record["placements"]),
+    )
 
 
 @define

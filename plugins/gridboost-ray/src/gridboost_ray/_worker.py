@@ -137,11 +137,12 @@ def run_command(
 class LeaseKeeper:
     """The cluster's registry of gridboost leases: a detached actor, one per cluster, on the head node.
 
-    Every backend records its leases here (``put``), so any process connected to the cluster can list them
-    (``leases``), and the keeper removes a lease's placement group ``grace`` seconds past its ``expires_at`` whoever
-    owns it: a lease never outlives its TTL, even when its owner hangs. Records whose group Ray removed (released,
-    or its owner's job ended, which takes its groups with it) are dropped. With no record for ``idle_exit`` seconds
-    the keeper exits, so a cluster that gridboost stopped using is left as it was found.
+    Every backend records its leases here (``put``), so any process connected to the cluster can list, renew or
+    release them, and the keeper removes a lease's placement group its ``grace`` seconds (the record's, else the
+    keeper's) past its ``expires_at``, whoever owns it: a lease never outlives its TTL, even when its owner hangs.
+    Records whose group Ray removed (released, or its owner's job ended, which takes its groups with it) are
+    dropped. With no record for ``idle_exit`` seconds the keeper exits, so a cluster that gridboost stopped using
+    is left as it was found.
 
     An async actor: its methods run on one event loop, so the records need no lock.
     """
@@ -167,6 +168,18 @@ class LeaseKeeper:
         if replaces is not None:
             self._records.pop(replaces, None)
         self._records[record["id"]] = record
+
+    async def renew(self, lease_id: str, expires_at: float) -> dict[str, Any] | None:
+        """Move a lease's expiry; its record, or ``None`` when there is no such lease."""
+        self._start()
+        record = self._records.get(lease_id)
+        if record is not None:
+            record["expires_at"] = expires_at
+        return record
+
+    async def get(self, lease_id: str) -> dict[str, Any] | None:
+        self._start()
+        return self._records.get(lease_id)
 
     async def drop(self, lease_id: str) -> None:
         self._start()
@@ -195,7 +208,7 @@ class LeaseKeeper:
                     row = table.get(record["pg_id"])
                     if row is None or row.get("state") == "REMOVED":
                         self._records.pop(lease_id, None)
-                    elif now >= record["expires_at"] + self._grace:
+                    elif now >= record["expires_at"] + record.get("grace", self._grace):
                         with contextlib.suppress(Exception):  # already being removed: the next tick drops it
                             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record["pg_id"]))))
                         self._records.pop(lease_id, None)
