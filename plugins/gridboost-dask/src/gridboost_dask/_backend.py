@@ -1,0 +1,819 @@
+"""``DaskBackend``: boosts are leases the scheduler holds on workers, offloads are ``client.submit`` calls.
+
+Nothing here imports distributed until :meth:`DaskBackend.start`: the plugin loads with every grid of an environment
+that has it installed, and ``import distributed`` costs most of a second.
+
+Names in the engine. Every task this backend submits has the key ``gridboost:<session>:<task id>``, and every lease
+is marked on its workers with the resource ``gridboost-lease:<session>:<boost id>`` (``<session>``: random per
+backend). So the scheduler's own state says what each one is, and a test (or the CLI) finds a grid's work and leases
+there.
+
+A lease. Dask has no reservation primitive and its resources are abstract counters, so the lease is built from
+Dask's own parts: the scheduler plugin :class:`~gridboost_dask._worker.LeaseRegistry` chooses workers with free
+capacity and records the lease (the scheduler is the source of truth, so leases of two clients never overlap), then
+gives each chosen worker the lease's own resource with ``Worker.set_resources``, as many units as the threads the
+lease holds there (one when it holds no CPU). Work of the boost asks for that resource, so it runs only on the
+boost's workers, and at most as many tasks at once as the boost holds threads there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import secrets
+import socket
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import anyio
+from attrs import field, frozen
+
+from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Priority, Resources, TaskSpec
+from gridboost._records import owner_name
+from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
+from gridboost.exceptions import (
+    BackendError,
+    BoostUnavailable,
+    CapacityUnavailable,
+    GridClosed,
+    InvalidRequest,
+    InvalidResources,
+    InvalidTask,
+    NotSerializable,
+    TeardownError,
+)
+
+from . import _connect
+from ._errors import map_errors
+
+__all__ = ["LEASE_PREFIX", "PREFIX", "DaskBackend"]
+
+_log = logging.getLogger("gridboost.dask")
+
+#: Every task key gridboost gives in Dask starts with this.
+PREFIX = "gridboost:"
+#: Every worker resource that marks a lease starts with this (the same as ``_worker.LEASE_PREFIX``).
+LEASE_PREFIX = "gridboost-lease:"
+# Dask's conventional name for GPUs (dask-cuda's workers declare it); gridboost's ``gpu`` maps to it.
+_GPU = "GPU"
+# The custom names gridboost.Resources accepts; a Dask resource named otherwise cannot be shown.
+_OWN_NAMES = frozenset({_GPU, "cpu", "memory"})
+# Arguments of Client.submit: a user's keyword of the same name goes through a trampoline instead.
+_SUBMIT_NAMES = frozenset(
+    {"key", "workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers", "actor", "pure"}
+)
+_CACHE_SIZE = 512
+_EPS = 1e-9
+# Between two asks of the lease registry while a boost waits for capacity: first fast, then at most this.
+_POLL_MAX = 0.5
+
+
+@frozen(eq=False)
+class _Lease:
+    """A boost's lease: its resource name in Dask, and how many units of it each of its workers has."""
+
+    name: str
+    slots: Mapping[str, float]
+    #: The most units one worker has: work of the boost that needs more cannot run in it.
+    biggest: float = field(init=False)
+
+    @biggest.default
+    def _biggest(self) -> float:
+        return max(self.slots.values(), default=0.0)
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidRequest(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequest(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _describe(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+
+
+def _to_dask(resources: Resources, what: str) -> dict[str, float]:
+    """The Dask resources work asks for: ``gpu`` → ``GPU``, custom names as they are (cpu, memory: no counters)."""
+    if resources.gpu_memory:
+        raise InvalidResources(
+            f"{what} asks for gpu_memory={resources.gpu_memory}, which Dask does not track: ask for (fractions of) GPUs"
+        )
+    clash = sorted(_OWN_NAMES.intersection(resources.custom))
+    if clash:
+        raise InvalidResources(
+            f"{what}: custom resource {clash[0]!r} is one of gridboost's own; use cpu=, gpu=, memory="
+        )
+    amounts = {key: float(value) for key, value in resources.custom.items()}
+    if resources.gpu:
+        amounts[_GPU] = resources.gpu
+    return amounts
+
+
+def _local_hosts() -> frozenset[str]:
+    import psutil
+
+    hosts = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError):
+        hosts.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    for addresses in psutil.net_if_addrs().values():
+        hosts.update(a.address for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6))
+    return frozenset(hosts)
+
+
+def _node(address: str, info: Mapping[str, Any], leased: Mapping[str, float], local: bool) -> NodeSnapshot:
+    """A worker as a node: threads are its ``cpu``, ``memory_limit`` its memory, ``GPU`` its gpus, the rest custom."""
+    raw = info.get("resources") or {}
+    custom = {k: float(v) for k, v in raw.items() if not k.startswith(LEASE_PREFIX) and k not in _OWN_NAMES and v >= 0}
+    total = Resources(
+        cpu=float(info.get("nthreads") or 0),
+        gpu=float(raw.get(_GPU, 0)),
+        memory=int(info.get("memory_limit") or 0),
+        custom=custom,
+    )
+    free = {
+        key: max(0.0, value - leased.get(key if key != "gpu" else _GPU, 0.0)) for key, value in total.as_dict().items()
+    }
+    metrics = info.get("metrics") or {}
+    usage = None
+    if "cpu" in metrics or "memory" in metrics:
+        usage = Resources(
+            cpu=max(0.0, float(metrics.get("cpu") or 0)) / 100, memory=max(0, int(metrics.get("memory") or 0))
+        )
+    labels = {"name": str(info.get("name", "")), "host": str(info.get("host", ""))}
+    if local:
+        labels["local"] = "true"
+    labels.update({f"resource:{k}": f"{v:g}" for k, v in raw.items() if not k.startswith(LEASE_PREFIX)})
+    return NodeSnapshot(
+        id=address,
+        address=address,
+        total=total,
+        available=Resources.coerce(free),
+        labels=labels,
+        usage=usage,
+        alive=str(info.get("status", "running")) in ("running", "paused"),
+    )
+
+
+_AGAIN = object()
+# How long a gather waits for results still being computed to join it: the most a result is held back, under load.
+_GATHER_WINDOW = 0.02
+
+
+class _Gatherer:
+    """Fetches finished results in batches, one ``client.gather`` at a time.
+
+    Awaiting a Dask future fetches its result on its own: one scheduler round trip per task, which caps throughput
+    well below one ``client.gather`` over many futures. So results that finish while a gather is under way wait for
+    the next one, which takes them all (as Nagle's algorithm does), and a gather waits up to ``_GATHER_WINDOW`` for
+    results still being computed. A lone result is fetched at once, so a single round trip costs no more than awaiting
+    the future. Lives in Dask's loop (plain asyncio).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._batch: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._busy = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Results still being computed: while there are some, a gather waits a moment for them to join it.
+        self._running = 0
+        self._idle = asyncio.Event()
+
+    async def result(self, future: Any) -> Any:
+        self._running += 1
+        self._idle.clear()
+        try:
+            await future.exception()  # waits until it is done, fetching nothing (returns its error, if any)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+        if future.status != "finished":  # the user's error, or cancelled: the future raises it itself
+            return await future
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch.append((future, waiter))
+        if not self._busy:
+            self._flush()
+        value = await waiter
+        return await future if value is _AGAIN else value
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        self._busy = True
+        task = asyncio.ensure_future(self._gather(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _gather(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            await asyncio.sleep(0)  # let the results of this tick join the batch
+            if self._running:  # more are coming: a few milliseconds of wait saves a round trip each
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), _GATHER_WINDOW)
+            batch += self._batch
+            self._batch = []
+            try:
+                values = await self._client.gather([future for future, _ in batch])
+            except BaseException:  # one of them failed (a worker died, a waiter cancelled it): each asks on its own
+                values = [_AGAIN] * len(batch)
+            for (_, waiter), value in zip(batch, values, strict=True):
+                if not waiter.done():
+                    waiter.set_result(value)
+        finally:
+            self._busy = False
+            if self._batch:
+                self._flush()
+
+
+class _LRU(OrderedDict[Hashable, Any]):
+    def remember(self, key: Hashable, value: Any) -> Any:
+        self[key] = value
+        if len(self) > _CACHE_SIZE:
+            self.popitem(last=False)
+        return value
+
+
+class DaskBackend(Backend):
+    """A Dask cluster as a gridboost backend; see the module docstring and the plugin's README."""
+
+    name = "dask"
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        security: Any = None,
+        n_workers: int = 2,
+        threads_per_worker: int = 2,
+        memory_limit: str | float | None = None,
+        resources: Mapping[str, float] | None = None,
+        max_workers: int | None = None,
+        connect_timeout: float = 30.0,
+        grow_timeout: float = 60.0,
+        grace: float = 2.0,
+        lease_grace: float = 10.0,
+        watch_interval: float = 1.0,
+        close_timeout: float = 30.0,
+    ) -> None:
+        self._target = _connect.parse_address(address)
+        embedded = self._target.kind == "embedded"
+        for option, value, default in (
+            ("n_workers", n_workers, 2),
+            ("threads_per_worker", threads_per_worker, 2),
+            ("memory_limit", memory_limit, None),
+            ("resources", resources, None),
+            ("max_workers", max_workers, None),
+        ):
+            if value != default and not embedded:
+                raise InvalidRequest(f"{option} applies only to a LocalCluster that gridboost starts (no address)")
+        self._n_workers = _count("n_workers", n_workers, 1)
+        self._threads = _count("threads_per_worker", threads_per_worker, 1)
+        self._max_workers = _count("max_workers", max_workers, self._n_workers) if max_workers is not None else None
+        if resources is not None and (
+            not isinstance(resources, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in resources.items())
+        ):
+            raise InvalidRequest(f"resources must map names to amounts >= 0, got {resources!r}")
+        self._resources = dict(resources) if resources else None
+        self._memory_limit = memory_limit
+        if security is not None and type(security).__name__ != "Security" and not isinstance(security, bool):
+            raise InvalidRequest(f"security must be a distributed.security.Security, got {security!r}")
+        self._security = security
+        self._connect_timeout = _positive("connect_timeout", connect_timeout)
+        self._grow_timeout = _positive("grow_timeout", grow_timeout)
+        self._grace = _positive("grace", grace)
+        self._lease_grace = _positive("lease_grace", lease_grace)
+        self._watch_interval = _positive("watch_interval", watch_interval)
+        self._close_timeout = _positive("close_timeout", close_timeout)
+        #: Random per backend: the middle part of every key and lease resource this backend names in Dask.
+        self.session = secrets.token_hex(4)
+        #: What this backend's task keys start with (then the task's id).
+        self.prefix = f"{PREFIX}{self.session}:"
+        #: What this backend's lease resources start with (then the boost's id).
+        self.lease_prefix = f"{LEASE_PREFIX}{self.session}:"
+        self._conn: _connect.Connection | None = None
+        self._loop: _connect.DaskLoop | None = None
+        self._closed = False
+        self._owner = owner_name()
+        self._local_hosts: frozenset[str] = frozenset()
+        self._options = _LRU()
+        self._picklable = _LRU()
+        self._gatherer: _Gatherer = None  # type: ignore[assignment]  # made with the client, at start
+        self._worker: Any = None  # the _worker module, imported at start (it imports distributed)
+        # Workers an embedded cluster grew for a boost (by boost id): given back when it is released.
+        self._grown: dict[str, list[str]] = {}
+        self._held: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<DaskBackend {self._target} session={self.session}>"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        grow = self._conn.can_grow if self._conn is not None else self._target.kind == "embedded"
+        return Capabilities(
+            reserve=True, grow=grow, interrupt_running=False, commands=True, native_retries=True, remote=True
+        )
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` this backend uses (asynchronous; in a thread's loop on trio)."""
+        return self._require().client
+
+    @property
+    def connection(self) -> _connect.Connection | None:
+        return self._conn
+
+    # -- life cycle ----------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed or self._loop is not None:
+            raise GridClosed("a DaskBackend starts once; make a new one")
+        import cloudpickle  # type: ignore[import-untyped]
+
+        from . import _worker
+
+        # Scheduler and workers need not have gridboost-dask installed: what runs there of it travels by value.
+        cloudpickle.register_pickle_by_value(_worker)
+        self._worker = _worker
+        self._local_hosts = await anyio.to_thread.run_sync(_local_hosts)
+        self._loop = _connect.DaskLoop(threaded=_connect.on_trio())
+        await anyio.to_thread.run_sync(self._loop.start) if self._loop.threaded else self._loop.start()
+        self._conn = await self._loop.call(
+            _connect.open_connection,
+            self._target,
+            security=self._security,
+            n_workers=self._n_workers,
+            threads_per_worker=self._threads,
+            memory_limit=self._memory_limit,
+            resources=self._resources,
+            timeout=self._connect_timeout,
+            threaded=self._loop.threaded,
+        )
+        self._gatherer = _Gatherer(self._conn.client)
+        try:
+            with map_errors("registering gridboost's lease registry on the Dask scheduler"):
+                await self._loop.call(self._register)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+
+    async def _register(self) -> None:
+        assert self._conn is not None
+        # Idempotent by name: every client of the cluster registers it, the first one installs it.
+        await self._conn.client.register_plugin(self._worker.LeaseRegistry(), name=self._worker.REGISTRY)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn, loop = self._conn, self._loop
+        if loop is None:
+            return
+        leftovers: list[str] = []
+        if conn is not None:
+            # The grid has already reported any of these as leaked; releasing them keeps the leak from outliving us.
+            with contextlib.suppress(Exception):
+                for record in await loop.call(self._records):
+                    if record["session"] == self.session:
+                        try:
+                            await loop.call(self._release_now, record["name"])
+                        except Exception as exc:
+                            leftovers.append(f"lease {record['id']}: {exc}")
+            leftovers += await loop.call(_connect.close, conn, self._close_timeout)
+        if loop.threaded and not await anyio.to_thread.run_sync(loop.stop, self._close_timeout):
+            leftovers.append(f"the Dask event loop thread did not stop within {self._close_timeout:g}s")
+        if leftovers:
+            raise TeardownError(leftovers)
+
+    def _require(self) -> _connect.Connection:
+        if self._conn is None or self._closed:
+            raise GridClosed("the Dask backend is not started" if not self._closed else "the Dask backend is closed")
+        return self._conn
+
+    def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        assert self._loop is not None
+        return self._loop.call(fn, *args, **kwargs)
+
+    # -- seeing --------------------------------------------------------------------------------------------------------
+
+    async def _state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        scheduler = self._require().client.scheduler
+        identity, records = await asyncio.gather(scheduler.identity(n_workers=-1), scheduler.gridboost_leases())
+        return identity, records
+
+    async def _records(self) -> list[dict[str, Any]]:
+        return list(await self._require().client.scheduler.gridboost_leases())
+
+    async def snapshot(self) -> ClusterSnapshot:
+        self._require()
+        with map_errors("reading the Dask scheduler's workers"):
+            identity, records = await self._call(self._state)
+        leased: dict[str, dict[str, float]] = {}
+        for record in records:
+            for addr, amounts in record["amounts"].items():
+                into = leased.setdefault(addr, {})
+                for key, value in amounts.items():
+                    into[key] = into.get(key, 0.0) + value
+        nodes = []
+        local_seen = False
+        for address, info in sorted(identity.get("workers", {}).items()):
+            local = str(info.get("host", "")) in self._local_hosts
+            node = _node(address, info, leased.get(address, {}), local)
+            if local and not local_seen:  # a snapshot names at most one local node: the first worker on this machine
+                local_seen = True
+                node = NodeSnapshot(
+                    id=node.id,
+                    address=node.address,
+                    total=node.total,
+                    available=node.available,
+                    labels=node.labels,
+                    usage=node.usage,
+                    alive=node.alive,
+                    is_local=True,
+                )
+            nodes.append(node)
+        return ClusterSnapshot(backend=self.name, nodes=nodes)
+
+    # -- reserving -----------------------------------------------------------------------------------------------------
+
+    def _lease_record(self, request: ReservationRequest, name: str) -> dict[str, Any]:
+        resources = request.resources
+        _to_dask(resources, f"boost {request.id}")  # refuses what Dask cannot express
+        amounts = self._worker.lease_amounts(resources.cpu, resources.gpu, resources.memory, resources.custom)
+        return {
+            "name": name,
+            "id": request.id,
+            "session": self.session,
+            "backend": self.name,
+            "owner": self._owner,
+            "client": str(self._require().client.id),
+            "resources": resources.as_dict(),
+            "amounts": amounts,
+            "strategy": request.strategy,
+            "priority": int(request.priority),
+            "ttl": float(request.ttl),
+            "grace": self._lease_grace,
+        }
+
+    async def reserve(self, request: ReservationRequest) -> Reservation:
+        conn = self._require()
+        what = f"boost {request.id}"
+        name = self.lease_prefix + request.id
+        lease = self._lease_record(request, name)
+        candidates: list[str] | None = None
+        if request.nodes is not None or request.labels:
+            matching = (await self.snapshot()).matching(request.nodes, request.labels)
+            if not matching:
+                raise BoostUnavailable(
+                    f"{what}: no live Dask worker matches nodes={request.nodes} labels={dict(request.labels or {})}"
+                )
+            candidates = [node.id for node in matching]
+        can_grow = conn.can_grow and candidates is None
+        grew = False
+        pause = 0.02
+        try:
+            while True:
+                with map_errors(what):
+                    answer = await self._call(
+                        conn.client.scheduler.gridboost_reserve, lease=lease, candidates=candidates
+                    )
+                status = answer["status"]
+                if status == "granted":
+                    break
+                missing = Resources.coerce(_from_amounts(answer.get("missing") or {}))
+                if can_grow and not grew and (status == "never" or missing):
+                    grew = True
+                    await self._grow(request, missing)
+                    continue
+                if status == "never":
+                    raise BoostUnavailable(
+                        f"{what} ({request.resources}, strategy {request.strategy}) can never be placed: "
+                        f"{answer.get('why', '')}; missing {missing}"
+                        + ("" if conn.can_grow else " (the cluster has no manager gridboost could scale)")
+                    )
+                await anyio.sleep(pause)
+                pause = min(pause * 2, _POLL_MAX)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                # A grant may have landed while we gave up on its answer: the registry undoes it by name.
+                with contextlib.suppress(Exception), anyio.move_on_after(self._close_timeout):
+                    await self._call(self._release_now, name)
+                await self._shrink(request.id)
+            raise
+        self._held.add(request.id)
+        lease_handle = _Lease(name=name, slots=dict(answer["slots"]))
+        return Reservation(request=request, placements=tuple(answer["placements"]), handle=lease_handle)
+
+    async def _release_now(self, name: str) -> bool:
+        return bool(await self._require().client.scheduler.gridboost_release(name=name))
+
+    async def _grow(self, request: ReservationRequest, missing: Resources) -> None:
+        """Add workers to an embedded (or any scalable) cluster so that ``missing`` fits, and wait for them."""
+        conn = self._require()
+        template = conn.worker_template or {}
+        threads = float(template.get("nthreads") or 1)
+        extra = dict(template.get("resources") or {})
+        need = 1
+        if missing.cpu:
+            need = max(need, math.ceil(missing.cpu / threads - _EPS))
+        for key, value in _to_dask(missing, f"boost {request.id}").items():
+            if not extra.get(key):
+                raise BoostUnavailable(
+                    f"boost {request.id} ({request.resources}): missing {missing}, and new workers of this cluster "
+                    f"have no {key!r}"
+                )
+            need = max(need, math.ceil(value / extra[key] - _EPS))
+        identity = await self._call(conn.client.scheduler.identity, n_workers=-1)
+        before = {str(info.get("name")) for info in identity.get("workers", {}).values()}
+        limit = self._max_workers if self._max_workers is not None else 2 * self._n_workers
+        if len(before) + need > limit:
+            raise BoostUnavailable(
+                f"boost {request.id} ({request.resources}): missing {missing}; growing the cluster by {need} "
+                f"worker(s) would pass max_workers={limit} (it has {len(before)})"
+            )
+        self._grown[request.id] = []
+        try:
+            with map_errors(f"growing the cluster for boost {request.id}"):
+                await self._call(self._scale_up, len(before) + need)
+        except TimeoutError:
+            raise BoostUnavailable(
+                f"boost {request.id}: the cluster did not grow to {len(before) + need} workers within "
+                f"{self._grow_timeout:g}s"
+            ) from None
+        finally:
+            identity = await self._call(conn.client.scheduler.identity, n_workers=-1)
+            after = {str(info.get("name")) for info in identity.get("workers", {}).values()}
+            self._grown[request.id] = sorted(after - before)
+
+    async def _scale_up(self, n: int) -> None:
+        conn = self._require()
+        conn.cluster.scale(n)
+        await conn.client.wait_for_workers(n, timeout=self._grow_timeout)
+
+    async def _shrink(self, boost_id: str) -> None:
+        """Give back the workers grown for a boost, unless another of this backend's leases is on them."""
+        names = self._grown.pop(boost_id, [])
+        conn = self._conn
+        if not names or conn is None or conn.cluster is None:
+            return
+        try:
+            with anyio.move_on_after(self._close_timeout):
+                identity, records = await self._call(self._state)
+                name_of = {addr: str(info.get("name")) for addr, info in identity.get("workers", {}).items()}
+                busy = {name_of.get(addr) for r in records for addr in r["placements"]}
+                keep = [n for n in names if n in busy]
+                if keep:  # still under another boost: given back with that one
+                    other = next(r["id"] for r in records if any(name_of.get(a) in keep for a in r["placements"]))
+                    self._grown.setdefault(other, []).extend(keep)
+                drop = [n for n in names if n not in busy]
+                if drop:
+                    await self._call(self._scale_down, drop)
+        except Exception as exc:
+            _log.warning("shrinking the Dask cluster after boost %s failed: %s: %s", boost_id, type(exc).__name__, exc)
+
+    async def _scale_down(self, names: list[str]) -> None:
+        cluster = self._require().cluster
+        if hasattr(cluster, "scale_down"):
+            # The scheduler reports names as strings; a SpecCluster's specs may be keyed by ints (LocalCluster's are).
+            specs = getattr(cluster, "worker_spec", {})
+            await cluster.scale_down([next((k for k in specs if str(k) == n), n) for n in names])
+        else:
+            cluster.scale(max(self._n_workers, len(cluster.workers) - len(names)))
+
+    async def release(self, reservation: Reservation) -> None:
+        lease = reservation.handle
+        if not isinstance(lease, _Lease):
+            raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
+        self._held.discard(reservation.id)
+        with map_errors(f"releasing boost {reservation.id}"):
+            await self._call(self._release_now, lease.name)
+        await self._shrink(reservation.id)
+
+    async def extend(self, reservation: Reservation, ttl: float) -> None:
+        lease = reservation.handle
+        if not isinstance(lease, _Lease):
+            raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
+        with map_errors(f"extending boost {reservation.id}"):
+            await self._call(self._require().client.scheduler.gridboost_extend, name=lease.name, ttl=float(ttl))
+
+    async def reservations(self) -> Sequence[Reservation]:
+        if self._conn is None or self._closed:
+            return []
+        with map_errors("listing the Dask scheduler's leases"):
+            records = await self._call(self._records)
+        held = []
+        for record in records:
+            if record["session"] != self.session:
+                continue
+            request = ReservationRequest(
+                id=record["id"], resources=Resources.coerce(record["resources"]), strategy=record["strategy"]
+            )
+            held.append(Reservation(request=request, placements=tuple(record["placements"])))
+        return held
+
+    async def leases(self) -> Sequence[Lease]:
+        self._require()
+        with map_errors("listing the Dask scheduler's leases"):
+            records = await self._call(self._records)
+        return [
+            Lease(
+                id=record["id"],
+                backend=record.get("backend", self.name),
+                resources=Resources.coerce(record["resources"]),
+                owner=record["owner"],
+                state="active",
+                priority=Priority(record["priority"]),
+                expires_at=float(record["expires_at"]),
+                placements=tuple(dict.fromkeys(record["placements"])),
+            )
+            for record in records
+            if record["state"] == "active"
+        ]
+
+    async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
+        """Poll the registry: a lease of ours that it marks ``lost`` (a worker left) or no longer has is reported."""
+        reported: set[str] = set()
+        while True:
+            await anyio.sleep(self._watch_interval)
+            if self._conn is None or self._closed:
+                return
+            try:
+                records = await self._call(self._records)
+            except Exception as exc:  # the scheduler may be back in a moment; the next round asks again
+                _log.warning("the Dask backend could not read its leases: %s: %s", type(exc).__name__, exc)
+                continue
+            ours = {r["id"]: r for r in records if r["session"] == self.session}
+            for boost_id in list(self._held):
+                record = ours.get(boost_id)
+                if boost_id in reported or (record is not None and record["state"] != "lost"):
+                    continue
+                if boost_id not in self._held:  # released while we looked
+                    continue
+                reported.add(boost_id)
+                why = (
+                    record["lost"] if record is not None else "the scheduler no longer holds it (reaped, or restarted)"
+                )
+                await lost(boost_id, BackendError(f"Dask lost the lease: {why}"))
+
+    # -- running -------------------------------------------------------------------------------------------------------
+
+    def check_task(self, task: TaskSpec) -> None:
+        resources = task.resources
+        if resources.gpu_memory or (resources.custom and not _OWN_NAMES.isdisjoint(resources.custom)):
+            _to_dask(resources, f"task {task.name}")
+        target = task.target
+        if isinstance(target, Command):
+            return
+        try:
+            if target in self._picklable:
+                return
+        except TypeError:  # unhashable: checked every time
+            pass
+        if inspect.iscoroutinefunction(target):
+            raise InvalidTask(f"{_describe(target)} is an async function: a Dask task runs plain functions")
+        import cloudpickle
+
+        try:
+            cloudpickle.dumps(target)
+        except Exception as exc:
+            raise NotSerializable(
+                f"cannot send {_describe(target)} to Dask: it cannot be serialised ({type(exc).__name__}: {exc})"
+            ) from exc
+        with contextlib.suppress(TypeError):  # unhashable
+            self._picklable.remember(target, True)
+
+    async def run(
+        self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
+    ) -> Any:
+        """Submit ``task`` to Dask and await its result; see :meth:`gridboost.abc.Backend.run`."""
+        conn = self._require()
+        loop = self._loop
+        assert loop is not None
+        what = f"task {task.id} ({task.name})"
+        fn, args, kwargs, options = self._prepare(task, reservation)
+        # The scheduler queues work itself and never says when it starts, so nothing we submit may be moved.
+        if on_start is not None:
+            on_start()
+        if loop.threaded:
+            with map_errors(what):
+                result = await loop.call(self._execute, conn.client, fn, args, kwargs, self.prefix + task.id, options)
+        else:
+            with map_errors(what):
+                future = conn.client.submit(fn, *args, key=self.prefix + task.id, pure=False, **options, **kwargs)
+            # The future is recorded: from here on a cancellation can reach the task.
+            try:
+                with map_errors(what):
+                    result = await self._gatherer.result(future)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # cancelled here: the task must stop too
+                    with anyio.CancelScope(shield=True):
+                        await self._cancel(conn.client, future)
+                raise
+        if isinstance(task.target, Command):
+            status, out, err, node = result
+            return CommandResult(returncode=status, stdout=out, stderr=err, node=node)
+        return result
+
+    async def _execute(
+        self, client: Any, fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], key: str, options: dict[str, Any]
+    ) -> Any:
+        """Submit and await in Dask's own loop (the trio path); cancelled there, cancel the Dask future first."""
+        future = client.submit(fn, *args, key=key, pure=False, **options, **kwargs)
+        try:
+            return await self._gatherer.result(future)
+        except asyncio.CancelledError:
+            await self._cancel(client, future)
+            raise
+
+    async def _cancel(self, client: Any, future: Any) -> None:
+        # Dask drops queued work; work already running on a worker thread runs to its end (a command stops its
+        # process itself, as soon as its worker sees the cancellation).
+        try:
+            await asyncio.wait_for(client.cancel([future], reason="cancelled by gridboost"), self._close_timeout)
+        except Exception as exc:
+            _log.warning("cancelling Dask task %s failed: %s: %s", future.key, type(exc).__name__, exc)
+
+    def _prepare(
+        self, task: TaskSpec, reservation: Reservation | None
+    ) -> tuple[Any, tuple[Any, ...], Mapping[str, Any], dict[str, Any]]:
+        target = task.target
+        if isinstance(target, Command):
+            fn: Any = self._worker.run_command
+            args: tuple[Any, ...] = (target.argv, dict(target.env) if target.env else None, target.cwd, self._grace)
+            kwargs: Mapping[str, Any] = {}
+        elif task.kwargs and not _SUBMIT_NAMES.isdisjoint(task.kwargs):
+            fn, args, kwargs = self._worker.call, (target, task.args, dict(task.kwargs)), {}
+        else:
+            fn, args, kwargs = target, task.args, task.kwargs
+        key = (task.resources, reservation, task.retries, task.priority)
+        options = self._options.get(key)
+        if options is None:
+            options = self._options.remember(key, self._task_options(task, reservation))
+        return fn, args, kwargs, options
+
+    def _task_options(self, task: TaskSpec, reservation: Reservation | None) -> dict[str, Any]:
+        amounts = _to_dask(task.resources, f"task {task.name}")
+        if reservation is not None:
+            lease = reservation.handle
+            if not isinstance(lease, _Lease):
+                raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
+            # A task of a boost takes its CPUs of the boost's resource (unsized: one, or what the boost holds).
+            need = task.resources.cpu or min(1.0, lease.biggest)
+            if need > lease.biggest + _EPS:
+                raise CapacityUnavailable(
+                    f"task {task.name} needs {task.resources}; the most boost {reservation.id} holds on one worker is "
+                    f"cpu={lease.biggest:g}"
+                )
+            amounts[lease.name] = need
+        options: dict[str, Any] = {"priority": int(task.priority)}
+        if amounts:
+            options["resources"] = amounts
+        if task.retries:
+            options["retries"] = task.retries
+        return options
+
+
+def _from_amounts(amounts: Mapping[str, float]) -> dict[str, Any]:
+    """The registry's names (``cpu``, ``memory``, ``GPU``, custom) as a ``Resources`` mapping."""
+    out: dict[str, Any] = {}
+    custom: dict[str, float] = {}
+    for key, value in amounts.items():
+        if key == "cpu":
+            out["cpu"] = value
+        elif key == "memory":
+            out["memory"] = math.ceil(value)
+        elif key == _GPU:
+            out["gpu"] = value
+        else:
+            custom[key] = value
+    if custom:
+        out["custom"] = custom
+    return out
+
+
+_OPTIONS = {
+    "address": "None (default) or 'local': an embedded LocalCluster of worker processes; 'tcp://host:port' or "
+    "'tls://host:port' joins a running scheduler",
+    "security": "a distributed.security.Security, passed through (TLS)",
+    "n_workers": "workers of an embedded LocalCluster (default 2)",
+    "threads_per_worker": "threads of each embedded worker (default 2)",
+    "memory_limit": "memory limit of each embedded worker (default: Dask's 'auto')",
+    "resources": "Dask resources of each embedded worker, e.g. {'GPU': 1}",
+    "max_workers": "how far an embedded cluster may grow for boosts (default 2 x n_workers)",
+    "connect_timeout": "seconds to start or reach the scheduler before BackendError (default 30)",
+    "grow_timeout": "seconds to wait for new workers when a boost grows the cluster (default 60)",
+    "grace": "seconds between SIGTERM and SIGKILL when a command is cancelled (default 2)",
+    "lease_grace": "seconds the scheduler keeps a lease past its TTL, or after its owner left (default 10)",
+    "watch_interval": "seconds between two looks for leases Dask lost (default 1)",
+    "close_timeout": "seconds to wait for a cancel, a release or the cluster's close (default 30)",
+}

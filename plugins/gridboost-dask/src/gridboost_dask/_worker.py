@@ -1,0 +1,482 @@
+"""What runs inside Dask's processes: the lease registry on the scheduler, and lease marks and commands on workers.
+
+This module is shipped *by value* (``cloudpickle.register_pickle_by_value``), so a cluster whose scheduler and workers
+do not have gridboost-dask installed can still run it. It imports only the standard library and ``distributed``
+(which every Dask process has), never gridboost.
+
+The registry (:class:`LeaseRegistry`, a ``SchedulerPlugin`` named ``gridboost-leases``) is the one source of truth of
+leases: it places a lease on workers with free capacity, marks it there with a resource of its own
+(``gridboost-lease:<session>:<boost id>``, set with ``Worker.set_resources``), lists leases to any client, extends
+them, and removes — by itself, on a periodic callback — a lease whose TTL plus grace has passed or whose owner client
+has been gone for longer than the grace. Capacity is accounted here, in one event loop, so two clients can never book
+the same threads: a worker's capacity is its threads (``cpu``), its ``memory_limit`` and its own resources; what
+leases hold is subtracted from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+if TYPE_CHECKING:
+    from distributed import Scheduler, Worker
+
+__all__ = [
+    "LEASE_PREFIX",
+    "REGISTRY",
+    "LeaseRegistry",
+    "call",
+    "drop_lease_resource",
+    "run_command",
+    "set_lease_resource",
+]
+
+_log = logging.getLogger("gridboost.dask")
+
+#: Every worker resource that marks a lease starts with this.
+LEASE_PREFIX = "gridboost-lease:"
+#: The registry's name on the scheduler.
+REGISTRY = "gridboost-leases"
+_EPS = 1e-9
+# How often a running command looks whether its task was cancelled: a Dask worker thread cannot be interrupted.
+_POLL = 0.05
+_PR_SET_PDEATHSIG = 1
+
+Amounts = dict[str, float]
+
+
+# -- on workers: lease marks ----------------------------------------------------------------------------------------
+
+
+async def set_lease_resource(name: str, amount: float, dask_worker: Worker | None = None) -> dict[str, float]:
+    """Give this worker ``amount`` of the lease's own resource (the worker tells the scheduler itself)."""
+    assert dask_worker is not None
+    await dask_worker.set_resources(**{name: amount})
+    return dict(dask_worker.state.total_resources)
+
+
+async def drop_lease_resource(name: str, dask_worker: Worker | None = None) -> bool:
+    """Remove the lease's resource from this worker; ``False`` if a task still holds some (it is set to 0 then).
+
+    Dask can set a resource but not remove one. Removing it while a task holds it would break the worker's books
+    when that task ends, so then the amount goes to 0 and the registry's sweep removes it later.
+    """
+    assert dask_worker is not None
+    state = dask_worker.state
+    total = state.total_resources.get(name)
+    if total is None:
+        return True
+    if state.available_resources.get(name, 0.0) + _EPS >= total:
+        del state.total_resources[name]
+        state.available_resources.pop(name, None)
+        return True
+    await dask_worker.set_resources(**{name: 0.0})
+    return False
+
+
+def call(fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """Run a callable whose keywords would collide with ``Client.submit``'s own (``key=``, ``resources=``...)."""
+    return fn(*args, **kwargs)
+
+
+# -- on workers: commands -------------------------------------------------------------------------------------------
+
+
+def _kill_with_parent() -> Any:
+    # Resolved here, in the parent: the child runs between fork and exec, where loading a library could deadlock.
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+
+    def arm() -> None:
+        # A worker that dies (killed, or its nanny restarts it) takes the command with it.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return arm
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # The command leads its own session, so its children go with it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def _stop(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace``; returns once the process is reaped."""
+    deadline = time.monotonic() + grace
+    _signal_group(process, signal.SIGTERM)
+    killed = False
+    while process.returncode is None:
+        if not killed and time.monotonic() >= deadline:
+            killed = True
+            _signal_group(process, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(_POLL)
+
+
+def _cancelled(worker: Worker, key: Any) -> bool:
+    """Whether the scheduler took this task back (cancelled, or its future released) while it runs here."""
+    ts = worker.state.tasks.get(key)
+    return ts is None or ts.state in ("cancelled", "released", "forgotten")
+
+
+class CommandCancelled(Exception):
+    """The command's task was cancelled while it ran; its process was stopped."""
+
+
+def run_command(
+    argv: Sequence[str], env: Mapping[str, str] | None, cwd: str | None, grace: float
+) -> tuple[int, bytes, bytes, str]:
+    """Run ``argv``; return (status, stdout, stderr, worker address). Cancelled: SIGTERM, then SIGKILL after ``grace``.
+
+    A Dask task cannot be interrupted in its thread, so the command watches its own task in the worker's state and
+    stops its process as soon as the scheduler cancels the task.
+    """
+    from distributed import get_worker
+
+    worker = get_worker()
+    key = worker.get_current_task()
+    process = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
+        start_new_session=True,
+        preexec_fn=_kill_with_parent() if os.name == "posix" else None,  # only prctl, resolved before the fork
+    )
+    try:
+        while True:
+            try:
+                out, err = process.communicate(timeout=_POLL)
+                break
+            except subprocess.TimeoutExpired:
+                if _cancelled(worker, key):
+                    raise CommandCancelled(f"{list(argv)!r} was cancelled") from None
+    except BaseException:
+        _stop(process, grace)
+        raise
+    return process.returncode, out, err, str(worker.address)
+
+
+# -- on the scheduler: the lease registry ---------------------------------------------------------------------------
+
+
+def _fits(amounts: Mapping[str, float], room: Mapping[str, float]) -> bool:
+    return all(value <= room.get(key, 0.0) + _EPS for key, value in amounts.items() if value)
+
+
+def _add(into: Amounts, amounts: Mapping[str, float], sign: float = 1.0) -> None:
+    for key, value in amounts.items():
+        into[key] = into.get(key, 0.0) + sign * value
+
+
+def _missing(amounts: Mapping[str, float], room: Mapping[str, float]) -> Amounts:
+    return {k: v - room.get(k, 0.0) for k, v in amounts.items() if v > room.get(k, 0.0) + _EPS}
+
+
+def split(amounts: Mapping[str, float], strategy: str, one_node: bool) -> list[Amounts]:
+    """The bundles of a lease, as for Ray's placement groups.
+
+    ``strict_pack`` (and ``pack`` when one worker could hold it all): one bundle. Otherwise ``k`` equal bundles, ``k``
+    being the lease's whole CPUs (its whole GPUs when it has no CPU; at least 1); memory stays in whole bytes.
+    """
+    if strategy == "strict_pack" or (strategy == "pack" and one_node):
+        return [dict(amounts)]
+    cpu, gpu = amounts.get("cpu", 0.0), amounts.get("GPU", 0.0)
+    k = max(1, int(cpu) if cpu >= 1 else int(gpu))
+    bundles: list[Amounts] = [{} for _ in range(k)]
+    for key, value in amounts.items():
+        if key == "memory":
+            base, extra = divmod(int(value), k)
+            for i, bundle in enumerate(bundles):
+                bundle[key] = float(base + (i < extra))
+        else:
+            for bundle in bundles:
+                bundle[key] = value / k
+    return bundles
+
+
+def place(bundles: list[Amounts], rooms: Mapping[str, Amounts], strategy: str) -> list[str] | None:
+    """A worker for each bundle, or ``None``: pack fills the fullest worker first, spread uses each once first."""
+    left = {addr: dict(room) for addr, room in rooms.items()}
+    chosen: list[str] = []
+    for bundle in bundles:
+        fitting = [addr for addr, room in left.items() if _fits(bundle, room)]
+        if strategy == "strict_spread":
+            fitting = [addr for addr in fitting if addr not in chosen]
+        if not fitting:
+            return None
+        if strategy in ("spread", "strict_spread"):
+            # Least used by this lease, then most room: spread out.
+            addr = min(fitting, key=lambda a: (chosen.count(a), -left[a].get("cpu", 0.0), a))
+        else:
+            # Already used by this lease, then least room that fits: pack tight.
+            addr = min(fitting, key=lambda a: (a not in chosen, left[a].get("cpu", 0.0), a))
+        chosen.append(addr)
+        _add(left[addr], bundle, -1.0)
+    return chosen
+
+
+class LeaseRegistry(SchedulerPlugin):
+    """gridboost's leases, held by the scheduler (see the module docstring). Registered idempotently by name."""
+
+    name = REGISTRY
+    idempotent = True
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.scheduler: Scheduler | None = None
+        # Marking a lease on its workers is awaited; a release that arrives meanwhile waits for it (by resource name).
+        self._marking: dict[str, asyncio.Event] = {}
+        # Clients the scheduler saw leave, and when: their leases go after the grace.
+        self._gone: dict[str, float] = {}
+
+    # -- plugin hooks --------------------------------------------------------------------------------------------------
+
+    async def start(self, scheduler: Scheduler) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        self.scheduler = scheduler
+        scheduler.handlers.update(
+            {
+                "gridboost_reserve": self.reserve,
+                "gridboost_release": self.release,
+                "gridboost_extend": self.extend,
+                "gridboost_leases": self.list,
+            }
+        )
+        callback = PeriodicCallback(self.reap, self.interval * 1000)
+        scheduler.periodic_callbacks[REGISTRY] = callback  # the scheduler stops it when it closes
+        callback.start()
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        for lease in self.leases.values():
+            if worker in lease["placements"] and lease["state"] != "lost":
+                lease["state"] = "lost"
+                lease["lost"] = f"worker {worker} left the cluster ({stimulus_id})"
+
+    def add_client(self, scheduler: Scheduler, client: str) -> None:
+        self._gone.pop(client, None)  # a client that reconnects keeps its leases
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        if any(lease["client"] == client for lease in self.leases.values()):
+            self._gone[client] = time.time()
+
+    # -- handlers ------------------------------------------------------------------------------------------------------
+
+    def _rooms(self, candidates: Sequence[str] | None, *, free: bool) -> dict[str, Amounts]:
+        assert self.scheduler is not None
+        rooms: dict[str, Amounts] = {}
+        for addr, ws in self.scheduler.workers.items():
+            if candidates is not None and addr not in candidates:
+                continue
+            if ws.status.name not in ("running", "paused"):
+                continue
+            room: Amounts = {"cpu": float(ws.nthreads), "memory": float(ws.memory_limit or 0)}
+            room.update({k: float(v) for k, v in ws.resources.items() if not k.startswith(LEASE_PREFIX)})
+            rooms[addr] = room
+        if free:
+            for lease in self.leases.values():
+                for addr, amounts in lease["amounts"].items():
+                    if addr in rooms:
+                        _add(rooms[addr], amounts, -1.0)
+        return rooms
+
+    async def reserve(self, lease: dict[str, Any], candidates: list[str] | None = None) -> dict[str, Any]:
+        """Place and mark ``lease`` if it fits now: ``granted``, ``busy`` (not now), ``never`` (not here)."""
+        name = lease["name"]
+        if name in self.leases:
+            record = self.leases[name]
+            return {"status": "granted", "placements": record["placements"], "slots": record["slots"]}
+        amounts: Amounts = lease["amounts"]
+        strategy = lease["strategy"]
+        totals = self._rooms(candidates, free=False)
+        if not totals:
+            return {"status": "never", "why": "no running worker matches", "missing": amounts}
+        one_node = any(_fits(amounts, room) for room in totals.values())
+        bundles = split(amounts, strategy, one_node)
+        if place(bundles, totals, strategy) is None:
+            whole: Amounts = {}
+            for room in totals.values():
+                _add(whole, room)
+            why = (
+                f"no set of the {len(totals)} matching workers could ever hold its bundles {bundles} "
+                f"(strategy {strategy})"
+            )
+            return {"status": "never", "why": why, "missing": _missing(amounts, whole)}
+        rooms = self._rooms(candidates, free=True)
+        chosen = place(bundles, rooms, strategy)
+        if chosen is None:
+            free: Amounts = {}
+            for room in rooms.values():
+                _add(free, {k: max(0.0, v) for k, v in room.items()})
+            return {"status": "busy", "missing": _missing(amounts, free), "free": free}
+        per_worker: dict[str, Amounts] = {}
+        for addr, bundle in zip(chosen, bundles, strict=True):
+            _add(per_worker.setdefault(addr, {}), bundle)
+        # Recorded before the first await: from here on no other lease can take this capacity, and a release finds it.
+        record = {
+            **lease,
+            "placements": chosen,
+            "amounts": per_worker,
+            "slots": {addr: a.get("cpu", 0.0) or 1.0 for addr, a in per_worker.items()},
+            "state": "granting",
+            "lost": "",
+            "expires_at": time.time() + lease["ttl"],
+        }
+        self.leases[name] = record
+        marked = self._marking[name] = asyncio.Event()
+        try:
+            failed = await self._mark(name, record["slots"])
+        finally:
+            marked.set()
+            del self._marking[name]
+        if name not in self.leases:  # released while it was being marked
+            return {"status": "busy", "missing": {}, "free": {}}
+        if failed:
+            await self._unmark(name, list(record["slots"]))
+            self.leases.pop(name, None)
+            return {"status": "busy", "missing": {}, "free": {}, "why": failed}
+        record["state"] = "active"
+        return {"status": "granted", "placements": chosen, "slots": record["slots"]}
+
+    async def release(self, name: str) -> bool:
+        """Remove a lease and its marks; idempotent (``False`` when there was none)."""
+        marking = self._marking.get(name)
+        if marking is not None:
+            await marking.wait()
+        record = self.leases.pop(name, None)
+        if record is None:
+            return False
+        await self._unmark(name, list(record["slots"]))
+        return True
+
+    def extend(self, name: str, ttl: float) -> bool:
+        record = self.leases.get(name)
+        if record is None:
+            return False
+        record["ttl"] = ttl
+        record["expires_at"] = time.time() + ttl
+        return True
+
+    def list(self) -> list[dict[str, Any]]:
+        return [dict(record) for record in self.leases.values()]
+
+    # -- marks on workers ----------------------------------------------------------------------------------------------
+
+    async def _run_on(self, addrs: Sequence[str], fn: Any, *args: Any) -> dict[str, tuple[bool, Any]]:
+        """Run ``fn(*args, dask_worker=...)`` on each worker: ``{addr: (ok, result or error)}``."""
+        from distributed.protocol.pickle import dumps
+        from distributed.protocol.serialize import Serialized, deserialize
+
+        assert self.scheduler is not None
+        live = [addr for addr in addrs if addr in self.scheduler.workers]
+        if not live:
+            return {}
+        msg = {"op": "run", "function": dumps(fn), "args": dumps(args), "wait": True}  # type: ignore[no-untyped-call]
+        answers = await self.scheduler.broadcast(msg=msg, workers=live, on_error="return")
+        results: dict[str, tuple[bool, Any]] = {}
+        for addr, answer in answers.items():
+            if isinstance(answer, dict) and answer.get("status") == "OK":
+                result = answer.get("result")
+                # The scheduler passes a worker's answer on as it came, still serialised.
+                if isinstance(result, Serialized):
+                    result = deserialize(result.header, result.frames)  # type: ignore[no-untyped-call]
+                results[addr] = (True, result)
+            else:
+                results[addr] = (False, answer.get("exception_text", answer) if isinstance(answer, dict) else answer)
+        return results
+
+    async def _mark(self, name: str, slots: Mapping[str, float]) -> str:
+        answers = await asyncio.gather(
+            *(self._run_on([addr], set_lease_resource, name, n) for addr, n in slots.items())
+        )
+        for addr, answer in zip(slots, answers, strict=True):
+            ok, detail = answer.get(addr, (False, "the worker left"))
+            if not ok:
+                return f"could not mark the lease on worker {addr}: {detail}"
+        return ""
+
+    async def _unmark(self, name: str, addrs: Sequence[str]) -> None:
+        answers = await self._run_on(addrs, drop_lease_resource, name)
+        for addr, (ok, dropped) in answers.items():
+            if ok and dropped is True:
+                self._forget(addr, name)
+        for addr in addrs:
+            if self.scheduler is not None and addr not in self.scheduler.workers:
+                self._forget(addr, name)
+
+    def _forget(self, addr: str, name: str) -> None:
+        """Remove a dropped lease resource from the scheduler's books too, unless a task there still counts on it."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        ws = scheduler.workers.get(addr)
+        if ws is not None:
+            if any(name in (ts.resource_restrictions or {}) for ts in ws.processing):
+                return
+            ws.resources.pop(name, None)
+            ws.used_resources.pop(name, None)
+        holders = scheduler.resources.get(name)
+        if holders is not None:
+            holders.pop(addr, None)
+            if not holders:
+                del scheduler.resources[name]
+
+    # -- the reaper ----------------------------------------------------------------------------------------------------
+
+    async def reap(self) -> None:
+        """Remove leases past TTL + grace or whose owner has been gone longer than the grace; sweep stale marks."""
+        now = time.time()
+        for name, record in list(self.leases.items()):
+            gone = self._gone.get(record["client"])
+            late = now > record["expires_at"] + record["grace"]
+            if late or (gone is not None and now > gone + record["grace"]):
+                why = "its TTL and grace passed" if late else f"its owner {record['owner']} disconnected"
+                _log.info("gridboost: reaping lease %s of %s: %s", record["id"], record["owner"], why)
+                with contextlib.suppress(Exception):  # the next round tries again
+                    await self.release(name)
+        clients = {record["client"] for record in self.leases.values()}
+        self._gone = {c: t for c, t in self._gone.items() if c in clients}
+        await self._sweep()
+
+    async def _sweep(self) -> None:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        stale: dict[str, list[str]] = {}
+        for addr, ws in scheduler.workers.items():
+            for name in ws.resources:
+                if name.startswith(LEASE_PREFIX) and name not in self.leases and name not in self._marking:
+                    stale.setdefault(name, []).append(addr)
+        for name, addrs in stale.items():
+            with contextlib.suppress(Exception):
+                await self._unmark(name, addrs)
+
+
+def lease_amounts(cpu: float, gpu: float, memory: int, custom: Mapping[str, float]) -> Amounts:
+    """A lease's amounts in the registry's names: ``cpu`` (threads), ``memory`` (bytes), ``GPU``, custom names."""
+    amounts: Amounts = {}
+    if cpu:
+        amounts["cpu"] = float(cpu)
+    if gpu:
+        amounts["GPU"] = float(gpu)
+    if memory:
+        amounts["memory"] = float(memory)
+    for key, value in custom.items():
+        if value and not math.isclose(value, 0.0):
+            amounts[key] = float(value)
+    return amounts

@@ -1,0 +1,75 @@
+"""Checks that need a process of their own: run by test_dask_backend.py.
+
+``python _fresh_process.py embedded``: a grid with no address starts an embedded LocalCluster, runs work on it and
+closes it; prints a JSON report (with the pids of the processes it started, to check they are gone).
+``python _fresh_process.py owner ADDRESS TTL``: joins ADDRESS, takes a one-CPU lease for TTL seconds, prints its id
+and this process's owner name, then sleeps until it is killed (or stopped) by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import anyio
+import psutil
+
+import gridboost as gb
+from gridboost._records import owner_name
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+async def embedded() -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    async with gb.Grid("dask", n_workers=1, threads_per_worker=1) as grid:
+        snapshot = await grid.snapshot()
+        report["nodes"] = len(snapshot.nodes)
+        report["local"] = [node.is_local for node in snapshot.nodes]
+        report["grow"] = grid.backend.capabilities.grow
+        report["ran"] = await grid.offload(hostname, where="cluster")
+        report["pids"] = [
+            p.pid for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())
+        ]
+    deadline = time.monotonic() + 15
+    while _alive(report["pids"]) and time.monotonic() < deadline:
+        await anyio.sleep(0.1)
+    report["alive_after"] = _alive(report["pids"])
+    return report
+
+
+async def owner(address: str, ttl: float) -> None:
+    async with gb.Grid("dask", address=address, lease_grace=2.0) as grid:
+        boost = await grid.request_boost("cpu=1", ttl=ttl)
+        print("LEASE " + json.dumps({"id": boost.id, "owner": owner_name(), "pid": os.getpid()}), flush=True)
+        await anyio.sleep(3600)
+
+
+def main() -> None:
+    what = sys.argv[1]
+    if what == "embedded":
+        print("REPORT " + json.dumps(anyio.run(embedded)), flush=True)
+    else:
+        anyio.run(owner, sys.argv[2], float(sys.argv[3]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""What is specific to the Dask backend, checked against the scheduler's and workers' own state."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import cloudpickle
+import pytest
+from distributed import Client, LocalCluster
+from distributed.security import Security
+from gridboost_dask import LEASE_PREFIX
+
+import gridboost as gb
+from conftest import WORKER_THREADS, WORKERS, DaskProbe, _leases_on_scheduler, whereami, worker_named
+from gridboost import Grid
+from gridboost.testing._suite import nap
+
+HERE = Path(__file__).parent
+SETTLE = 20.0
+
+# Dask's workers run what this module sends: it travels by value (see conftest).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def echo_key(*, key: int) -> int:
+    return key
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = SETTLE) -> None:
+    with anyio.move_on_after(timeout):
+        while not await check():
+            await anyio.sleep(0.05)
+        return
+    pytest.fail(f"after {timeout:g}s: {what}")
+
+
+def held_anywhere(client: Client, boost_id: str) -> list[str]:
+    """The workers the scheduler says hold a lease resource of ``boost_id``, whoever's it is."""
+    held: dict[str, list[str]] = client.run_on_scheduler(_leases_on_scheduler, LEASE_PREFIX)
+    return sorted(addr for name, addrs in held.items() if name.endswith(":" + boost_id) for addr in addrs)
+
+
+@pytest.fixture
+async def grid(cluster_address: str, probe: DaskProbe) -> AsyncIterator[Grid]:
+    """A grid joined to the session's cluster; afterwards Dask must hold and run nothing of it."""
+    async with Grid("dask", address=cluster_address, grace=1.0, watch_interval=0.2) as grid:
+        yield grid
+
+    async def clean() -> bool:
+        return not await probe.reservations(grid) and not await probe.running(grid)
+
+    await eventually(clean, "Dask still holds or runs something of the closed grid")
+
+
+@pytest.mark.anyio
+class TestOnTheCluster:
+    async def test_snapshot_shows_workers_threads_memory_resources_and_labels(
+        self, grid: Grid, dask_client: Client
+    ) -> None:
+        """Every worker is a node: threads as cpu, memory_limit as bytes, its resources, labels name/host/resource."""
+        snapshot = await grid.snapshot()
+        by_name = {node.labels["name"]: node for node in snapshot.alive}
+        assert set(by_name) == set(WORKERS)
+        assert by_name["a"].total.custom == {"accel": 1} and by_name["b"].total.custom == {}
+        assert by_name["a"].labels["resource:accel"] == "1"
+        for name, node in by_name.items():
+            assert node.id == worker_named(dask_client, name) == node.address
+            assert node.total.cpu == WORKER_THREADS and isinstance(node.total.memory, int) and node.total.memory > 0
+            assert node.labels["host"] == "127.0.0.1" and node.labels["local"] == "true"
+        assert sum(node.is_local for node in snapshot.nodes) == 1
+
+    async def test_a_boost_aimed_at_a_worker_is_marked_there_and_its_work_runs_there(
+        self, grid: Grid, probe: DaskProbe, dask_client: Client
+    ) -> None:
+        """A boost for name=b holds its lease resource on worker b only, and its offloads run on b."""
+        target = worker_named(dask_client, "b")
+        async with grid.boost("cpu=1", ttl=60, labels={"name": "b"}) as boost:
+            assert set(await probe.reservation_nodes(grid, boost.id)) == {target}
+            assert boost.placements == (target,)
+            ran_on = [await grid.offload(whereami, where=boost) for _ in range(4)]
+            assert set(ran_on) == {target}
+            snapshot = await grid.snapshot()
+            assert next(n for n in snapshot.nodes if n.id == target).available.cpu == WORKER_THREADS - 1
+        assert boost.id not in await probe.reservations(grid)
+
+    async def test_leases_never_share_a_workers_threads(
+        self, grid: Grid, probe: DaskProbe, dask_client: Client
+    ) -> None:
+        """Two 2-CPU boosts take both workers; a third waits and is refused at its bound; Dask holds exactly two."""
+        first = await grid.request_boost("cpu=2", ttl=60, nodes=[worker_named(dask_client, "a")])
+        second = await grid.request_boost("cpu=2", ttl=60)
+        assert set(first.placements) != set(second.placements)
+        with anyio.fail_after(SETTLE), pytest.raises(gb.BoostUnavailable, match="not granted within 1s"):
+            await grid.request_boost("cpu=1", ttl=60, wait=1)
+        assert set(await probe.reservations(grid)) == {first.id, second.id}
+        await first.release()
+        await second.release()
+
+    async def test_another_client_lists_the_lease_and_sees_it_renewed(self, grid: Grid, cluster_address: str) -> None:
+        """The scheduler's registry lists a grid's lease to another grid, with owner and expiry; renew moves it."""
+        boost = await grid.request_boost("cpu=1", ttl=30)
+        async with Grid("dask", address=cluster_address) as other:
+            lease = next(le for le in await other.leases() if le.id == boost.id)
+            assert lease.owner == f"{socket.gethostname()}:{os.getpid()}" and lease.placements == boost.placements
+            assert lease.expires_at < time.time() + 31
+            await boost.renew(300)
+            lease = next(le for le in await other.leases() if le.id == boost.id)
+            assert lease.expires_at > time.time() + 250
+        await boost.release()
+
+    async def test_a_task_larger_than_its_boost_holds_on_a_worker_is_refused(self, grid: Grid) -> None:
+        """Work that needs more CPUs than its boost holds on any one worker raises CapacityUnavailable at once."""
+        async with grid.boost("cpu=1", ttl=60) as boost:
+            with pytest.raises(gb.CapacityUnavailable, match="most boost"):
+                await grid.offload(nap, 0.1, resources="cpu=2", where=boost)
+
+    async def test_keywords_named_like_submits_own_reach_the_function(self, grid: Grid) -> None:
+        """A keyword argument called ``key`` (a Client.submit parameter) reaches the user's function."""
+        assert await grid.offload(echo_key, key=7, where="cluster") == 7
+
+
+@pytest.mark.anyio
+class TestBadInput:
+    async def test_labels_matching_no_worker_raise_boost_unavailable(self, grid: Grid, probe: DaskProbe) -> None:
+        """A boost whose labels match no worker fails at once; nothing is held; the grid stays usable."""
+        with anyio.fail_after(5), pytest.raises(gb.BoostUnavailable, match="no live node matches"):
+            await grid.request_boost("cpu=1", ttl=60, labels={"name": "moon"}, wait=60)
+        assert not await probe.reservations(grid)
+        assert await grid.offload(whereami, where="cluster")
+
+    async def test_a_boost_no_worker_set_can_hold_names_the_shortfall(self, grid: Grid, probe: DaskProbe) -> None:
+        """Without a cluster manager to grow: too much raises BoostUnavailable naming what is missing, at once."""
+        with anyio.fail_after(10), pytest.raises(gb.BoostUnavailable, match=r"missing cpu=96"):
+            await grid.request_boost("cpu=100", ttl=60, wait=60)
+        with anyio.fail_after(10), pytest.raises(gb.BoostUnavailable, match="could ever hold"):
+            await grid.request_boost("cpu=3", ttl=60, strategy="strict_spread", wait=60)
+        assert not await probe.reservations(grid)
+        assert await grid.offload(whereami, where="cluster")
+
+    @pytest.mark.parametrize(
+        ("resources", "match"),
+        [({"gpu_memory": 2**30}, "gpu_memory"), ({"custom": {"GPU": 1}}, "gridboost's own")],
+        ids=["gpu_memory", "own-name"],
+    )
+    async def test_resources_dask_cannot_express_are_refused(
+        self, grid: Grid, resources: dict[str, Any], match: str
+    ) -> None:
+        """A resource Dask has no counter for is refused with InvalidResources before anything is submitted."""
+        with pytest.raises(gb.InvalidResources, match=match):
+            await grid.offload(whereami, resources=resources, where="cluster")
+
+    async def test_an_async_function_is_refused_as_offload_is_called(self, grid: Grid) -> None:
+        """An async function is refused with InvalidTask before anything is submitted: a Dask task runs plain ones."""
+
+        async def later() -> None:
+            pass
+
+        with pytest.raises(gb.InvalidTask, match="async function"):
+            await grid.offload(later, where="cluster")
+
+    @pytest.mark.parametrize("address", ["tcp://127.0.0.1:1", None], ids=["refused", "silent"])
+    async def test_an_unreachable_scheduler_raises_backend_error_in_bounded_time(self, address: str | None) -> None:
+        """An address where no scheduler answers raises BackendError within connect_timeout, never hangs."""
+        with socket.socket() as listener:  # accepts TCP connections, never speaks Dask's protocol
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            where = address or f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+            started = time.monotonic()
+            with anyio.fail_after(20), pytest.raises(gb.BackendError, match="Dask scheduler at"):
+                async with Grid("dask", address=where, connect_timeout=2):
+                    pass
+            assert time.monotonic() - started < 10
+
+
+# -- a cluster of its own: TLS, growth -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_tls_with_temporary_certificates() -> None:
+    """A TLS scheduler is joined with security= passed through; without it, joining fails with BackendError."""
+    security = Security.temporary()
+    async with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tls://",
+        host="127.0.0.1",
+        security=security,
+        dashboard_address=None,
+        asynchronous=True,
+    ) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        async with Grid("dask", address=address, security=security) as grid:
+            async with grid.boost("cpu=1", ttl=30) as boost:
+                assert await grid.offload(whereami, where=boost) == boost.placements[0]
+            assert (await grid.snapshot()).nodes[0].id.startswith("tls://")
+        with anyio.fail_after(20), pytest.raises(gb.BackendError, match="Dask scheduler"):
+            async with Grid("dask", address=address, connect_timeout=2):
+                pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_embedded_cluster_grows_for_a_boost_and_shrinks_back() -> None:
+    """A boost larger than the embedded LocalCluster scales it up, and releasing it scales it back, as the scheduler
+    reports; one larger than max_workers allows names what is missing."""
+    async with Grid("dask", n_workers=1, threads_per_worker=1, max_workers=2, grow_timeout=60) as grid:
+        assert grid.backend.capabilities.grow
+        client = grid.backend.client  # type: ignore[attr-defined]
+
+        async def workers() -> int:
+            return len((await client.scheduler.identity(n_workers=-1))["workers"])
+
+        assert await workers() == 1
+        async with grid.boost("cpu=2", ttl=60, wait=90) as boost:
+            assert await workers() == 2
+            assert len(set(boost.placements)) == 2
+
+        async def shrunk() -> bool:
+            return await workers() == 1
+
+        await eventually(shrunk, "the cluster did not shrink back to one worker")
+        with anyio.fail_after(30), pytest.raises(gb.BoostUnavailable, match=r"missing cpu=.*max_workers=2"):
+            await grid.request_boost("cpu=4", ttl=60, wait=60)
+        assert await workers() == 1
+
+
+# -- a worker that dies under a boost ----------------------------------------------------------------------------------
+
+
+class Observed:
+    """Records the boosts the grid reports failed."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[str, BaseException]] = []
+
+    @gb.hookimpl
+    def gridboost_boost_failed(self, boost: Any, error: BaseException) -> None:
+        self.failed.append((boost.id, error))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_worker_killed_mid_task_fails_its_boost(cluster_address: str, dask_client: Client) -> None:
+    """Killing the worker process under a boost marks the boost failed (BoostLost), stops its work with that error,
+    and fires gridboost_boost_failed; the grid stays usable."""
+    options = ["--nthreads", "1", "--no-nanny", "--name", "doomed", "--host", "127.0.0.1", "--resources", "doomed=1"]
+    worker = subprocess.Popen(  # noqa: ASYNC220 - started once, killed by its pid below: no need to await it
+        [sys.executable, "-m", "distributed.cli.dask_worker", cluster_address, *options, "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with anyio.fail_after(60):
+            while "doomed" not in {
+                str(w["name"]) for w in dask_client.scheduler_info(n_workers=-1)["workers"].values()
+            }:
+                await anyio.sleep(0.1)
+        seen = Observed()
+        async with Grid("dask", address=cluster_address, watch_interval=0.2, plugins=[seen]) as grid:
+            boost = await grid.request_boost("doomed=1", ttl=120, labels={"name": "doomed"})
+            handle = grid.submit(nap, 60, where=boost)
+            probe = DaskProbe(dask_client)
+
+            async def running() -> bool:
+                return handle.id in await probe.running(grid)
+
+            await eventually(running, "the task never started on the doomed worker")
+            worker.kill()  # the process this test started, by its pid
+            with anyio.fail_after(SETTLE), pytest.raises(gb.BoostLost, match="left the cluster"):
+                await handle
+            assert boost.state is gb.BoostState.FAILED and isinstance(boost.error, gb.BoostLost)
+
+            async def observed() -> bool:  # observers run in the grid's task group, a moment later
+                return [b for b, _ in seen.failed] == [boost.id]
+
+            await eventually(observed, f"gridboost_boost_failed was not fired for {boost.id}: {seen.failed}")
+            assert await grid.offload(whereami, where="cluster") in {worker_named(dask_client, n) for n in WORKERS}
+        assert not held_anywhere(dask_client, boost.id)
+    finally:
+        worker.kill()
+        worker.wait(30)
+
+
+# -- in a process of their own ---------------------------------------------------------------------------------------
+
+
+async def _start_owner(cluster_address: str, ttl: float) -> tuple[anyio.abc.Process, dict[str, Any]]:
+    process = await anyio.open_process(
+        [sys.executable, str(HERE / "_fresh_process.py"), "owner", cluster_address, str(ttl)], stderr=subprocess.DEVNULL
+    )
+    assert process.stdout is not None
+    buffer = b""
+    with anyio.fail_after(60):
+        async for chunk in process.stdout:
+            buffer += chunk
+            if b"\n" in buffer and buffer.startswith(b"LEASE "):
+                break
+    return process, json.loads(buffer.split(b"\n")[0].removeprefix(b"LEASE "))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+async def test_the_lease_of_an_owner_that_died_or_hangs_is_reaped_by_the_scheduler(
+    grid: Grid, cluster_address: str, dask_client: Client, how: str
+) -> None:
+    """Another process takes a lease and is SIGKILLed (its lease goes once the grace after its disconnect passes),
+    or SIGSTOPped (still connected: its lease goes at TTL + grace); the scheduler reaps it by itself."""
+    ttl, grace = (120.0, 2.0) if how == "killed" else (3.0, 2.0)
+    process, lease = await _start_owner(cluster_address, ttl)
+    try:
+        listed = {le.id: le for le in await grid.leases()}
+        assert listed[lease["id"]].owner == lease["owner"] != f"{socket.gethostname()}:{os.getpid()}"
+        assert held_anywhere(dask_client, lease["id"])
+        started = time.monotonic()
+        process.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+
+        async def reaped() -> bool:
+            held = await anyio.to_thread.run_sync(held_anywhere, dask_client, lease["id"])
+            return not held and lease["id"] not in {le.id for le in await grid.leases()}
+
+        await eventually(reaped, f"the {how} owner's lease is still held", timeout=ttl + grace + SETTLE)
+        if how == "killed":
+            assert time.monotonic() - started < grace + 10  # long before its TTL
+        else:
+            assert time.monotonic() - started > ttl - 2  # not before its TTL: the owner is still connected
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed already
+            process.kill()
+            if how == "stopped":
+                process.send_signal(signal.SIGCONT)
+        with anyio.fail_after(30):
+            await process.wait()
+        await process.aclose()
+
+
+def test_the_embedded_default_is_a_local_cluster_that_leaves_nothing(tmp_path: Path) -> None:
+    """With no address, a grid starts its own LocalCluster (worker processes, can grow), and closing the grid ends
+    every process it started."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_fresh_process.py"), "embedded"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("REPORT ")), None)
+    assert line is not None, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(line.removeprefix("REPORT "))
+    assert report["nodes"] == 1 and report["local"] == [True] and report["grow"]
+    assert report["ran"] == socket.gethostname()
+    assert report["pids"] and report["alive_after"] == []
