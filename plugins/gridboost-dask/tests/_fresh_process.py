@@ -1,15 +1,19 @@
-"""Checks that need a process of their own: run by test_dask_backend.py.
+"""Checks that need a process of their own: run by test_dask_backend.py and test_leases.py.
 
 ``python _fresh_process.py embedded``: a grid with no address starts an embedded LocalCluster, runs work on it and
 closes it; prints a JSON report (with the pids of the processes it started, to check they are gone).
 ``python _fresh_process.py owner ADDRESS TTL``: joins ADDRESS, takes a one-CPU lease for TTL seconds, prints its id
 and this process's owner name, then sleeps until it is killed (or stopped) by the test.
+``python _fresh_process.py detached ADDRESS TTL GRACE``: joins ADDRESS, takes a detached one-CPU lease for TTL seconds
+(through the backend: ``detached=True``), closes its grid and exits normally; prints a JSON report (the lease's id,
+this process's owner name, and the backend's own reservations while it held the lease).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from typing import Any
@@ -19,6 +23,7 @@ import psutil
 
 import gridboost as gb
 from gridboost._records import owner_name
+from gridboost.abc import ReservationRequest
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -63,10 +68,24 @@ async def owner(address: str, ttl: float) -> None:
         await anyio.sleep(3600)
 
 
+async def detached(address: str, ttl: float, grace: float) -> dict[str, Any]:
+    report: dict[str, Any] = {"id": f"detached-{os.getpid()}-{secrets.token_hex(3)}", "owner": owner_name()}
+    async with gb.Grid("dask", address=address, lease_grace=grace) as grid:
+        request = ReservationRequest(id=report["id"], resources=gb.Resources(cpu=1), ttl=ttl, detached=True)
+        reservation = await grid.backend.reserve(request)
+        report["placements"] = list(reservation.placements)
+        report["reservations"] = [r.id for r in await grid.backend.reservations()]
+    return report  # the grid is closed: its leak check and its backend's close passed the detached lease by
+
+
 def main() -> None:
     what = sys.argv[1]
     if what == "embedded":
         print("REPORT " + json.dumps(anyio.run(embedded)), flush=True)
+    elif what == "detached":
+        print(
+            "REPORT " + json.dumps(anyio.run(detached, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))), flush=True
+        )
     else:
         anyio.run(owner, sys.argv[2], float(sys.argv[3]))
 

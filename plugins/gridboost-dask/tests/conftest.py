@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from typing import Any
 
 import anyio
@@ -20,6 +20,7 @@ import cloudpickle
 import psutil
 import pytest
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
+from gridboost_dask import LEASE_PREFIX
 
 from gridboost import Grid, Resources
 from gridboost.testing import EngineProbe
@@ -31,6 +32,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 #: The workers' names, threads and custom resources.
 WORKERS = {"a": {"nthreads": 2, "resources": {"accel": 1}}, "b": {"nthreads": 2, "resources": {}}}
 WORKER_THREADS = 2
+#: How long the tests give Dask to settle: workers report what they hold and run a moment after the fact.
+SETTLE = 20.0
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -135,6 +138,20 @@ def _backend(grid: Grid) -> Any:
     return backend
 
 
+def held_anywhere(client: Client, boost_id: str) -> list[str]:
+    """The workers the scheduler says hold a lease resource of ``boost_id``, whoever's it is."""
+    held: dict[str, list[str]] = client.run_on_scheduler(_leases_on_scheduler, LEASE_PREFIX)
+    return sorted(addr for name, addrs in held.items() if name.endswith(":" + boost_id) for addr in addrs)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = SETTLE) -> None:
+    with anyio.move_on_after(timeout):
+        while not await check():
+            await anyio.sleep(0.05)
+        return
+    pytest.fail(f"after {timeout:g}s: {what}")
+
+
 class DaskProbe(EngineProbe):
     """Dask's own state: the scheduler's worker resources (leases), the workers' executing tasks (running)."""
 
@@ -168,6 +185,18 @@ class DaskProbe(EngineProbe):
 @pytest.fixture
 def probe(dask_client: Client) -> DaskProbe:
     return DaskProbe(dask_client)
+
+
+@pytest.fixture
+async def grid(cluster_address: str, probe: DaskProbe) -> AsyncIterator[Grid]:
+    """A grid joined to the session's cluster; afterwards Dask must hold and run nothing of it."""
+    async with Grid("dask", address=cluster_address, grace=1.0, watch_interval=0.2) as grid:
+        yield grid
+
+    async def clean() -> bool:
+        return not await probe.reservations(grid) and not await probe.running(grid)
+
+    await eventually(clean, "Dask still holds or runs something of the closed grid")
 
 
 @pytest.fixture

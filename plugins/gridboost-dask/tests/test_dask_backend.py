@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +15,13 @@ import cloudpickle
 import pytest
 from distributed import Client, LocalCluster
 from distributed.security import Security
-from gridboost_dask import LEASE_PREFIX
 
 import gridboost as gb
-from conftest import WORKER_THREADS, WORKERS, DaskProbe, _leases_on_scheduler, whereami, worker_named
+from conftest import SETTLE, WORKER_THREADS, WORKERS, DaskProbe, whereami, worker_named
 from gridboost import Grid
 from gridboost.testing._suite import nap
 
 HERE = Path(__file__).parent
-SETTLE = 20.0
 
 # Dask's workers run what this module sends: it travels by value (see conftest).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -35,32 +29,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def echo_key(*, key: int) -> int:
     return key
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = SETTLE) -> None:
-    with anyio.move_on_after(timeout):
-        while not await check():
-            await anyio.sleep(0.05)
-        return
-    pytest.fail(f"after {timeout:g}s: {what}")
-
-
-def held_anywhere(client: Client, boost_id: str) -> list[str]:
-    """The workers the scheduler says hold a lease resource of ``boost_id``, whoever's it is."""
-    held: dict[str, list[str]] = client.run_on_scheduler(_leases_on_scheduler, LEASE_PREFIX)
-    return sorted(addr for name, addrs in held.items() if name.endswith(":" + boost_id) for addr in addrs)
-
-
-@pytest.fixture
-async def grid(cluster_address: str, probe: DaskProbe) -> AsyncIterator[Grid]:
-    """A grid joined to the session's cluster; afterwards Dask must hold and run nothing of it."""
-    async with Grid("dask", address=cluster_address, grace=1.0, watch_interval=0.2) as grid:
-        yield grid
-
-    async def clean() -> bool:
-        return not await probe.reservations(grid) and not await probe.running(grid)
-
-    await eventually(clean, "Dask still holds or runs something of the closed grid")
 
 
 @pytest.mark.anyio
@@ -106,18 +74,6 @@ class TestOnTheCluster:
         assert set(await probe.reservations(grid)) == {first.id, second.id}
         await first.release()
         await second.release()
-
-    async def test_another_client_lists_the_lease_and_sees_it_renewed(self, grid: Grid, cluster_address: str) -> None:
-        """The scheduler's registry lists a grid's lease to another grid, with owner and expiry; renew moves it."""
-        boost = await grid.request_boost("cpu=1", ttl=30)
-        async with Grid("dask", address=cluster_address) as other:
-            lease = next(le for le in await other.leases() if le.id == boost.id)
-            assert lease.owner == f"{socket.gethostname()}:{os.getpid()}" and lease.placements == boost.placements
-            assert lease.expires_at < time.time() + 31
-            await boost.renew(300)
-            lease = next(le for le in await other.leases() if le.id == boost.id)
-            assert lease.expires_at > time.time() + 250
-        await boost.release()
 
     async def test_a_task_larger_than_its_boost_holds_on_a_worker_is_refused(self, grid: Grid) -> None:
         """Work that needs more CPUs than its boost holds on any one worker raises CapacityUnavailable at once."""
@@ -183,7 +139,7 @@ class TestBadInput:
             assert time.monotonic() - started < 10
 
 
-# -- a cluster of its own: TLS, growth -------------------------------------------------------------------------------
+# -- a cluster of its own: TLS -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
@@ -212,140 +168,7 @@ async def test_tls_with_temporary_certificates() -> None:
                 pass
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_an_embedded_cluster_grows_for_a_boost_and_shrinks_back() -> None:
-    """A boost larger than the embedded LocalCluster scales it up, and releasing it scales it back, as the scheduler
-    reports; one larger than max_workers allows names what is missing."""
-    async with Grid("dask", n_workers=1, threads_per_worker=1, max_workers=2, grow_timeout=60) as grid:
-        assert grid.backend.capabilities.grow
-        client = grid.backend.client  # type: ignore[attr-defined]
-
-        async def workers() -> int:
-            return len((await client.scheduler.identity(n_workers=-1))["workers"])
-
-        assert await workers() == 1
-        async with grid.boost("cpu=2", ttl=60, wait=90) as boost:
-            assert await workers() == 2
-            assert len(set(boost.placements)) == 2
-
-        async def shrunk() -> bool:
-            return await workers() == 1
-
-        await eventually(shrunk, "the cluster did not shrink back to one worker")
-        with anyio.fail_after(30), pytest.raises(gb.BoostUnavailable, match=r"missing cpu=.*max_workers=2"):
-            await grid.request_boost("cpu=4", ttl=60, wait=60)
-        assert await workers() == 1
-
-
-# -- a worker that dies under a boost ----------------------------------------------------------------------------------
-
-
-class Observed:
-    """Records the boosts the grid reports failed."""
-
-    def __init__(self) -> None:
-        self.failed: list[tuple[str, BaseException]] = []
-
-    @gb.hookimpl
-    def gridboost_boost_failed(self, boost: Any, error: BaseException) -> None:
-        self.failed.append((boost.id, error))
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_a_worker_killed_mid_task_fails_its_boost(cluster_address: str, dask_client: Client) -> None:
-    """Killing the worker process under a boost marks the boost failed (BoostLost), stops its work with that error,
-    and fires gridboost_boost_failed; the grid stays usable."""
-    options = ["--nthreads", "1", "--no-nanny", "--name", "doomed", "--host", "127.0.0.1", "--resources", "doomed=1"]
-    worker = subprocess.Popen(  # noqa: ASYNC220 - started once, killed by its pid below: no need to await it
-        [sys.executable, "-m", "distributed.cli.dask_worker", cluster_address, *options, "--no-dashboard"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        with anyio.fail_after(60):
-            while "doomed" not in {
-                str(w["name"]) for w in dask_client.scheduler_info(n_workers=-1)["workers"].values()
-            }:
-                await anyio.sleep(0.1)
-        seen = Observed()
-        async with Grid("dask", address=cluster_address, watch_interval=0.2, plugins=[seen]) as grid:
-            boost = await grid.request_boost("doomed=1", ttl=120, labels={"name": "doomed"})
-            handle = grid.submit(nap, 60, where=boost)
-            probe = DaskProbe(dask_client)
-
-            async def running() -> bool:
-                return handle.id in await probe.running(grid)
-
-            await eventually(running, "the task never started on the doomed worker")
-            worker.kill()  # the process this test started, by its pid
-            with anyio.fail_after(SETTLE), pytest.raises(gb.BoostLost, match="left the cluster"):
-                await handle
-            assert boost.state is gb.BoostState.FAILED and isinstance(boost.error, gb.BoostLost)
-
-            async def observed() -> bool:  # observers run in the grid's task group, a moment later
-                return [b for b, _ in seen.failed] == [boost.id]
-
-            await eventually(observed, f"gridboost_boost_failed was not fired for {boost.id}: {seen.failed}")
-            assert await grid.offload(whereami, where="cluster") in {worker_named(dask_client, n) for n in WORKERS}
-        assert not held_anywhere(dask_client, boost.id)
-    finally:
-        worker.kill()
-        worker.wait(30)
-
-
-# -- in a process of their own ---------------------------------------------------------------------------------------
-
-
-async def _start_owner(cluster_address: str, ttl: float) -> tuple[anyio.abc.Process, dict[str, Any]]:
-    process = await anyio.open_process(
-        [sys.executable, str(HERE / "_fresh_process.py"), "owner", cluster_address, str(ttl)], stderr=subprocess.DEVNULL
-    )
-    assert process.stdout is not None
-    buffer = b""
-    with anyio.fail_after(60):
-        async for chunk in process.stdout:
-            buffer += chunk
-            if b"\n" in buffer and buffer.startswith(b"LEASE "):
-                break
-    return process, json.loads(buffer.split(b"\n")[0].removeprefix(b"LEASE "))
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("how", ["killed", "stopped"])
-async def test_the_lease_of_an_owner_that_died_or_hangs_is_reaped_by_the_scheduler(
-    grid: Grid, cluster_address: str, dask_client: Client, how: str
-) -> None:
-    """Another process takes a lease and is SIGKILLed (its lease goes once the grace after its disconnect passes),
-    or SIGSTOPped (still connected: its lease goes at TTL + grace); the scheduler reaps it by itself."""
-    ttl, grace = (120.0, 2.0) if how == "killed" else (3.0, 2.0)
-    process, lease = await _start_owner(cluster_address, ttl)
-    try:
-        listed = {le.id: le for le in await grid.leases()}
-        assert listed[lease["id"]].owner == lease["owner"] != f"{socket.gethostname()}:{os.getpid()}"
-        assert held_anywhere(dask_client, lease["id"])
-        started = time.monotonic()
-        process.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
-
-        async def reaped() -> bool:
-            held = await anyio.to_thread.run_sync(held_anywhere, dask_client, lease["id"])
-            return not held and lease["id"] not in {le.id for le in await grid.leases()}
-
-        await eventually(reaped, f"the {how} owner's lease is still held", timeout=ttl + grace + SETTLE)
-        if how == "killed":
-            assert time.monotonic() - started < grace + 10  # long before its TTL
-        else:
-            assert time.monotonic() - started > ttl - 2  # not before its TTL: the owner is still connected
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # killed already
-            process.kill()
-            if how == "stopped":
-                process.send_signal(signal.SIGCONT)
-        with anyio.fail_after(30):
-            await process.wait()
-        await process.aclose()
+# -- in a process of their own -----------------------------------------------------------------------------------------
 
 
 def test_the_embedded_default_is_a_local_cluster_that_leaves_nothing(tmp_path: Path) -> None:

@@ -5,15 +5,16 @@ that has it installed, and ``import distributed`` costs most of a second.
 
 Names in the engine. Every task this backend submits has the key ``gridboost:<session>:<task id>``, and every lease
 is marked on its workers with the resource ``gridboost-lease:<session>:<boost id>`` (``<session>``: random per
-backend). So the scheduler's own state says what each one is, and a test (or the CLI) finds a grid's work and leases
-there.
+backend; a detached lease's is ``lease``, no backend's own). So the scheduler's own state says what each one is, and
+a test (or the CLI) finds a grid's work and leases there.
 
 A lease. Dask has no reservation primitive and its resources are abstract counters, so the lease is built from
 Dask's own parts: the scheduler plugin :class:`~gridboost_dask._worker.LeaseRegistry` chooses workers with free
 capacity and records the lease (the scheduler is the source of truth, so leases of two clients never overlap), then
 gives each chosen worker the lease's own resource with ``Worker.set_resources``, as many units as the threads the
 lease holds there (one when it holds no CPU). Work of the boost asks for that resource, so it runs only on the
-boost's workers, and at most as many tasks at once as the boost holds threads there.
+boost's workers, and at most as many tasks at once as the boost holds threads there. This process's side of the
+registry, and growing the cluster for a boost, are in ``_leases``.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import anyio
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
-from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Priority, Resources, TaskSpec
-from gridboost._records import owner_name
+from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.exceptions import (
     BackendError,
@@ -47,8 +47,9 @@ from gridboost.exceptions import (
     TeardownError,
 )
 
-from . import _connect
+from . import _connect, _leases
 from ._errors import map_errors
+from ._leases import LEASE_PREFIX
 
 __all__ = ["LEASE_PREFIX", "PREFIX", "DaskBackend"]
 
@@ -56,8 +57,6 @@ _log = logging.getLogger("gridboost.dask")
 
 #: Every task key gridboost gives in Dask starts with this.
 PREFIX = "gridboost:"
-#: Every worker resource that marks a lease starts with this (the same as ``_worker.LEASE_PREFIX``).
-LEASE_PREFIX = "gridboost-lease:"
 # Dask's conventional name for GPUs (dask-cuda's workers declare it); gridboost's ``gpu`` maps to it.
 _GPU = "GPU"
 # The custom names gridboost.Resources accepts; a Dask resource named otherwise cannot be shown.
@@ -291,7 +290,7 @@ class DaskBackend(Backend):
         self._connect_timeout = _positive("connect_timeout", connect_timeout)
         self._grow_timeout = _positive("grow_timeout", grow_timeout)
         self._grace = _positive("grace", grace)
-        self._lease_grace = _positive("lease_grace", lease_grace)
+        lease_grace = _positive("lease_grace", lease_grace)
         self._watch_interval = _positive("watch_interval", watch_interval)
         self._close_timeout = _positive("close_timeout", close_timeout)
         #: Random per backend: the middle part of every key and lease resource this backend names in Dask.
@@ -303,14 +302,20 @@ class DaskBackend(Backend):
         self._conn: _connect.Connection | None = None
         self._loop: _connect.DaskLoop | None = None
         self._closed = False
-        self._owner = owner_name()
         self._local_hosts: frozenset[str] = frozenset()
         self._options = _LRU()
         self._picklable = _LRU()
         self._gatherer: _Gatherer = None  # type: ignore[assignment]  # made with the client, at start
         self._worker: Any = None  # the _worker module, imported at start (it imports distributed)
-        # Workers an embedded cluster grew for a boost (by boost id): given back when it is released.
-        self._grown: dict[str, list[str]] = {}
+        self._registry = _leases.Registry(session=self.session, backend=self.name, grace=lease_grace)
+        self._growth = _leases.Growth(
+            self._registry,
+            n_workers=self._n_workers,
+            max_workers=self._max_workers,
+            timeout=self._grow_timeout,
+            close_timeout=self._close_timeout,
+        )
+        # This backend's leases (by boost id) that its watch reports when Dask loses them; detached ones are not.
         self._held: set[str] = set()
 
     def __repr__(self) -> str:
@@ -320,7 +325,13 @@ class DaskBackend(Backend):
     def capabilities(self) -> Capabilities:
         grow = self._conn.can_grow if self._conn is not None else self._target.kind == "embedded"
         return Capabilities(
-            reserve=True, grow=grow, interrupt_running=False, commands=True, native_retries=True, remote=True
+            reserve=True,
+            grow=grow,
+            interrupt_running=False,
+            commands=True,
+            native_retries=True,
+            remote=True,
+            shared_leases=True,
         )
 
     @property
@@ -359,18 +370,15 @@ class DaskBackend(Backend):
             threaded=self._loop.threaded,
         )
         self._gatherer = _Gatherer(self._conn.client)
+        self._registry.connect(self._conn.client, self._loop.call)
+        self._growth.connect(self._conn, self._loop.call)
         try:
             with map_errors("registering gridboost's lease registry on the Dask scheduler"):
-                await self._loop.call(self._register)
+                await self._registry.register()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
             raise
-
-    async def _register(self) -> None:
-        assert self._conn is not None
-        # Idempotent by name: every client of the cluster registers it, the first one installs it.
-        await self._conn.client.register_plugin(self._worker.LeaseRegistry(), name=self._worker.REGISTRY)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -383,10 +391,10 @@ class DaskBackend(Backend):
         if conn is not None:
             # The grid has already reported any of these as leaked; releasing them keeps the leak from outliving us.
             with contextlib.suppress(Exception):
-                for record in await loop.call(self._records):
-                    if record["session"] == self.session:
+                for record in await self._registry.records():
+                    if self._registry.ours(record):
                         try:
-                            await loop.call(self._release_now, record["name"])
+                            await self._registry.release(record["name"])
                         except Exception as exc:
                             leftovers.append(f"lease {record['id']}: {exc}")
             leftovers += await loop.call(_connect.close, conn, self._close_timeout)
@@ -400,30 +408,13 @@ class DaskBackend(Backend):
             raise GridClosed("the Dask backend is not started" if not self._closed else "the Dask backend is closed")
         return self._conn
 
-    def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        assert self._loop is not None
-        return self._loop.call(fn, *args, **kwargs)
-
     # -- seeing --------------------------------------------------------------------------------------------------------
-
-    async def _state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        scheduler = self._require().client.scheduler
-        identity, records = await asyncio.gather(scheduler.identity(n_workers=-1), scheduler.gridboost_leases())
-        return identity, records
-
-    async def _records(self) -> list[dict[str, Any]]:
-        return list(await self._require().client.scheduler.gridboost_leases())
 
     async def snapshot(self) -> ClusterSnapshot:
         self._require()
         with map_errors("reading the Dask scheduler's workers"):
-            identity, records = await self._call(self._state)
-        leased: dict[str, dict[str, float]] = {}
-        for record in records:
-            for addr, amounts in record["amounts"].items():
-                into = leased.setdefault(addr, {})
-                for key, value in amounts.items():
-                    into[key] = into.get(key, 0.0) + value
+            identity, records = await self._registry.state()
+        leased = _leases.held_on_workers(records)
         nodes = []
         local_seen = False
         for address, info in sorted(identity.get("workers", {}).items()):
@@ -431,45 +422,18 @@ class DaskBackend(Backend):
             node = _node(address, info, leased.get(address, {}), local)
             if local and not local_seen:  # a snapshot names at most one local node: the first worker on this machine
                 local_seen = True
-                node = NodeSnapshot(
-                    id=node.id,
-                    address=node.address,
-                    total=node.total,
-                    available=node.available,
-                    labels=node.labels,
-                    usage=node.usage,
-                    alive=node.alive,
-                    is_local=True,
-                )
+                node = evolve(node, is_local=True)
             nodes.append(node)
         return ClusterSnapshot(backend=self.name, nodes=nodes)
 
     # -- reserving -----------------------------------------------------------------------------------------------------
 
-    def _lease_record(self, request: ReservationRequest, name: str) -> dict[str, Any]:
-        resources = request.resources
-        _to_dask(resources, f"boost {request.id}")  # refuses what Dask cannot express
-        amounts = self._worker.lease_amounts(resources.cpu, resources.gpu, resources.memory, resources.custom)
-        return {
-            "name": name,
-            "id": request.id,
-            "session": self.session,
-            "backend": self.name,
-            "owner": self._owner,
-            "client": str(self._require().client.id),
-            "resources": resources.as_dict(),
-            "amounts": amounts,
-            "strategy": request.strategy,
-            "priority": int(request.priority),
-            "ttl": float(request.ttl),
-            "grace": self._lease_grace,
-        }
-
     async def reserve(self, request: ReservationRequest) -> Reservation:
         conn = self._require()
         what = f"boost {request.id}"
-        name = self.lease_prefix + request.id
-        lease = self._lease_record(request, name)
+        _to_dask(request.resources, what)  # refuses what Dask cannot express
+        name = self._registry.name(request)
+        lease = self._registry.record(request, name)
         candidates: list[str] | None = None
         if request.nodes is not None or request.labels:
             matching = (await self.snapshot()).matching(request.nodes, request.labels)
@@ -484,16 +448,16 @@ class DaskBackend(Backend):
         try:
             while True:
                 with map_errors(what):
-                    answer = await self._call(
-                        conn.client.scheduler.gridboost_reserve, lease=lease, candidates=candidates
-                    )
+                    answer = await self._registry.reserve(lease, candidates)
                 status = answer["status"]
                 if status == "granted":
                     break
-                missing = Resources.coerce(_from_amounts(answer.get("missing") or {}))
+                if status == "taken":
+                    raise InvalidRequest(f"{what}: {answer.get('why', 'another owner holds a lease of this id')}")
+                missing = Resources.coerce(_leases.from_amounts(answer.get("missing") or {}))
                 if can_grow and not grew and (status == "never" or missing):
                     grew = True
-                    await self._grow(request, missing)
+                    await self._growth.grow(request, missing, _to_dask(missing, what))
                     continue
                 if status == "never":
                     raise BoostUnavailable(
@@ -505,90 +469,15 @@ class DaskBackend(Backend):
                 pause = min(pause * 2, _POLL_MAX)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                # A grant may have landed while we gave up on its answer: the registry undoes it by name.
+                # A grant may have landed while we gave up on its answer: the registry undoes it by name (only ours).
                 with contextlib.suppress(Exception), anyio.move_on_after(self._close_timeout):
-                    await self._call(self._release_now, name)
-                await self._shrink(request.id)
+                    await self._registry.release(name)
+                await self._growth.shrink(request.id)
             raise
-        self._held.add(request.id)
+        if not request.detached:  # a detached lease is the registry's from now on, not this backend's
+            self._held.add(request.id)
         lease_handle = _Lease(name=name, slots=dict(answer["slots"]))
         return Reservation(request=request, placements=tuple(answer["placements"]), handle=lease_handle)
-
-    async def _release_now(self, name: str) -> bool:
-        return bool(await self._require().client.scheduler.gridboost_release(name=name))
-
-    async def _grow(self, request: ReservationRequest, missing: Resources) -> None:
-        """Add workers to an embedded (or any scalable) cluster so that ``missing`` fits, and wait for them."""
-        conn = self._require()
-        template = conn.worker_template or {}
-        threads = float(template.get("nthreads") or 1)
-        extra = dict(template.get("resources") or {})
-        need = 1
-        if missing.cpu:
-            need = max(need, math.ceil(missing.cpu / threads - _EPS))
-        for key, value in _to_dask(missing, f"boost {request.id}").items():
-            if not extra.get(key):
-                raise BoostUnavailable(
-                    f"boost {request.id} ({request.resources}): missing {missing}, and new workers of this cluster "
-                    f"have no {key!r}"
-                )
-            need = max(need, math.ceil(value / extra[key] - _EPS))
-        identity = await self._call(conn.client.scheduler.identity, n_workers=-1)
-        before = {str(info.get("name")) for info in identity.get("workers", {}).values()}
-        limit = self._max_workers if self._max_workers is not None else 2 * self._n_workers
-        if len(before) + need > limit:
-            raise BoostUnavailable(
-                f"boost {request.id} ({request.resources}): missing {missing}; growing the cluster by {need} "
-                f"worker(s) would pass max_workers={limit} (it has {len(before)})"
-            )
-        self._grown[request.id] = []
-        try:
-            with map_errors(f"growing the cluster for boost {request.id}"):
-                await self._call(self._scale_up, len(before) + need)
-        except TimeoutError:
-            raise BoostUnavailable(
-                f"boost {request.id}: the cluster did not grow to {len(before) + need} workers within "
-                f"{self._grow_timeout:g}s"
-            ) from None
-        finally:
-            identity = await self._call(conn.client.scheduler.identity, n_workers=-1)
-            after = {str(info.get("name")) for info in identity.get("workers", {}).values()}
-            self._grown[request.id] = sorted(after - before)
-
-    async def _scale_up(self, n: int) -> None:
-        conn = self._require()
-        conn.cluster.scale(n)
-        await conn.client.wait_for_workers(n, timeout=self._grow_timeout)
-
-    async def _shrink(self, boost_id: str) -> None:
-        """Give back the workers grown for a boost, unless another of this backend's leases is on them."""
-        names = self._grown.pop(boost_id, [])
-        conn = self._conn
-        if not names or conn is None or conn.cluster is None:
-            return
-        try:
-            with anyio.move_on_after(self._close_timeout):
-                identity, records = await self._call(self._state)
-                name_of = {addr: str(info.get("name")) for addr, info in identity.get("workers", {}).items()}
-                busy = {name_of.get(addr) for r in records for addr in r["placements"]}
-                keep = [n for n in names if n in busy]
-                if keep:  # still under another boost: given back with that one
-                    other = next(r["id"] for r in records if any(name_of.get(a) in keep for a in r["placements"]))
-                    self._grown.setdefault(other, []).extend(keep)
-                drop = [n for n in names if n not in busy]
-                if drop:
-                    await self._call(self._scale_down, drop)
-        except Exception as exc:
-            _log.warning("shrinking the Dask cluster after boost %s failed: %s: %s", boost_id, type(exc).__name__, exc)
-
-    async def _scale_down(self, names: list[str]) -> None:
-        cluster = self._require().cluster
-        if hasattr(cluster, "scale_down"):
-            # The scheduler reports names as strings; a SpecCluster's specs may be keyed by ints (LocalCluster's are).
-            specs = getattr(cluster, "worker_spec", {})
-            await cluster.scale_down([next((k for k in specs if str(k) == n), n) for n in names])
-        else:
-            cluster.scale(max(self._n_workers, len(cluster.workers) - len(names)))
 
     async def release(self, reservation: Reservation) -> None:
         lease = reservation.handle
@@ -596,25 +485,23 @@ class DaskBackend(Backend):
             raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
         self._held.discard(reservation.id)
         with map_errors(f"releasing boost {reservation.id}"):
-            await self._call(self._release_now, lease.name)
-        await self._shrink(reservation.id)
+            await self._registry.release(lease.name)
+        await self._growth.shrink(reservation.id)
 
     async def extend(self, reservation: Reservation, ttl: float) -> None:
         lease = reservation.handle
         if not isinstance(lease, _Lease):
             raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
         with map_errors(f"extending boost {reservation.id}"):
-            await self._call(self._require().client.scheduler.gridboost_extend, name=lease.name, ttl=float(ttl))
+            await self._registry.extend(lease.name, ttl)
 
     async def reservations(self) -> Sequence[Reservation]:
         if self._conn is None or self._closed:
             return []
         with map_errors("listing the Dask scheduler's leases"):
-            records = await self._call(self._records)
+            records = await self._registry.records()
         held = []
-        for record in records:
-            if record["session"] != self.session:
-                continue
+        for record in filter(self._registry.ours, records):
             request = ReservationRequest(
                 id=record["id"], resources=Resources.coerce(record["resources"]), strategy=record["strategy"]
             )
@@ -624,21 +511,29 @@ class DaskBackend(Backend):
     async def leases(self) -> Sequence[Lease]:
         self._require()
         with map_errors("listing the Dask scheduler's leases"):
-            records = await self._call(self._records)
-        return [
-            Lease(
-                id=record["id"],
-                backend=record.get("backend", self.name),
-                resources=Resources.coerce(record["resources"]),
-                owner=record["owner"],
-                state="active",
-                priority=Priority(record["priority"]),
-                expires_at=float(record["expires_at"]),
-                placements=tuple(dict.fromkeys(record["placements"])),
-            )
-            for record in records
-            if record["state"] == "active"
-        ]
+            records = await self._registry.records()
+        return [_leases.lease(record) for record in records if record["state"] == "active"]
+
+    async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
+        self._require()
+        ttl = _positive("ttl", ttl)
+        with map_errors(f"renewing lease {lease_id}"):
+            record = await self._registry.renew(lease_id, ttl)
+        if record is None:
+            raise InvalidRequest(f"no lease {lease_id!r} on this Dask scheduler")
+        if record["state"] == "lost":
+            raise InvalidRequest(f"lease {lease_id!r} was lost ({record['lost']}): it cannot be renewed")
+        return _leases.lease(record)
+
+    async def release_lease(self, lease_id: str) -> None:
+        self._require()
+        with map_errors(f"releasing lease {lease_id}"):
+            record = await self._registry.get(lease_id)
+            if record is None:
+                raise InvalidRequest(f"no lease {lease_id!r} on this Dask scheduler")
+            # Its owner, if it is alive and watching, sees the lease gone and fails the boost (BoostLost).
+            await self._registry.release(record["name"], any_owner=True)
+        await self._growth.shrink(lease_id)
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
         """Poll the registry: a lease of ours that it marks ``lost`` (a worker left) or no longer has is reported."""
@@ -648,11 +543,11 @@ class DaskBackend(Backend):
             if self._conn is None or self._closed:
                 return
             try:
-                records = await self._call(self._records)
+                records = await self._registry.records()
             except Exception as exc:  # the scheduler may be back in a moment; the next round asks again
                 _log.warning("the Dask backend could not read its leases: %s: %s", type(exc).__name__, exc)
                 continue
-            ours = {r["id"]: r for r in records if r["session"] == self.session}
+            ours = {r["id"]: r for r in records if self._registry.ours(r)}
             for boost_id in list(self._held):
                 record = ours.get(boost_id)
                 if boost_id in reported or (record is not None and record["state"] != "lost"):
@@ -661,7 +556,9 @@ class DaskBackend(Backend):
                     continue
                 reported.add(boost_id)
                 why = (
-                    record["lost"] if record is not None else "the scheduler no longer holds it (reaped, or restarted)"
+                    record["lost"]
+                    if record is not None
+                    else "the scheduler no longer holds it (released by another process, reaped, or restarted)"
                 )
                 await lost(boost_id, BackendError(f"Dask lost the lease: {why}"))
 
@@ -781,24 +678,6 @@ class DaskBackend(Backend):
         if task.retries:
             options["retries"] = task.retries
         return options
-
-
-def _from_amounts(amounts: Mapping[str, float]) -> dict[str, Any]:
-    """The registry's names (``cpu``, ``memory``, ``GPU``, custom) as a ``Resources`` mapping."""
-    out: dict[str, Any] = {}
-    custom: dict[str, float] = {}
-    for key, value in amounts.items():
-        if key == "cpu":
-            out["cpu"] = value
-        elif key == "memory":
-            out["memory"] = math.ceil(value)
-        elif key == _GPU:
-            out["gpu"] = value
-        else:
-            custom[key] = value
-    if custom:
-        out["custom"] = custom
-    return out
 
 
 _OPTIONS = {

@@ -6,11 +6,11 @@ do not have gridboost-dask installed can still run it. It imports only the stand
 
 The registry (:class:`LeaseRegistry`, a ``SchedulerPlugin`` named ``gridboost-leases``) is the one source of truth of
 leases: it places a lease on workers with free capacity, marks it there with a resource of its own
-(``gridboost-lease:<session>:<boost id>``, set with ``Worker.set_resources``), lists leases to any client, extends
-them, and removes — by itself, on a periodic callback — a lease whose TTL plus grace has passed or whose owner client
-has been gone for longer than the grace. Capacity is accounted here, in one event loop, so two clients can never book
-the same threads: a worker's capacity is its threads (``cpu``), its ``memory_limit`` and its own resources; what
-leases hold is subtracted from it.
+(``gridboost-lease:<session>:<boost id>``, set with ``Worker.set_resources``), lists, renews and releases leases for any
+client, and removes — by itself, on a periodic callback — a lease whose TTL plus grace has passed or whose owner client
+has been gone for longer than the grace (a *detached* lease outlives its owner: only its TTL plus grace ends it).
+Capacity is accounted here, in one event loop, so two clients can never book the same threads: a worker's capacity is
+its threads (``cpu``), its ``memory_limit`` and its own resources; what leases hold is subtracted from it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -257,6 +256,8 @@ class LeaseRegistry(SchedulerPlugin):
                 "gridboost_reserve": self.reserve,
                 "gridboost_release": self.release,
                 "gridboost_extend": self.extend,
+                "gridboost_renew": self.renew,
+                "gridboost_get": self.get,
                 "gridboost_leases": self.list,
             }
         )
@@ -302,6 +303,8 @@ class LeaseRegistry(SchedulerPlugin):
         name = lease["name"]
         if name in self.leases:
             record = self.leases[name]
+            if record["client"] != lease["client"]:  # a detached lease of the same id, of another owner
+                return {"status": "taken", "why": f"lease {record['id']} is held by {record['owner']}"}
             return {"status": "granted", "placements": record["placements"], "slots": record["slots"]}
         amounts: Amounts = lease["amounts"]
         strategy = lease["strategy"]
@@ -355,14 +358,16 @@ class LeaseRegistry(SchedulerPlugin):
         record["state"] = "active"
         return {"status": "granted", "placements": chosen, "slots": record["slots"]}
 
-    async def release(self, name: str) -> bool:
-        """Remove a lease and its marks; idempotent (``False`` when there was none)."""
+    async def release(self, name: str, client: str | None = None) -> bool:
+        """Remove a lease and its marks; idempotent (``False`` when there was none). With ``client``: only if that
+        client took it (a backend undoing its own request never removes another owner's lease of the same name)."""
         marking = self._marking.get(name)
         if marking is not None:
             await marking.wait()
-        record = self.leases.pop(name, None)
-        if record is None:
+        record = self.leases.get(name)
+        if record is None or (client is not None and record["client"] != client):
             return False
+        del self.leases[name]
         await self._unmark(name, list(record["slots"]))
         return True
 
@@ -373,6 +378,22 @@ class LeaseRegistry(SchedulerPlugin):
         record["ttl"] = ttl
         record["expires_at"] = time.time() + ttl
         return True
+
+    def _find(self, lease_id: str) -> dict[str, Any] | None:
+        return next((record for record in self.leases.values() if record["id"] == lease_id), None)
+
+    def renew(self, lease_id: str, ttl: float) -> dict[str, Any] | None:
+        """Move any owner's lease to expire ``ttl`` seconds from now (a lost one stays as it is); its record, or
+        ``None`` when there is no such lease."""
+        record = self._find(lease_id)
+        if record is not None and record["state"] != "lost":
+            record["ttl"] = ttl
+            record["expires_at"] = time.time() + ttl
+        return None if record is None else dict(record)
+
+    def get(self, lease_id: str) -> dict[str, Any] | None:
+        record = self._find(lease_id)
+        return None if record is None else dict(record)
 
     def list(self) -> list[dict[str, Any]]:
         return [dict(record) for record in self.leases.values()]
@@ -440,10 +461,11 @@ class LeaseRegistry(SchedulerPlugin):
     # -- the reaper ----------------------------------------------------------------------------------------------------
 
     async def reap(self) -> None:
-        """Remove leases past TTL + grace or whose owner has been gone longer than the grace; sweep stale marks."""
+        """Remove leases past TTL + grace or whose owner has been gone longer than the grace (detached ones: only past
+        TTL + grace); sweep stale marks."""
         now = time.time()
         for name, record in list(self.leases.items()):
-            gone = self._gone.get(record["client"])
+            gone = None if record.get("detached") else self._gone.get(record["client"])
             late = now > record["expires_at"] + record["grace"]
             if late or (gone is not None and now > gone + record["grace"]):
                 why = "its TTL and grace passed" if late else f"its owner {record['owner']} disconnected"
@@ -465,18 +487,3 @@ class LeaseRegistry(SchedulerPlugin):
         for name, addrs in stale.items():
             with contextlib.suppress(Exception):
                 await self._unmark(name, addrs)
-
-
-def lease_amounts(cpu: float, gpu: float, memory: int, custom: Mapping[str, float]) -> Amounts:
-    """A lease's amounts in the registry's names: ``cpu`` (threads), ``memory`` (bytes), ``GPU``, custom names."""
-    amounts: Amounts = {}
-    if cpu:
-        amounts["cpu"] = float(cpu)
-    if gpu:
-        amounts["GPU"] = float(gpu)
-    if memory:
-        amounts["memory"] = float(memory)
-    for key, value in custom.items():
-        if value and not math.isclose(value, 0.0):
-            amounts[key] = float(value)
-    return amounts

@@ -1,0 +1,305 @@
+"""Leases beyond this process: the scheduler's lease registry, and the workers a boost grows the cluster by.
+
+Two things the backend's placing and running rely on, each kept apart from them:
+
+* :class:`Registry` is this process's side of the scheduler's :class:`~gridboost_dask._worker.LeaseRegistry` (a
+  scheduler plugin named ``gridboost-leases``, which every client registers, idempotently by name): it writes each
+  lease's record, asks the registry to place, renew and release leases, and reads its records back as
+  :class:`gridboost.Lease` values, so another process can list, renew and release the cluster's leases. The registry
+  removes a lease by itself at its TTL plus grace, or once its owner client has been gone longer than the grace; a
+  *detached* lease outlives its owner, until its TTL plus grace. See ``docs/dask.md`` for why the scheduler, and not
+  the grid, is the source of truth.
+* :class:`Growth` adds workers to a cluster gridboost can scale (an embedded ``LocalCluster``) for a boost that does
+  not fit, and gives them back when that boost is released.
+
+Nothing here imports distributed: what runs on the scheduler lives in ``_worker`` with the rest of the code that runs
+in the cluster, and every call to it crosses over to Dask's loop through the ``call`` given at :meth:`Registry.connect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from gridboost import Lease, Priority, Resources
+from gridboost._records import owner_name
+from gridboost.abc import ReservationRequest
+from gridboost.exceptions import BoostUnavailable
+
+from ._errors import map_errors
+
+__all__ = [
+    "DETACHED",
+    "LEASE_PREFIX",
+    "Growth",
+    "Registry",
+    "from_amounts",
+    "held_on_workers",
+    "lease",
+    "lease_amounts",
+]
+
+_log = logging.getLogger("gridboost.dask")
+
+#: Every worker resource that marks a lease starts with this (the same as ``_worker.LEASE_PREFIX``).
+LEASE_PREFIX = "gridboost-lease:"
+#: The session part of a detached lease's name and record (``gridboost-lease:lease:<id>``); no backend's is so called.
+DETACHED = "lease"
+# Dask's conventional name for GPUs, and the registry's.
+_GPU = "GPU"
+_EPS = 1e-9
+
+Amounts = dict[str, float]
+Call = Callable[..., Awaitable[Any]]
+
+
+async def _unconnected(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the lease registry is used before the backend connected")
+
+
+def lease_amounts(resources: Resources) -> Amounts:
+    """A lease's amounts in the registry's names: ``cpu`` (threads), ``memory`` (bytes), ``GPU``, custom names."""
+    amounts: Amounts = {}
+    if resources.cpu:
+        amounts["cpu"] = float(resources.cpu)
+    if resources.gpu:
+        amounts[_GPU] = float(resources.gpu)
+    if resources.memory:
+        amounts["memory"] = float(resources.memory)
+    for key, value in resources.custom.items():
+        if value and not math.isclose(value, 0.0):
+            amounts[key] = float(value)
+    return amounts
+
+
+def from_amounts(amounts: Mapping[str, float]) -> dict[str, Any]:
+    """The registry's names (``cpu``, ``memory``, ``GPU``, custom) as a ``Resources`` mapping."""
+    out: dict[str, Any] = {}
+    custom: dict[str, float] = {}
+    for key, value in amounts.items():
+        if key == "cpu":
+            out["cpu"] = value
+        elif key == "memory":
+            out["memory"] = math.ceil(value)
+        elif key == _GPU:
+            out["gpu"] = value
+        else:
+            custom[key] = value
+    if custom:
+        out["custom"] = custom
+    return out
+
+
+def lease(record: Mapping[str, Any]) -> Lease:
+    """A registry record as a :class:`gridboost.Lease`."""
+    return Lease(
+        id=record["id"],
+        backend=record.get("backend", "dask"),
+        resources=Resources.coerce(record["resources"]),
+        owner=record["owner"],
+        state="active",
+        priority=Priority(record["priority"]),
+        expires_at=float(record["expires_at"]),
+        placements=tuple(dict.fromkeys(record["placements"])),
+    )
+
+
+def held_on_workers(records: Sequence[Mapping[str, Any]]) -> dict[str, Amounts]:
+    """What the leases hold on each worker, in the registry's names, by worker address."""
+    held: dict[str, Amounts] = {}
+    for record in records:
+        for addr, amounts in record["amounts"].items():
+            into = held.setdefault(addr, {})
+            for key, value in amounts.items():
+                into[key] = into.get(key, 0.0) + value
+    return held
+
+
+class Registry:
+    """This process's side of the scheduler's lease registry; each coroutine crosses over to Dask's loop itself."""
+
+    def __init__(self, *, session: str, backend: str, grace: float) -> None:
+        self.session = session
+        self.backend = backend
+        self.grace = grace
+        self.owner = owner_name()
+        self.client: Any = None  # the distributed.Client, given at connect
+        self._call: Call = _unconnected
+
+    def connect(self, client: Any, call: Call) -> None:
+        """Use ``client``; ``call(fn, *args)`` runs a coroutine function in its loop (``DaskLoop.call``)."""
+        self.client, self._call = client, call
+
+    def name(self, request: ReservationRequest) -> str:
+        """The lease's resource name in Dask. A detached lease's is outside this backend's session, so the backend
+        neither counts it among its reservations nor releases it when it closes."""
+        return f"{LEASE_PREFIX}{DETACHED if request.detached else self.session}:{request.id}"
+
+    def record(self, request: ReservationRequest, name: str) -> dict[str, Any]:
+        """What the registry keeps of a lease: who took it, what it holds, until when (placements are its own)."""
+        resources = request.resources
+        return {
+            "name": name,
+            "id": request.id,
+            "session": DETACHED if request.detached else self.session,
+            "backend": self.backend,
+            "owner": self.owner,
+            "client": str(self.client.id),
+            "resources": resources.as_dict(),
+            "amounts": lease_amounts(resources),
+            "strategy": request.strategy,
+            "priority": int(request.priority),
+            "ttl": float(request.ttl),
+            "grace": self.grace,
+            "detached": request.detached,
+        }
+
+    def ours(self, record: Mapping[str, Any]) -> bool:
+        """Whether a record is one of this backend's leases (detached ones are not)."""
+        return bool(record["session"] == self.session)
+
+    async def register(self) -> None:
+        await self._call(self._register)
+
+    async def _register(self) -> None:
+        from . import _worker
+
+        # Idempotent by name: every client of the cluster registers it, the first one installs it.
+        await self.client.register_plugin(_worker.LeaseRegistry(), name=_worker.REGISTRY)
+
+    async def reserve(self, record: Mapping[str, Any], candidates: list[str] | None) -> dict[str, Any]:
+        """Ask the registry to place and mark a lease now: ``granted``, ``busy``, ``never`` or ``taken``."""
+        answer = await self._call(self.client.scheduler.gridboost_reserve, lease=dict(record), candidates=candidates)
+        return dict(answer)
+
+    async def release(self, name: str, *, any_owner: bool = False) -> bool:
+        """Remove a lease and its marks, awaited; by default only one this client took (idempotent)."""
+        client = None if any_owner else str(self.client.id)
+        return bool(await self._call(self.client.scheduler.gridboost_release, name=name, client=client))
+
+    async def extend(self, name: str, ttl: float) -> bool:
+        return bool(await self._call(self.client.scheduler.gridboost_extend, name=name, ttl=float(ttl)))
+
+    async def renew(self, lease_id: str, ttl: float) -> dict[str, Any] | None:
+        """Move any owner's lease to expire ``ttl`` seconds from now; its record, or ``None`` if there is none."""
+        record = await self._call(self.client.scheduler.gridboost_renew, lease_id=lease_id, ttl=float(ttl))
+        return None if record is None else dict(record)
+
+    async def get(self, lease_id: str) -> dict[str, Any] | None:
+        """The registry's record of ``lease_id``, of any owner, or ``None``."""
+        record = await self._call(self.client.scheduler.gridboost_get, lease_id=lease_id)
+        return None if record is None else dict(record)
+
+    async def records(self) -> list[dict[str, Any]]:
+        """Every lease the registry holds (granting, active or lost), of any owner."""
+        return list(await self._call(self.client.scheduler.gridboost_leases))
+
+    async def state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The scheduler's workers (``identity``) and every lease, in one round trip."""
+        result: tuple[dict[str, Any], list[dict[str, Any]]] = await self._call(self._state)
+        return result
+
+    async def _state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        scheduler = self.client.scheduler
+        identity, records = await asyncio.gather(scheduler.identity(n_workers=-1), scheduler.gridboost_leases())
+        return identity, list(records)
+
+
+class Growth:
+    """Workers added to a cluster gridboost can scale for the boosts that did not fit, given back at their release.
+
+    Only with a cluster manager (``Connection.can_grow``). A boost's new workers are known by name; one still under
+    another lease when the boost is released is given back with that one.
+    """
+
+    def __init__(
+        self, registry: Registry, *, n_workers: int, max_workers: int | None, timeout: float, close_timeout: float
+    ) -> None:
+        self._registry = registry
+        self._n_workers = n_workers
+        #: The most workers the cluster may grow to.
+        self.limit = max_workers if max_workers is not None else 2 * n_workers
+        self._timeout = timeout
+        self._close_timeout = close_timeout
+        #: Worker names grown for each boost, by boost id.
+        self.grown: dict[str, list[str]] = {}
+        self._conn: Any = None  # a _connect.Connection
+        self._call: Call = _unconnected
+
+    def connect(self, conn: Any, call: Call) -> None:
+        self._conn, self._call = conn, call
+
+    async def _names(self) -> set[str]:
+        identity = await self._call(self._conn.client.scheduler.identity, n_workers=-1)
+        return {str(info.get("name")) for info in identity.get("workers", {}).values()}
+
+    async def grow(self, request: ReservationRequest, missing: Resources, wanted: Mapping[str, float]) -> None:
+        """Add workers so that ``missing`` (``wanted`` in Dask's names) fits, and wait for them."""
+        template = self._conn.worker_template or {}
+        threads = float(template.get("nthreads") or 1)
+        extra = dict(template.get("resources") or {})
+        need = 1
+        if missing.cpu:
+            need = max(need, math.ceil(missing.cpu / threads - _EPS))
+        for key, value in wanted.items():
+            if not extra.get(key):
+                raise BoostUnavailable(
+                    f"boost {request.id} ({request.resources}): missing {missing}, and new workers of this cluster "
+                    f"have no {key!r}"
+                )
+            need = max(need, math.ceil(value / extra[key] - _EPS))
+        before = await self._names()
+        if len(before) + need > self.limit:
+            raise BoostUnavailable(
+                f"boost {request.id} ({request.resources}): missing {missing}; growing the cluster by {need} "
+                f"worker(s) would pass max_workers={self.limit} (it has {len(before)})"
+            )
+        self.grown[request.id] = []
+        try:
+            with map_errors(f"growing the cluster for boost {request.id}"):
+                await self._call(self._scale_up, len(before) + need)
+        except TimeoutError:
+            raise BoostUnavailable(
+                f"boost {request.id}: the cluster did not grow to {len(before) + need} workers within "
+                f"{self._timeout:g}s"
+            ) from None
+        finally:
+            self.grown[request.id] = sorted(await self._names() - before)
+
+    async def _scale_up(self, n: int) -> None:
+        self._conn.cluster.scale(n)
+        await self._conn.client.wait_for_workers(n, timeout=self._timeout)
+
+    async def shrink(self, boost_id: str) -> None:
+        """Give back the workers grown for a boost, unless another lease is on them."""
+        names = self.grown.pop(boost_id, [])
+        if not names or self._conn is None or self._conn.cluster is None:
+            return
+        try:
+            with anyio.move_on_after(self._close_timeout):
+                identity, records = await self._registry.state()
+                name_of = {addr: str(info.get("name")) for addr, info in identity.get("workers", {}).items()}
+                busy = {name_of.get(addr) for r in records for addr in r["placements"]}
+                keep = [n for n in names if n in busy]
+                if keep:  # still under another boost: given back with that one
+                    other = next(r["id"] for r in records if any(name_of.get(a) in keep for a in r["placements"]))
+                    self.grown.setdefault(other, []).extend(keep)
+                drop = [n for n in names if n not in busy]
+                if drop:
+                    await self._call(self._scale_down, drop)
+        except Exception as exc:
+            _log.warning("shrinking the Dask cluster after boost %s failed: %s: %s", boost_id, type(exc).__name__, exc)
+
+    async def _scale_down(self, names: list[str]) -> None:
+        cluster = self._conn.cluster
+        if hasattr(cluster, "scale_down"):
+            # The scheduler reports names as strings; a SpecCluster's specs may be keyed by ints (LocalCluster's are).
+            specs = getattr(cluster, "worker_spec", {})
+            await cluster.scale_down([next((k for k in specs if str(k) == n), n) for n in names])
+        else:
+            cluster.scale(max(self._n_workers, len(cluster.workers) - len(names)))
