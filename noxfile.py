@@ -56,10 +56,21 @@ def types(session: nox.Session) -> None:
 @nox.session
 @nox.parametrize("package", PACKAGES)
 def bench(session: nox.Session, package: str) -> None:
-    """Benchmarks, each a ratio against the raw engine measured in the same run."""
+    """Benchmarks, each a ratio against the raw engine (or its goal) measured in the same run.
+
+    The core runs ``bench_local.py`` and ``bench_policy.py`` (placement, monitor; its burst part
+    skips, saying why, without Ray). The Ray plugin's session also runs ``bench_policy.py --only
+    burst``: the burst scenario needs a real remote backend.
+    """
     name = "local" if package == "core" else package.removeprefix("gridboost-")
     script = ROOT / "benchmarks" / f"bench_{name}.py"
     if not script.is_file():
         session.skip(f"{package} has no benchmark yet ({script.relative_to(ROOT)})")
     _install(session, package, "bench")
     session.run("python", str(script), *session.posargs)
+    policy = str(ROOT / "benchmarks" / "bench_policy.py")
+    quick = [arg for arg in session.posargs if arg == "--quick"]  # the other options are the first script's
+    if package == "core":
+        session.run("python", policy, *quick)
+    elif package == "gridboost-ray":
+        session.run("python", policy, "--only", "burst", *quick)

@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 from . import abc, exceptions, hookspecs
+from ._advisor import OffloadRecommendation, ResourceMatch
 from ._boost import Boost, current_boost
 from ._grid import Grid
 from ._plugins import PluginLoadWarning, hookimpl
+from ._pressure import DEFAULT_THRESHOLDS, Pressure, PressureChanges, Threshold
+from ._probes import GpuReading, Probe, Reading, SystemProbe
 from ._records import (
     BoostState,
     ClusterSnapshot,
@@ -43,6 +46,7 @@ from .exceptions import (
     NotSerializable,
     PluginError,
     PolicyError,
+    ProbeError,
     TaskCancelled,
     TeardownError,
     UnknownBackend,
@@ -51,6 +55,7 @@ from .exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
     "BackendError",
     "BackendSpec",
     "Boost",
@@ -63,6 +68,7 @@ __all__ = [
     "Command",
     "CommandFailed",
     "CommandResult",
+    "GpuReading",
     "Grid",
     "GridClosed",
     "GridboostError",
@@ -72,18 +78,27 @@ __all__ = [
     "Lease",
     "NodeSnapshot",
     "NotSerializable",
+    "OffloadRecommendation",
     "Placement",
     "PluginError",
     "PluginLoadWarning",
     "PolicyError",
+    "Pressure",
+    "PressureChanges",
     "Priority",
+    "Probe",
+    "ProbeError",
+    "Reading",
+    "ResourceMatch",
     "Resources",
+    "SystemProbe",
     "TaskCancelled",
     "TaskHandle",
     "TaskMap",
     "TaskOutcome",
     "TaskSpec",
     "TeardownError",
+    "Threshold",
     "UnknownBackend",
     "__version__",
     "abc",

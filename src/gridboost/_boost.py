@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._dispatch import Ledger
 from ._records import STRATEGIES, BoostState, Priority, Strategy, new_id
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from ._grid import Grid
     from ._task import Run
 
-__all__ = ["Boost", "current_boost"]
+__all__ = ["Boost", "BoostBlock", "current_boost"]
 
 _current: ContextVar[Boost | None] = ContextVar("gridboost_current_boost", default=None)
 
@@ -91,6 +92,7 @@ class Boost:
         self._runs: set[Run] = set()
         self._runs_idle: anyio.Event | None = None
         self._tokens: list[Token[Boost | None]] = []
+        self._ledger = Ledger(f"boost {self.id}", resources)  # what the grid placed in it, claimed at placement
 
     def __repr__(self) -> str:
         return f"<Boost {self.id} {self.state} {self.resources} priority={self.priority.name}>"
@@ -103,6 +105,13 @@ class Boost:
     def ttl_left(self) -> float:
         """Seconds until expiry (0 once no longer active)."""
         return max(0.0, self._deadline - anyio.current_time()) if self.is_active else 0.0
+
+    @property
+    def available(self) -> Resources:
+        """Capacity of the boost not yet claimed by work placed in it, by the grid's books."""
+        free = self._ledger.free
+        assert free is not None
+        return free
 
     @property
     def held_for(self) -> float:
@@ -211,6 +220,7 @@ class BoostBook:
         self.outcomes: dict[str, int] = {
             s.value: 0 for s in BoostState if s not in (BoostState.PENDING, BoostState.ACTIVE)
         }
+        self.granted = 0
 
     def make(
         self,
@@ -286,8 +296,9 @@ class BoostBook:
         boost.expires_at = boost.activated_at + boost.ttl
         boost._deadline = anyio.current_time() + boost.ttl
         self._poke()
+        self.granted += 1
         grid._notify("gridboost_boost_activated", boost=boost)
-        grid._move_queued(boost)
+        grid._dispatch.boost_activated(boost)
         return boost
 
     async def _refuse_impossible(self, boost: Boost) -> None:
@@ -376,6 +387,7 @@ class BoostBook:
             finally:
                 self.boosts.pop(boost.id, None)
                 self._poke()
+                grid._dispatch.boost_ended()
         self.outcomes[state.value] += 1
         if state is BoostState.FAILED:
             assert error is not None
@@ -415,3 +427,21 @@ class BoostBook:
             self._wake = anyio.Event()
             with anyio.move_on_after(deadline - anyio.current_time()):
                 await self._wake.wait()
+
+
+class BoostBlock:
+    """What ``grid.boost(...)`` returns: an async context manager that requests, enters and releases."""
+
+    def __init__(self, grid: Grid, resources: Any, kwargs: dict[str, Any]) -> None:
+        self._grid, self._resources, self._kwargs = grid, resources, kwargs
+        self._boost: Boost | None = None
+
+    async def __aenter__(self) -> Boost:
+        self._boost = await self._grid.request_boost(self._resources, **self._kwargs)
+        return await self._boost.__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._boost is not None
+        await self._boost.__aexit__(exc_type, exc, tb)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
@@ -43,8 +43,13 @@ async def stop_process(process: Process, grace: float) -> None:
         await process.wait()
 
 
-async def run_command(command: Command, *, grace: float) -> tuple[int, bytes, bytes]:
-    """Run ``command``; return (status, stdout, stderr). Cancelled: the process is stopped first."""
+async def run_command(
+    command: Command, *, grace: float, on_spawn: Callable[[int], None] | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run ``command``; return (status, stdout, stderr). Cancelled: the process is stopped first.
+
+    ``on_spawn`` is told the process id as soon as the process exists.
+    """
     process = await anyio.open_process(
         list(command.argv),
         stdin=subprocess.DEVNULL,
@@ -58,6 +63,8 @@ async def run_command(command: Command, *, grace: float) -> tuple[int, bytes, by
     )
     out: list[bytes] = []
     err: list[bytes] = []
+    if on_spawn is not None:
+        on_spawn(process.pid)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_drain, process.stdout, out)

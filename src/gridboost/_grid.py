@@ -8,7 +8,8 @@ cancellation (all of it shielded, each wait bounded by ``teardown_timeout``):
 3. the host app's own resources (``enter_async_context``/``push_async_callback``)
    are closed, in reverse order;
 4. every boost is released;
-5. observer coroutines are awaited and background loops stopped;
+5. observer coroutines are awaited and background loops stopped (the pressure monitor's
+   probe closed, after any reading in flight);
 6. the engine is asked which of our reservations it still holds — there must be
    none — and the backends are closed.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 import weakref
 from collections import Counter
@@ -30,10 +32,14 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
-from ._boost import Boost, BoostBook
+from ._advisor import OffloadRecommendation, scan_processes
+from ._boost import Boost, BoostBlock, BoostBook
+from ._dispatch import Dispatch, Move, bounded
 from ._local import LocalBackend
 from ._plugins import GridPluginManager, call_decision, observer_impls
 from ._policy import default_placement
+from ._pressure import Monitor, Pressure, PressureChanges, Threshold
+from ._probes import Probe
 from ._records import (
     BoostState,
     ClusterSnapshot,
@@ -76,14 +82,6 @@ _DEFAULT_MAP_IN_FLIGHT = 32
 _open_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
 
-class _Move(Exception):
-    """Not an error: the cause a queued run is cancelled with when it moves onto a boost."""
-
-    def __init__(self, boost: Boost) -> None:
-        super().__init__(boost.id)
-        self.boost = boost
-
-
 class Grid:
     """Capacity on this machine and on a cluster, behind one async context manager.
 
@@ -93,6 +91,15 @@ class Grid:
 
     ``backend`` names a backend some plugin provides (``"local"`` is built in);
     ``options`` go to that backend and are checked against the ones it declares.
+
+    With a remote backend, ``local_capacity`` is what work placed on this machine is
+    accounted against (default: the machine's), and ``cluster_queue`` how much work,
+    as a fraction of the cluster's capacity, automatic placement may queue at the
+    engine beyond it. ``probe`` reads the machine's load
+    (default: :class:`SystemProbe`) every ``pressure_interval`` seconds once pressure
+    is first needed; ``pressure_thresholds`` overrides the default :class:`Threshold`
+    of some dimensions. ``auto_offload``, ``auto_offload_limit`` and
+    ``auto_offload_backoff`` govern moving queued work (see ``docs/concepts.md``).
     """
 
     def __init__(
@@ -103,6 +110,12 @@ class Grid:
         teardown_timeout: float = 30.0,
         auto_offload: bool = True,
         auto_offload_limit: int = 5,
+        auto_offload_backoff: float = 1.0,
+        local_capacity: Resources | str | Mapping[str, Any] | None = None,
+        cluster_queue: float = 0.5,
+        probe: Probe | None = None,
+        pressure_interval: float = 1.0,
+        pressure_thresholds: Mapping[str, Threshold | tuple[float, float]] | None = None,
         **options: Any,
     ) -> None:
         if (
@@ -118,6 +131,11 @@ class Grid:
         self.auto_offload = bool(auto_offload)
         #: At most this many queued tasks move per boost activation.
         self.auto_offload_limit = auto_offload_limit
+        #: An activation this soon after the previous one that moved work gets half its budget.
+        self.auto_offload_backoff = bounded("auto_offload_backoff", auto_offload_backoff, "seconds", math.inf)
+        #: How far beyond the cluster's capacity (a fraction of it) automatic placement queues work at the engine.
+        self.cluster_queue = bounded("cluster_queue", cluster_queue, "a fraction of the cluster's capacity", 10)
+        host_capacity = None if local_capacity is None else Resources.coerce(local_capacity)
         self.plugins = GridPluginManager.for_grid(plugins)
         specs = self.plugins.backend_specs()
         if not isinstance(backend, str) or backend not in specs:
@@ -130,11 +148,22 @@ class Grid:
         self.backend: Backend = spec.factory(**options)
         # Work placed "local" runs on this machine even when the cluster is elsewhere.
         # A backend that is this machine (the local one, or a wrapper of it) is also the host.
-        self._host: Backend = self.backend if not self.backend.capabilities.remote else LocalBackend()
+        if self.backend.capabilities.remote:
+            self._host: Backend = LocalBackend(capacity=host_capacity)
+        elif host_capacity is not None:
+            raise InvalidRequest(
+                f"local_capacity is for remote backends; the {backend} backend is this machine "
+                "(give it its own capacity option, if it has one)"
+            )
+        else:
+            self._host = self.backend
+        self._monitor = Monitor(self, probe, pressure_interval, pressure_thresholds)
+        self._dispatch = Dispatch(self)
         self._boosts = BoostBook(self)
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._tg: TaskGroup | None = None
         self._loops: anyio.CancelScope | None = None  # made in __aenter__: Grid() may be built outside a loop
+        self._loops_tg: TaskGroup | None = None
         self._app_stack = AsyncExitStack()
         self._runs: set[Run] = set()
         self._runs_idle: anyio.Event | None = None
@@ -162,6 +191,8 @@ class Grid:
             await self.backend.start()
             if self._host is not self.backend:
                 await self._host.start()
+                self._dispatch.local.set_capacity(getattr(self._host, "capacity", None))
+                await self._dispatch.read_cluster()
             self._loops = anyio.CancelScope()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
@@ -174,8 +205,10 @@ class Grid:
                     except Exception as exc:
                         log.warning("closing %s after a failed start: %s", backend.name, exc)
             raise
-        self._tg.start_soon(self._run_loops)
         _open_grids.add(self)
+        await self._tg.start(self._run_loops)
+        if self._cached("gridboost_pressure_changed"):
+            self._monitor.start()  # someone listens: pressure is needed from the start
         return self
 
     async def __aexit__(
@@ -195,6 +228,8 @@ class Grid:
             try:
                 await self._tg.__aexit__(None, None, None)
             finally:
+                if self._monitor.leftover is not None:
+                    leftovers.append(self._monitor.leftover)
                 with anyio.CancelScope(shield=True):
                     await self._close_backends(leftovers, errors)
                 self._state = "closed"
@@ -254,12 +289,21 @@ class Grid:
                 errors.append(exc)
                 leftovers.append(f"closing the {backend.name} backend failed: {type(exc).__name__}: {exc}")
 
-    async def _run_loops(self) -> None:
+    async def _run_loops(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         assert self._loops is not None
         with self._loops:
             async with anyio.create_task_group() as tg:
+                self._loops_tg = tg
                 tg.start_soon(self._boosts.expire_loop)
                 tg.start_soon(self._watch)
+                if self._host is not self.backend:
+                    tg.start_soon(self._dispatch.watch_cluster)
+                task_status.started()
+
+    def _start_loop(self, loop: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Start a background loop that ends at teardown, with the others."""
+        assert self._loops_tg is not None
+        self._loops_tg.start_soon(loop)
 
     async def _watch(self) -> None:
         try:
@@ -294,9 +338,53 @@ class Grid:
 
     @property
     def local_available(self) -> Resources:
-        """Capacity free on this machine for work placed here, by gridboost's own accounting."""
+        """Capacity free on this machine for work placed here, by gridboost's own books: with a remote
+        backend, what placed work (waiting work included) has not claimed; else what work and boosts left."""
+        if self._host is not self.backend:
+            free = self._dispatch.local.free
+            if free is not None:
+                return free
         available: Resources = getattr(self._host, "available", Resources())
         return available
+
+    @property
+    def cluster_available(self) -> Resources | None:
+        """Capacity of the cluster not claimed by this grid's work or boosts; ``None`` when unknown or not remote."""
+        return self._dispatch.cluster.free if self._host is not self.backend else None
+
+    async def pressure(self) -> Pressure:
+        """This machine's pressure: the latest reading (the first call starts the monitor and waits for one).
+
+        ``ProbeError`` when there is none: the probe failed, or gave none in time."""
+        self._check_open()
+        return await self._monitor.current()
+
+    def pressure_changes(self, *, buffer: int = 16) -> PressureChanges:
+        """``async for p in grid.pressure_changes():`` each change of level or of which dimensions are high.
+
+        Keeps the newest ``buffer`` changes a slow reader has not taken; ends when the grid closes."""
+        self._check_open()
+        return self._monitor.subscribe(buffer)
+
+    @property
+    def latest_pressure(self) -> Pressure:
+        """The latest reading, without waiting or starting the monitor: ``Pressure()`` before the first."""
+        return self._monitor.latest
+
+    @property
+    def pressure_thresholds(self) -> Mapping[str, Threshold]:
+        """The :class:`Threshold` of each dimension (``cpu``, ``memory``, ``gpu``, ``gpu_memory``)."""
+        return self._monitor.thresholds
+
+    async def scan_processes(self, *, limit: int = 20, window: float = 0.5) -> list[OffloadRecommendation]:
+        """What on this machine could run elsewhere: ``OffloadRecommendation`` records, the easiest first.
+
+        This grid's queued work, the commands it runs here, and other processes with a
+        noticeable share of the machine (CPU measured over ``window`` seconds, off the
+        loop). Advice only: it never stops, kills or moves anything.
+        """
+        self._check_open()
+        return await scan_processes(self, limit=limit, window=window)
 
     async def leases(self) -> Sequence[Lease]:
         """Every lease the engine records, this grid's and other processes' alike (``Lease`` records)."""
@@ -309,10 +397,15 @@ class Grid:
         return tuple(self._boosts.boosts.values())
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``placed.<kind>``, ``tasks.<status>``, ``boosts.<outcome>``, ``observer_errors``."""
+        """Counters: ``placed.<kind>`` (and ``placed.waiting``), ``moves`` (and ``moves.<kind>``),
+        ``tasks.<status>``, ``boosts.granted`` and ``boosts.<outcome>``, ``pressure.changes``,
+        ``probe_errors``, ``observer_errors``."""
         counts = dict(self._counts)
         counts.update({f"boosts.{k}": v for k, v in self._boosts.outcomes.items()})
-        counts.setdefault("observer_errors", 0)
+        counts["boosts.granted"] = self._boosts.granted
+        counts["probe_errors"] = self._monitor.errors
+        for name in ("observer_errors", "moves", "pressure.changes"):
+            counts.setdefault(name, 0)
         return counts
 
     # -- boosting -------------------------------------------------------------------
@@ -353,10 +446,10 @@ class Grid:
         strategy: Strategy = "pack",
         nodes: Sequence[str] | None = None,
         labels: Mapping[str, str] | None = None,
-    ) -> _BoostBlock:
+    ) -> BoostBlock:
         """``async with grid.boost(...) as boost:`` — auto-placed work in the block runs inside it."""
         options = {"ttl": ttl, "priority": priority, "wait": wait, "strategy": strategy, "nodes": nodes}
-        return _BoostBlock(self, resources, {**options, "labels": labels})
+        return BoostBlock(self, resources, {**options, "labels": labels})
 
     # -- running --------------------------------------------------------------------
 
@@ -372,10 +465,29 @@ class Grid:
     ) -> Run:
         self._check_open()
         spec = TaskSpec(target, args, kwargs, resources=resources, where=where, retries=retries, timeout=timeout)
-        run = Run(spec)
-        run.placement = self._place(spec)
-        backend = self._host if run.placement.kind == "local" else self.backend
-        backend.check_task(spec)
+        return Run(spec)
+
+    def _decide(self, run: Run) -> None:
+        """Place the run and claim its capacity there, now: the next decision sees that room taken."""
+        spec = run.spec
+        placement = self._place(spec)
+        backend = self._host if placement.kind == "local" else self.backend
+        if run.checked is not backend:
+            backend.check_task(spec)
+        run.placement = placement
+        self._dispatch.claim(run)
+
+    def _precheck(self, run: Run) -> Run:
+        """What the backend can refuse of a task whose placement waits until it starts, refused now.
+
+        An explicit ``where`` names its backend; ``auto`` is checked against the host here,
+        and against the cluster only if it is placed there (the default policy keeps work the
+        cluster cannot run on this machine).
+        """
+        where = run.spec.where
+        backend = self._host if where == "local" or where == "auto" else self.backend
+        backend.check_task(run.spec)
+        run.checked = backend
         return run
 
     def _place(self, spec: TaskSpec) -> Placement:
@@ -418,6 +530,8 @@ class Grid:
         # of its await chain, so one attempt is awaited straight from here, with no
         # helper coroutine in between, and the clock is read only when someone needs it.
         spec = run.spec
+        if run.placement is None:  # an offload is placed as its coroutine starts: a burst is accounted task by task
+            self._decide(run)
         self._runs.add(run)
         observed = self._cached("gridboost_task_finished")
         started = time.monotonic() if observed or spec.timeout is not None else 0.0
@@ -441,10 +555,10 @@ class Grid:
                         status = "succeeded"
                         return result
                 assert run.cause is not None  # only Run.cancel cancels run.scope, and it sets the cause
-                if not isinstance(run.cause, _Move):
+                if not isinstance(run.cause, Move):
                     raise run.cause
                 self._leave_placement(run)
-                run.move_to(run.cause.boost)
+                run.move_to(run.cause.placement)  # its capacity there was claimed when the move was decided
         except BaseException as exc:
             error = exc
             if exc is not run.cause and not isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -452,6 +566,7 @@ class Grid:
             raise
         finally:
             self._leave_placement(run)
+            self._dispatch.release(run)
             self._runs.discard(run)
             if self._runs_idle is not None:
                 self._maybe_idle()
@@ -467,6 +582,8 @@ class Grid:
             placement.boost.require_active()
             placement.boost._runs.add(run)
         self._counts[_PLACED[placement.kind]] += 1
+        if placement.waiting:
+            self._counts["placed.waiting"] += 1
         if self._cached("gridboost_task_placed"):
             self._notify("gridboost_task_placed", task=run.spec, placement=placement)
 
@@ -504,35 +621,6 @@ class Grid:
                 if run.attempts > retries or (isinstance(exc, GridboostError) and not isinstance(exc, BackendError)):
                     raise
 
-    def _move_queued(self, boost: Boost) -> None:
-        """Move auto-placed work still waiting for local capacity onto a boost that just became active."""
-        if not self.auto_offload or self._state != "open":
-            return
-        queued = {
-            run.spec.id: run
-            for run in self._runs
-            if run.is_waiting_locally and run.spec.where == "auto" and run.spec.resources.fits_in(boost.resources)
-        }
-        if not queued:
-            return
-        try:
-            chosen = call_decision(
-                self.plugins.hook.gridboost_offload_candidates,
-                "gridboost_offload_candidates",
-                grid=self,
-                boost=boost,
-                queued=[run.spec for run in queued.values()],
-                limit=self.auto_offload_limit,
-            )
-        except PolicyError as exc:  # the boost is granted either way; only the move is off
-            self._log_error(f"choosing work to move onto boost {boost.id} failed", exc)
-            return
-        for spec in list(chosen or ())[: self.auto_offload_limit]:
-            run = queued.pop(getattr(spec, "id", None), None)  # type: ignore[arg-type]
-            if run is not None:
-                run.cancel(_Move(boost))
-                self._counts["moves"] += 1
-
     def _maybe_idle(self) -> None:
         if self._runs_idle is not None and not self._runs and not self._grants:
             self._runs_idle.set()
@@ -552,10 +640,13 @@ class Grid:
 
         The function's own exception is raised with its own type; ``timeout`` bounds
         all attempts together and raises ``TimeoutError``. Bad input raises as soon
-        as ``offload`` is called. (A plain function returning the coroutine, not an
-        ``async def``: one frame fewer on the hot path.)
+        as ``offload`` is called (what the backend ``where`` names cannot run, too);
+        the placement is decided, and its capacity claimed, when the coroutine starts,
+        so a burst of offloads is accounted one by one.
+        (A plain function returning the coroutine, not an ``async def``: one frame
+        fewer on the hot path.)
         """
-        run = self._spec(fn, args, kwargs, resources, where, retries, timeout)
+        run = self._precheck(self._spec(fn, args, kwargs, resources, where, retries, timeout))
         return self._execute(run)
 
     @overload
@@ -596,6 +687,7 @@ class Grid:
     ) -> TaskHandle[Any]:
         """Start ``fn(*args, **kwargs)`` (or a ``Command``) and return a handle at once; bad input raises here."""
         run = self._spec(fn, args, kwargs, resources, where, retries, timeout)
+        self._decide(run)
         handle: TaskHandle[Any] = TaskHandle(run)
         assert self._tg is not None
         self._runs.add(run)  # counted from now, so teardown waits for it even before it starts
@@ -648,7 +740,7 @@ class Grid:
         raised. With ``check=True`` a non-zero status raises ``CommandFailed``.
         """
         command = Command(argv, env=env, cwd=cwd)
-        run = self._spec(command, (), {}, resources, where, 0, timeout)
+        run = self._precheck(self._spec(command, (), {}, resources, where, 0, timeout))
         result: CommandResult = await self._execute(run)
         if check and result.returncode != 0:
             raise CommandFailed(command.argv, result.returncode, result.stdout, result.stderr)
@@ -687,6 +779,11 @@ class Grid:
             if not self._observing and self._observers_idle is not None:
                 self._observers_idle.set()
 
+    def _pressure_changed(self, old: Pressure, new: Pressure) -> None:
+        self._counts["pressure.changes"] += 1
+        if self._state == "open" and self._cached("gridboost_pressure_changed"):
+            self._notify("gridboost_pressure_changed", old=old, new=new)
+
     def _observer_failed(self, plugin: str, hook: str, exc: BaseException) -> None:
         self._counts["observer_errors"] += 1
         log.error("observer %s of plugin %s failed: %s: %s", hook, plugin, type(exc).__name__, exc, exc_info=exc)
@@ -703,22 +800,5 @@ _OBSERVERS = (
     "gridboost_boost_failed",
     "gridboost_task_placed",
     "gridboost_task_finished",
+    "gridboost_pressure_changed",
 )
-
-
-class _BoostBlock:
-    """What ``grid.boost(...)`` returns: an async context manager that requests, enters and releases."""
-
-    def __init__(self, grid: Grid, resources: Any, kwargs: dict[str, Any]) -> None:
-        self._grid, self._resources, self._kwargs = grid, resources, kwargs
-        self._boost: Boost | None = None
-
-    async def __aenter__(self) -> Boost:
-        self._boost = await self._grid.request_boost(self._resources, **self._kwargs)
-        return await self._boost.__aenter__()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._boost is not None
-        await self._boost.__aexit__(exc_type, exc, tb)

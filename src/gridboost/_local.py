@@ -115,6 +115,7 @@ class LocalBackend(Backend):
         # caller was cancelled and moved on). Written from worker threads, hence the lock.
         self._running: dict[str, tuple[TaskSpec, str]] = {}
         self._running_lock = threading.Lock()
+        self._commands: dict[str, tuple[TaskSpec, int]] = {}  # task id → (task, pid) of each command running
         self._limiter: anyio.CapacityLimiter | None = None
         self._procs: ProcessPool | None = None
         self._closed = False
@@ -132,6 +133,11 @@ class LocalBackend(Backend):
     def available(self) -> Resources:
         """Capacity not taken by reservations or running work (zero before ``start``)."""
         return Resources() if self._pool is None else self._pool.available
+
+    @property
+    def capacity(self) -> Resources:
+        """The capacity accounted against: ``capacity=`` or this machine's (zero before ``start``)."""
+        return Resources() if self._pool is None else self._pool.total
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -257,7 +263,12 @@ class LocalBackend(Backend):
         try:
             if isinstance(task.target, Command):
                 with self._tracking(task, "command"):
-                    status, out, err = await run_command(task.target, grace=self._grace)
+                    try:
+                        status, out, err = await run_command(
+                            task.target, grace=self._grace, on_spawn=lambda pid: self._spawned(task, pid)
+                        )
+                    finally:
+                        self._commands.pop(task.id, None)
                 return CommandResult(returncode=status, stdout=out, stderr=err, node=self._node_id)
             if self._procs is not None:
                 with self._tracking(task, "worker process"):
@@ -268,6 +279,13 @@ class LocalBackend(Backend):
         finally:
             if amount:
                 pool.give(amount)
+
+    def _spawned(self, task: TaskSpec, pid: int) -> None:
+        self._commands[task.id] = (task, pid)
+
+    def running_commands(self) -> dict[str, tuple[TaskSpec, int]]:
+        """Each command running now: task id → (its task, its process id)."""
+        return dict(self._commands)
 
     def running_tasks(self) -> dict[str, str]:
         """The engine's own view: id → description of every task whose work is executing now."""

@@ -1,4 +1,17 @@
-"""The built-in decision hooks. Registered ``trylast``, so every other plugin is asked first."""
+"""The built-in decision hooks. Registered ``trylast``, so every other plugin is asked first.
+
+Where a ``where="auto"`` task runs, in order:
+
+1. inside the boost of the enclosing ``async with grid.boost(...)`` block;
+2. here, when the backend *is* this machine;
+3. here, while local capacity (by the grid's books) fits it and local pressure is not
+   high on a dimension it uses — CPU and memory always, the GPU's only for work that asks
+   for a GPU or GPU memory;
+4. inside an active boost of this grid with room for it;
+5. on the cluster, while it has room;
+6. here, waiting for local capacity (a ``waiting`` placement: it moves to the first
+   remote room that frees before it starts).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._boost import current_boost
+from ._dispatch import FITS_HERE
 from ._plugins import hookimpl
 from ._records import Placement, TaskSpec
 
@@ -17,21 +31,35 @@ __all__ = ["default_offload_candidates", "default_placement"]
 
 _IN_BOOST = "inside the enclosing `async with grid.boost(...)` block"
 _LOCAL_IS_CLUSTER = "the backend is this machine"
-_FITS_LOCALLY = "fits in free local capacity"
 _HERE_IS_THE_CLUSTER = Placement("local", _LOCAL_IS_CLUSTER)
-_FITS_HERE = Placement("local", _FITS_LOCALLY)
+_GPU_DIMENSIONS = frozenset({"gpu", "gpu_memory"})
 
 
 def default_placement(grid: Grid, task: TaskSpec) -> Placement:
-    """The boost of the enclosing block, else local while it fits, else the cluster."""
+    """The decision the module docstring describes; every placement says why."""
     boost = current_boost()
     if boost is not None and boost.is_active and boost.grid is grid:
         return Placement("boost", _IN_BOOST, boost)
-    if not grid.backend.capabilities.remote:
+    if grid._host is grid.backend:  # the backend is not remote: it is this machine
         return _HERE_IS_THE_CLUSTER
-    if task.resources.fits_in(grid.local_available):
-        return _FITS_HERE
-    return Placement("cluster", f"local capacity is short of {task.resources.shortfall(grid.local_available)}")
+    monitor = grid._monitor
+    if not monitor.started:
+        monitor.start()
+    hot = monitor.latest.high_dimensions
+    if hot and not (task.resources.gpu or task.resources.gpu_memory):
+        hot = hot - _GPU_DIMENSIONS  # a busy GPU does not make the host too busy for CPU work
+    dispatch = grid._dispatch
+    fits = dispatch.local.room_for(task.resources)
+    if fits and not hot:
+        return FITS_HERE
+    if hot:
+        why = f"local pressure is high ({', '.join(sorted(hot))}: {monitor.latest})"
+    else:
+        why = f"local capacity is short of {dispatch.local.shortfall(task.resources)}"
+    placement = dispatch.remote_room(task, why)
+    if placement is not None and dispatch.remote_can_run(task):
+        return placement
+    return Placement("local", f"{why}; no room in a boost or on the cluster: waiting for local capacity", waiting=True)
 
 
 @hookimpl(trylast=True)

@@ -215,17 +215,25 @@ class TaskSpec:
 
 @frozen
 class Placement:
-    """The decision for one task: run it locally, on the cluster, or inside a boost, and why."""
+    """The decision for one task: run it locally, on the cluster, or inside a boost, and why.
+
+    ``waiting`` marks a local placement made only because there was no room anywhere:
+    the task waits for local capacity, and moves to the first room that frees on the
+    cluster or in a boost before then (while ``grid.auto_offload`` is on).
+    """
 
     kind: Literal["local", "cluster", "boost"]
     reason: str
     boost: Boost | None = None
+    waiting: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in ("local", "cluster", "boost"):
             raise InvalidRequest(f"placement kind must be local, cluster or boost, got {self.kind!r}")
         if (self.kind == "boost") != (self.boost is not None):
             raise InvalidRequest("a placement names a boost exactly when its kind is 'boost'")
+        if self.waiting and self.kind != "local":
+            raise InvalidRequest(f"only a local placement waits for local capacity, not a {self.kind} one")
 
 
 @frozen

@@ -290,3 +290,8 @@ class Resources:
 
 
 _ZERO = Resources()
+
+# For texts about amounts built without making a Resources (the placement hot path).
+BYTE_FIELDS = _BYTE_FIELDS
+format_bytes = _format_bytes
+format_number = _format_number

@@ -14,7 +14,7 @@ from ._records import Placement, TaskSpec
 from .exceptions import InvalidRequest, TaskCancelled
 
 if TYPE_CHECKING:
-    from ._boost import Boost
+    from ._dispatch import Ledger
     from ._grid import Grid
 
 T = TypeVar("T")
@@ -27,13 +27,15 @@ _END = object()
 class Run:
     """One task while the grid owns it: the scope that cancels it and the reason why."""
 
-    __slots__ = ("attempts", "cause", "placement", "scope", "spec", "started")
+    __slots__ = ("attempts", "cause", "checked", "ledger", "placement", "scope", "spec", "started")
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
         self.scope = anyio.CancelScope()
         self.cause: BaseException | None = None
         self.placement: Placement | None = None
+        self.ledger: Ledger | None = None  # where its resources are claimed, while they are
+        self.checked: object = None  # the backend whose check_task it passed already
         self.attempts = 0
         self.started = False
 
@@ -45,12 +47,12 @@ class Run:
     def is_waiting_locally(self) -> bool:
         return not self.started and self.cause is None and self.placement is not None and self.placement.kind == "local"
 
-    def move_to(self, boost: Boost) -> None:
-        """Re-place a run that has not started into ``boost``, with a fresh scope."""
+    def move_to(self, placement: Placement) -> None:
+        """Re-place a run that has not started, with a fresh scope."""
         self.cause = None
         self.attempts = 0  # it never started: the waiting was not an attempt
         self.scope = anyio.CancelScope()
-        self.placement = Placement("boost", f"moved onto boost {boost.id} when it became active", boost)
+        self.placement = placement
 
     def cancel(self, cause: BaseException) -> None:
         """Cancel the run; the first cause given is what its awaiter will see raised."""

@@ -26,6 +26,7 @@ __all__ = [
     "NotSerializable",
     "PluginError",
     "PolicyError",
+    "ProbeError",
     "TaskCancelled",
     "TeardownError",
     "UnknownBackend",
@@ -106,6 +107,10 @@ class BackendError(GridboostError):
 
 class PolicyError(GridboostError):
     """A decision hook raised or returned something unusable; the operation failed."""
+
+
+class ProbeError(GridboostError):
+    """The pressure probe failed, or gave no reading in time: the machine's pressure is unknown."""
 
 
 class PluginError(GridboostError):

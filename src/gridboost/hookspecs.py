@@ -27,6 +27,7 @@ import pluggy
 if TYPE_CHECKING:
     from ._boost import Boost
     from ._grid import Grid
+    from ._pressure import Pressure
     from ._records import Placement, TaskOutcome, TaskSpec
     from .abc import BackendSpec
 
@@ -43,6 +44,7 @@ __all__ = [
     "gridboost_boost_released",
     "gridboost_choose_placement",
     "gridboost_offload_candidates",
+    "gridboost_pressure_changed",
     "gridboost_task_finished",
     "gridboost_task_placed",
     "hookspec",
@@ -73,9 +75,14 @@ def gridboost_backends() -> Iterable[BackendSpec] | None:
 def gridboost_choose_placement(grid: Grid, task: TaskSpec) -> Placement | None:
     """Decide where a ``where="auto"`` task runs; return ``None`` to let the next plugin decide.
 
-    Asked once per task, on the hot path: keep it cheap. The built-in default runs
-    the task in the boost of the enclosing ``async with grid.boost(...)`` block, else
-    locally while local capacity fits, else on the cluster.
+    Asked once per task, when it is submitted (or when an ``offload`` coroutine starts),
+    on the hot path: keep it cheap, and read what the grid knows rather than ask an
+    engine: ``grid.local_available``, ``grid.cluster_available``, ``boost.available``,
+    ``grid.latest_pressure``. The built-in default runs the task in the boost of
+    the enclosing ``async with grid.boost(...)`` block; else here while local capacity
+    fits and local pressure is not high; else in an active boost with room; else on the
+    cluster while it has room; else here, waiting for local capacity
+    (``Placement(..., waiting=True)``: it moves to the first remote room that frees).
 
     Example::
 
@@ -93,6 +100,8 @@ def gridboost_offload_candidates(
     """Choose which queued tasks (not started yet) move onto a boost that just became active.
 
     Return at most ``limit`` items of ``queued``; ``None`` defers to the next plugin.
+    ``limit`` is ``grid.auto_offload_limit``, halved for each activation that follows
+    the previous one within ``grid.auto_offload_backoff`` seconds (never below one).
     The built-in default takes the highest priority first, then the oldest.
 
     Example::
@@ -178,4 +187,24 @@ def gridboost_task_finished(grid: Grid, task: TaskSpec, placement: Placement, ou
         @gridboost.hookimpl
         def gridboost_task_finished(task, outcome):
             histogram.observe(outcome.duration, status=outcome.status)
+    """
+
+
+# -- observers: pressure ------------------------------------------------------------
+
+
+@hookspec
+def gridboost_pressure_changed(grid: Grid, old: Pressure, new: Pressure) -> Any:
+    """Local pressure changed: its level, or which dimensions are high (with hysteresis).
+
+    Not called for every reading, only for changes; the first reading counts as one only
+    when it is already high (``old`` is then the empty ``Pressure()``). A grid with an
+    observer of this hook starts its monitor as it opens.
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_pressure_changed(old, new):
+            if new.level == "high":
+                log.warning("host under pressure: %s (was %s)", new, old)
     """

@@ -1,0 +1,334 @@
+"""Where capacity is, by this grid's own books, and the moves of work that waits for it.
+
+Placement is decided when a task is submitted (or, for ``await grid.offload``, when
+its coroutine first runs), and the capacity it will use is *claimed at that moment*
+in a ledger — the host's, the cluster's or a boost's — so a burst of submissions sees
+the room shrink one task at a time instead of all seeing the same free capacity.
+A claim is given back when the task ends or moves.
+
+Work that found no room anywhere waits for local capacity (a ``waiting`` placement).
+It moves, before it starts and never after:
+
+* onto a boost as the boost becomes active — at most ``auto_offload_limit`` tasks per
+  activation, chosen by the ``gridboost_offload_candidates`` hook; an activation that
+  comes within ``auto_offload_backoff`` seconds of the previous one that moved work
+  gets half of that one's budget (5, 2, 1, 1, ...; never below one), so a burst of
+  activations does not empty the host's queue onto leases that may be short-lived;
+* into room that frees on the cluster or in a boost (a remote task of this grid ended,
+  the cluster grew), oldest first, one task per freed slot.
+
+``grid.auto_offload = False`` stops both at once; placement at submit is unaffected.
+The cluster's capacity is what the engine's snapshot says its live nodes have (read at
+enter and every few seconds), less what this grid's boosts hold there. Others' use of
+the cluster is not subtracted: where they take capacity, the engine queues our work.
+Automatic placement hands the cluster up to ``cluster_queue`` (default 0.5) of its
+capacity beyond it: work the engine holds queued starts the moment a slot frees, instead
+of a round trip later when this grid hears of it and sends the next task. Short tasks
+need that to keep remote slots busy; for long ones, ``cluster_queue=0`` keeps every task
+here until the cluster really has room.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._plugins import call_decision
+from ._records import Placement, TaskSpec
+from ._resources import BYTE_FIELDS, Resources, format_bytes, format_number
+from .exceptions import GridboostError, InvalidRequest, PolicyError
+
+if TYPE_CHECKING:
+    from ._boost import Boost
+    from ._grid import Grid
+    from ._task import Run
+
+__all__ = ["FITS_HERE", "Dispatch", "Ledger", "Move", "bounded"]
+
+log = logging.getLogger("gridboost")
+
+#: Seconds between two reads of the cluster's capacity.
+VIEW_REFRESH = 5.0
+# A refill looks this far down the queue for a task that fits the freed room, then stops:
+# a long queue of tasks too large for it must not make every completion cost O(queue).
+_REFILL_LOOKAHEAD = 64
+_EPS = 1e-9
+
+
+#: The default policy's placement of work that fits here. Such work may still wait a moment for a slot (tasks
+#: reach the host's queue in the order the event loop runs them, not the order they were placed), so it moves
+#: like ``waiting`` work if room frees elsewhere first. Work a plugin placed here stays here.
+FITS_HERE = Placement("local", "fits in free local capacity")
+
+
+def bounded(name: str, value: object, unit: str, most: float) -> float:
+    """``value`` as a float in 0..``most``; else an ``InvalidRequest`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
+        raise InvalidRequest(f"{name} must be a number ({unit}) within 0..{most:g}, got {value!r}")
+    return float(value)
+
+
+class Move(Exception):
+    """Not an error: the cause a queued run is cancelled with when it moves to another placement."""
+
+    def __init__(self, placement: Placement) -> None:
+        super().__init__(placement.kind)
+        self.placement = placement
+
+
+class Ledger:
+    """Capacity promised away at one place: what tasks placed there claimed, against its capacity.
+
+    ``capacity`` ``None`` is unknown: everything fits (the engine will queue what does not).
+    ``queue`` lets claims run that fraction of the capacity beyond it (work the engine
+    holds queued, ready for the next slot that frees); ``free`` never counts it.
+    """
+
+    __slots__ = ("_capacity", "_limit", "name", "queue", "used")
+
+    def __init__(self, name: str, capacity: Resources | None = None, *, queue: float = 0.0) -> None:
+        self.name = name
+        self.queue = queue
+        self._capacity: dict[str, float] | None = None
+        self._limit: dict[str, float] | None = None
+        self.used: dict[str, float] = {}
+        self.set_capacity(capacity)
+
+    def set_capacity(self, capacity: Resources | None) -> None:
+        self._capacity = None if capacity is None else capacity.as_dict()
+        self._limit = None if self._capacity is None else {k: v * (1 + self.queue) for k, v in self._capacity.items()}
+
+    @property
+    def known(self) -> bool:
+        return self._capacity is not None
+
+    def room_for(self, amount: Resources) -> bool:
+        limit = self._limit
+        if limit is None:
+            return True
+        used = self.used
+        for key, value in amount._items():
+            if value and used.get(key, 0.0) + value > limit.get(key, 0.0) + _EPS:
+                return False
+        return True
+
+    def take(self, amount: Resources) -> None:
+        used = self.used
+        for key, value in amount._items():
+            if value:
+                used[key] = used.get(key, 0.0) + value
+
+    def give(self, amount: Resources) -> None:
+        used = self.used
+        for key, value in amount._items():
+            if value:
+                left = used.get(key, 0.0) - value
+                used[key] = left if left > _EPS else 0.0
+
+    def shortfall(self, amount: Resources) -> str:
+        """What this place lacks to hold ``amount`` on top of its claims, as text (``cpu=1``): cheap, for reasons."""
+        capacity = self._limit
+        if capacity is None:
+            return "nothing"
+        used = self.used
+        parts = []
+        for key, value in amount._items():
+            missing = used.get(key, 0.0) + value - capacity.get(key, 0.0) if value else 0.0
+            if missing > _EPS:
+                text = format_bytes(math.ceil(missing)) if key in BYTE_FIELDS else format_number(missing)
+                parts.append(f"{key}={text}")
+        return ",".join(parts) or "nothing"
+
+    @property
+    def free(self) -> Resources | None:
+        """Capacity not claimed (``None`` when the capacity is unknown)."""
+        if self._capacity is None:
+            return None
+        return Resources.coerce({k: max(0.0, v - self.used.get(k, 0.0)) for k, v in self._capacity.items()})
+
+
+def _minus(total: Resources, held: Iterable[Resources]) -> Resources:
+    left = total.as_dict()
+    for amount in held:
+        for key, value in amount.as_dict().items():
+            left[key] = max(0.0, left.get(key, 0.0) - value)
+    return Resources.coerce(left)
+
+
+class Dispatch:
+    """The ledgers of one grid, the work waiting for local capacity, and the moves out of that queue."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.local = Ledger("local")
+        self.cluster = Ledger("cluster", queue=grid.cluster_queue)
+        self._cluster_total: Resources | None = None
+        self.waiting: dict[Run, None] = {}  # insertion order: oldest first
+        self._level = 0
+        self._last_moved = -math.inf
+
+    # -- claims -----------------------------------------------------------------------
+
+    def ledger_of(self, placement: Placement) -> Ledger:
+        if placement.boost is not None:
+            return placement.boost._ledger
+        return self.local if placement.kind == "local" else self.cluster
+
+    def claim(self, run: Run) -> None:
+        placement = run.placement
+        assert placement is not None
+        if run.spec.resources:
+            ledger = self.ledger_of(placement)
+            ledger.take(run.spec.resources)
+            run.ledger = ledger
+        if placement.waiting or placement is FITS_HERE:
+            self.waiting[run] = None
+
+    def release(self, run: Run) -> None:
+        """The run ended: give its claim back, and let waiting work into remote room that freed."""
+        self.waiting.pop(run, None)
+        ledger = run.ledger
+        if ledger is None:
+            return
+        run.ledger = None
+        ledger.give(run.spec.resources)
+        if ledger is not self.local and self.waiting:
+            self.refill()
+
+    def _move(self, run: Run, placement: Placement) -> None:
+        self.waiting.pop(run, None)
+        if run.ledger is not None:
+            run.ledger.give(run.spec.resources)
+            run.ledger = None
+        run.cancel(Move(placement))
+        run.placement = placement  # what its handle says from now on; the run re-enters it as it wakes
+        self.claim_moved(run, placement)
+        counts = self._grid._counts
+        counts["moves"] += 1
+        counts[f"moves.{placement.kind}"] += 1
+
+    def claim_moved(self, run: Run, placement: Placement) -> None:
+        if run.spec.resources:
+            ledger = self.ledger_of(placement)
+            ledger.take(run.spec.resources)
+            run.ledger = ledger
+
+    # -- where there is room ------------------------------------------------------------
+
+    def remote_can_run(self, task: TaskSpec) -> bool:
+        try:
+            self._grid.backend.check_task(task)
+        except GridboostError:
+            return False
+        return True
+
+    def remote_room(self, task: TaskSpec, why: str) -> Placement | None:
+        """A boost of this grid with room for ``task``, else the cluster if it has room; ``None`` if neither."""
+        amount = task.resources
+        for boost in self._grid._boosts.boosts.values():
+            if boost.is_active and boost._ledger.room_for(amount):
+                return Placement("boost", f"{why}; boost {boost.id} has room", boost)
+        if self.cluster.room_for(amount):
+            return Placement("cluster", f"{why}; the cluster has room")
+        return None
+
+    def refill(self) -> None:
+        """Move the oldest waiting work into remote room that freed, one task per slot."""
+        grid = self._grid
+        if not grid.auto_offload or grid._state != "open":
+            return
+        misses = 0
+        for run in list(self.waiting):
+            if not run.is_waiting_locally:
+                del self.waiting[run]
+                continue
+            placement = self.remote_room(run.spec, "room freed while it waited for local capacity")
+            if placement is None:
+                misses += 1
+                if misses >= _REFILL_LOOKAHEAD:
+                    break
+                continue
+            if not self.remote_can_run(run.spec):
+                del self.waiting[run]  # this one stays here for good
+                continue
+            self._move(run, placement)
+
+    # -- boosts ---------------------------------------------------------------------------
+
+    def boost_activated(self, boost: Boost) -> None:
+        """A boost became active: take its capacity off the cluster's, and move queued work onto it."""
+        self._update_cluster()
+        grid = self._grid
+        if not grid.auto_offload or grid._state != "open":
+            return
+        ledger = boost._ledger
+        queued = {
+            run.spec.id: run
+            for run in grid._runs
+            if run.is_waiting_locally and run.spec.where == "auto" and ledger.room_for(run.spec.resources)
+        }
+        if not queued:
+            return
+        now = anyio.current_time()
+        self._level = self._level + 1 if now - self._last_moved < grid.auto_offload_backoff else 0
+        limit = grid.auto_offload_limit
+        budget = max(1, limit >> self._level) if limit else 0
+        try:
+            chosen = call_decision(
+                grid.plugins.hook.gridboost_offload_candidates,
+                "gridboost_offload_candidates",
+                grid=grid,
+                boost=boost,
+                queued=[run.spec for run in queued.values()],
+                limit=budget,
+            )
+        except PolicyError as exc:  # the boost is granted either way; only the move is off
+            grid._log_error(f"choosing work to move onto boost {boost.id} failed", exc)
+            return
+        moved = 0
+        for spec in list(chosen or ())[:budget]:
+            run = queued.pop(getattr(spec, "id", None), None)  # type: ignore[arg-type]
+            if run is None or not ledger.room_for(run.spec.resources) or not self.remote_can_run(run.spec):
+                continue
+            self._move(run, Placement("boost", f"moved onto boost {boost.id} when it became active", boost))
+            moved += 1
+        if moved:
+            self._last_moved = now
+
+    def boost_ended(self) -> None:
+        self._update_cluster()
+        if self.waiting:
+            self.refill()
+
+    # -- the cluster's capacity -----------------------------------------------------------
+
+    def _update_cluster(self) -> None:
+        if self._cluster_total is None:
+            return
+        held = [b.resources for b in self._grid._boosts.boosts.values() if b.is_active]
+        self.cluster.set_capacity(_minus(self._cluster_total, held) if held else self._cluster_total)
+
+    async def read_cluster(self) -> None:
+        """Ask the engine what its live nodes have; keep the last answer when it cannot say."""
+        grid = self._grid
+        try:
+            with anyio.fail_after(min(grid.teardown_timeout, 30.0)):
+                snapshot = await grid.backend.snapshot()
+        except Exception as exc:
+            log.warning("reading the %s cluster's capacity failed: %s: %s", grid.backend.name, type(exc).__name__, exc)
+            return
+        grew = self._cluster_total is None or not snapshot.total.fits_in(self._cluster_total)
+        self._cluster_total = snapshot.total
+        self._update_cluster()
+        if grew and self.waiting:
+            self.refill()
+
+    async def watch_cluster(self) -> None:
+        """Re-read the cluster's capacity every few seconds (nodes join and leave). A background loop."""
+        while True:
+            await anyio.sleep(VIEW_REFRESH)
+            await self.read_cluster()
