@@ -24,9 +24,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from attrs import evolve
 
 from ._dispatch import Ledger
-from ._records import STRATEGIES, BoostState, Priority, Strategy, new_id
+from ._records import STRATEGIES, BoostState, Lease, Priority, Strategy, new_id, owner_name
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
 from .exceptions import BoostExpired, BoostLost, BoostUnavailable, InvalidRequest, TaskCancelled
@@ -275,12 +276,7 @@ class BoostBook:
             with anyio.move_on_after(boost.wait) as waited:
                 reservation = await self._reserve_in_turn(boost, key)
             if waited.cancelled_caught:
-                snapshot = await grid.backend.snapshot()
-                room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
-                raise BoostUnavailable(
-                    f"boost {boost.id} ({boost.resources}) was not granted within {boost.wait:g}s: "
-                    f"missing {boost.resources.shortfall(room)} (free now: {room})"
-                ) from None
+                raise await self._not_granted(boost) from None
         except BaseException as exc:
             del self.boosts[boost.id]
             boost.state = BoostState.FAILED
@@ -300,6 +296,43 @@ class BoostBook:
         grid._notify("gridboost_boost_activated", boost=boost)
         grid._dispatch.boost_activated(boost)
         return boost
+
+    async def lease(self, boost: Boost) -> Lease:
+        """Reserve ``boost``'s request as a *detached* lease: the engine's registry, not this grid, ends it.
+
+        The same validation, refusal of the impossible, priority order and ``wait`` bound as
+        :meth:`grant`; the grid keeps no record of it afterwards (no expiry, no release at teardown).
+        """
+        backend = self._grid.backend
+        if not backend.capabilities.shared_leases:
+            raise InvalidRequest(
+                f"the {backend.name} backend keeps leases inside one process; a lease that outlives it needs a "
+                "backend with a lease registry on the cluster (ray, dask)"
+            )
+        await self._refuse_impossible(boost)
+        key = (-boost.priority, next(self._seq))
+        with anyio.move_on_after(boost.wait) as waited:
+            reservation = await self._reserve_in_turn(boost, key, detached=True)
+        if waited.cancelled_caught:
+            raise await self._not_granted(boost) from None
+        return Lease(
+            id=boost.id,
+            backend=backend.name,
+            resources=boost.resources,
+            owner=owner_name(),
+            state="active",
+            priority=boost.priority,
+            expires_at=time.time() + boost.ttl,
+            placements=reservation.placements,
+        )
+
+    async def _not_granted(self, boost: Boost) -> BoostUnavailable:
+        snapshot = await self._grid.backend.snapshot()
+        room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
+        return BoostUnavailable(
+            f"boost {boost.id} ({boost.resources}) was not granted within {boost.wait:g}s: "
+            f"missing {boost.resources.shortfall(room)} (free now: {room})"
+        )
 
     async def _refuse_impossible(self, boost: Boost) -> None:
         backend = self._grid.backend
@@ -328,12 +361,13 @@ class BoostBook:
                 f"missing {boost.resources.shortfall(total)}"
             )
 
-    async def _reserve_in_turn(self, boost: Boost, key: tuple[int, int]) -> Reservation:
+    async def _reserve_in_turn(self, boost: Boost, key: tuple[int, int], *, detached: bool = False) -> Reservation:
+        request = evolve(boost.request(), detached=True) if detached else boost.request()
         while True:
             async with self._gate.hold(key) as turn:
                 assert turn.scope is not None
                 with turn.scope:
-                    return await self._grid.backend.reserve(boost.request())
+                    return await self._grid.backend.reserve(request)
             # preempted by a request of higher priority: queue again, keeping our key
 
     async def renew(self, boost: Boost, ttl: float) -> None:

@@ -1,10 +1,16 @@
-"""``gridboost demo``: a burst of work, a boost taken for it, and proof that all was given back."""
+"""``gridboost demo``: a burst of more work than this machine holds, a boost taken for it, and all given back.
+
+What it shows, in order: the nodes; a burst submitted at once (most of it waits for room); a live progress bar with
+local pressure; a boost taken half-way, and waiting work moving onto it as it becomes active; then a table of where
+each group of tasks ran and how long it took, and proof that the boost was released and nothing is left.
+Everything it prints comes through the same hooks and calls an application would use.
+"""
 
 from __future__ import annotations
 
-import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -14,79 +20,174 @@ from ._grid import Grid
 from ._plugins import hookimpl
 from ._records import Placement, Priority, TaskOutcome, TaskSpec
 from ._resources import Resources
+from .exceptions import GridboostError
+
+__all__ = ["run_demo"]
+
+#: Each task: a little CPU (so pressure moves), then waiting (so the demo is gentle on a shared machine).
+_SPIN = 0.02
+_SLEEP = 0.12
 
 
-def _work(seconds: float) -> float:
-    """Stand-in for a preprocessing step: sleeps, so the demo is gentle on a shared machine."""
-    time.sleep(seconds)
-    return seconds
+def _work(index: int) -> int:
+    """Stand-in for a preprocessing step."""
+    deadline = time.perf_counter() + _SPIN
+    while time.perf_counter() < deadline:
+        pass
+    time.sleep(_SLEEP)
+    return index
 
 
 class _Narrator:
-    """An observer plugin: the demo's log lines come through the same hooks yours would."""
+    """An observer plugin: the demo's story comes through the hooks yours would use."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any) -> None:
+        self.console = console
         self.t0 = time.perf_counter()
-        self.where: dict[str, list[float]] = defaultdict(list)
-        self.status: Counter[str] = Counter()
+        self.ran: dict[str, list[float]] = defaultdict(list)
+        self.moved = 0
 
     def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.t0:6.2f}s] {text}", flush=True)
+        self.console.print(f"[dim]{time.perf_counter() - self.t0:6.2f}s[/dim] {text}")
 
     @hookimpl
     def gridboost_boost_activated(self, boost: Boost) -> None:
-        self.say(f"boost {boost.id} active: {boost.resources} on {', '.join(boost.placements)}, ttl {boost.ttl:g}s")
+        self.say(f"boost [bold]{boost.id}[/bold] active: {boost.resources} on {', '.join(boost.placements)}")
 
     @hookimpl
     def gridboost_boost_released(self, boost: Boost) -> None:
-        self.say(f"boost {boost.id} released after {boost.held_for:.2f}s")
+        self.say(f"boost [bold]{boost.id}[/bold] released after {boost.held_for:.2f}s")
+
+    @hookimpl
+    def gridboost_pressure_changed(self, old: Any, new: Any) -> None:
+        self.say(f"local pressure: {old.level} -> [bold]{new}[/bold]")
 
     @hookimpl
     def gridboost_task_finished(self, task: TaskSpec, placement: Placement, outcome: TaskOutcome) -> None:
-        self.where[placement.kind].append(outcome.duration)
-        self.status[outcome.status] += 1
+        where = "here" if placement.kind == "local" else placement.kind
+        self.ran[f"{where} ({outcome.status})"].append(outcome.duration)
 
 
-async def _demo(backend: str, tasks: int) -> None:
-    narrator = _Narrator()
-    async with Grid(backend, plugins=[narrator]) as grid:
+async def _demo(console: Any, backend: str, tasks: int, address: str | None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    narrator = _Narrator(console)
+    options: dict[str, Any] = {} if address is None else {"address": address}
+    if backend != "local":
+        options["local_capacity"] = "cpu=2"  # this machine's share of the burst; the rest goes out
+    async with Grid(backend, plugins=[narrator], **options) as grid:
         snapshot = await grid.snapshot()
-        narrator.say(f"backend {backend}: {len(snapshot.alive)} node(s), total {snapshot.total}")
-        slots = max(1, int(snapshot.total.cpu))
+        await grid.pressure()  # starts the monitor, and gives the first real reading
+        narrator.say(f"backend [bold]{backend}[/bold]: {len(snapshot.alive)} node(s), total {snapshot.total}")
         each = Resources(cpu=1)
-        half = tasks // 2
-        narrator.say(f"burst of {tasks} tasks needing {each} each; this machine holds {slots} at once")
+        slots = max(1, int(grid.local_available.cpu)) if backend == "local" else 2
+        narrator.say(f"a burst of {tasks} tasks of {each} each; this machine runs {slots} at once")
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("[dim]{task.fields[pressure]}"),
+        )
+        boost_size = each * max(1, slots // 2) if backend == "local" else each * 2
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("burst", total=tasks, pressure="")
+            async with anyio.create_task_group() as tg:
+                done = anyio.Event()
 
-        done = 0
+                async def show_pressure() -> None:
+                    while not done.is_set():
+                        progress.update(bar, pressure=f"pressure {grid.latest_pressure}")
+                        with anyio.move_on_after(0.2):
+                            await done.wait()
 
-        def progress() -> None:
-            bar = "#" * (30 * done // tasks)
-            print(f"\r  [{bar:<30}] {done}/{tasks}", end="", flush=True)
+                tg.start_soon(show_pressure)
+                if grid.backend.capabilities.remote:
+                    await _burst(grid, tasks, each, boost_size, narrator, lambda n: progress.update(bar, completed=n))
+                else:
+                    await _waves(
+                        grid, tasks, each, slots, boost_size, narrator, lambda n: progress.update(bar, completed=n)
+                    )
+                done.set()
+        stats = grid.stats()
+        if grid.backend.capabilities.remote:
+            narrator.say(f"waiting work moved: {stats['moves']} (onto the boost: {stats.get('moves.boost', 0)})")
+        held = len(grid.boosts)
 
-        async def wave(count: int) -> None:
-            nonlocal done
-            async for _ in grid.map(_work, [0.05] * count, resources=each, max_in_flight=2 * slots):
-                done += 1
-                progress()
-            print()
-
-        await wave(half)
-        narrator.say("asking for a boost to take the rest of the burst")
-        async with grid.boost(each * max(1, slots // 2), ttl=60, priority=Priority.HIGH, wait=10):
-            await wave(tasks - half)
-        narrator.say(f"boosts still held: {len(grid.boosts)}")
-
-    print()
-    print(f"{'ran':<10}{'tasks':>7}{'mean s':>10}{'total s':>10}")
-    for kind, durations in sorted(narrator.where.items()):
-        print(f"{kind:<10}{len(durations):>7}{sum(durations) / len(durations):>10.3f}{sum(durations):>10.2f}")
-    outcome: dict[str, Any] = dict(narrator.status)
-    print(f"outcomes: {outcome}; grid closed: {grid.closed}; reservations left: 0 (checked at teardown)")
+    table = Table(title="where the burst ran", title_justify="left", header_style="bold")
+    for column, justify in (("ran", "left"), ("tasks", "right"), ("mean s", "right"), ("total s", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for where, durations in sorted(narrator.ran.items()):
+        table.add_row(where, str(len(durations)), f"{sum(durations) / len(durations):.3f}", f"{sum(durations):.2f}")
+    console.print(table)
+    console.print(
+        f"boosts held at the end: {held}; grid closed: {grid.closed}; the engine was asked at teardown and "
+        "holds nothing of this grid"
+    )
 
 
-def run_demo(*, backend: str = "local", tasks: int = 48) -> int:
-    if tasks < 2:
-        print("gridboost demo: --tasks must be at least 2", file=sys.stderr)
-        return 2
-    anyio.run(_demo, backend, tasks)
+async def _burst(
+    grid: Grid, tasks: int, each: Resources, size: Resources, narrator: _Narrator, show: Callable[[int], Any]
+) -> None:
+    """A remote backend: submit the whole burst at once; what has no room waits here, then moves onto the boost."""
+    handles = [grid.submit(_work, i, resources=each) for i in range(tasks)]
+    waiting = sum(1 for h in handles if h.placement is not None and h.placement.waiting)
+    narrator.say(f"submitted: {waiting} wait for room here")
+    async with anyio.create_task_group() as tg:
+        for finished, handle in enumerate(handles, 1):
+            await handle
+            show(finished)
+            if finished == max(1, tasks // 8):
+                narrator.say(f"asking for a boost of {size} for the rest of the burst")
+                tg.start_soon(_boosted, grid, size, handles, narrator)
+
+
+async def _waves(
+    grid: Grid,
+    tasks: int,
+    each: Resources,
+    slots: int,
+    size: Resources,
+    narrator: _Narrator,
+    show: Callable[[int], Any],
+) -> None:
+    """The local backend: the boost is capacity set aside on this machine, and work of its block runs inside it."""
+    finished = 0
+    first = tasks // 2
+    async for _ in grid.map(_work, range(first), resources=each, max_in_flight=2 * slots):
+        finished += 1
+        show(finished)
+    narrator.say(f"asking for a boost of {size} for the second half of the burst")
+    try:
+        async with grid.boost(size, ttl=60, priority=Priority.HIGH, wait=20):
+            async for _ in grid.map(_work, range(first, tasks), resources=each, max_in_flight=2 * slots):
+                finished += 1
+                show(finished)
+    except GridboostError as exc:
+        narrator.say(f"no boost this time: {exc}")
+    narrator.say(
+        "on the local backend a boost is this machine's capacity set aside; with --backend ray or dask, work "
+        "waiting for room here moves onto the boost as it becomes active"
+    )
+
+
+async def _boosted(grid: Grid, size: Resources, handles: list[Any], narrator: _Narrator) -> None:
+    """Hold a boost while the burst lasts: waiting work moves onto it as it becomes active."""
+    try:
+        async with grid.boost(size, ttl=60, priority=Priority.HIGH, wait=20):
+            for handle in handles:
+                await handle
+    except GridboostError as exc:
+        narrator.say(f"no boost this time: {exc}")
+
+
+def run_demo(*, backend: str = "local", tasks: int = 48, address: str | None = None) -> int:
+    """Run the demo; 0 on success. Errors are the caller's to report (the CLI prints one line)."""
+    from rich.console import Console
+
+    if tasks < 4:
+        raise ValueError(f"--tasks must be at least 4, got {tasks}")
+    console = Console(highlight=False)
+    anyio.run(_demo, console, backend, tasks, address)
     return 0

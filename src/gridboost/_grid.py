@@ -33,7 +33,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._advisor import OffloadRecommendation, scan_processes
-from ._boost import Boost, BoostBlock, BoostBook
+from ._boost import Boost, BoostBlock, BoostBook, _positive_seconds
 from ._dispatch import Dispatch, Move, bounded
 from ._local import LocalBackend
 from ._plugins import GridPluginManager, call_decision, observer_impls
@@ -51,6 +51,7 @@ from ._records import (
     Strategy,
     TaskOutcome,
     TaskSpec,
+    owner_name,
 )
 from ._resources import Resources
 from ._task import Run, TaskHandle, TaskMap
@@ -80,6 +81,11 @@ _DEFAULT_MAP_IN_FLIGHT = 32
 
 # Grids between __aenter__ and the end of teardown; the test kit's leak check reads it.
 _open_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
+
+
+def _lease_id(value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"a lease id is a non-empty string, got {value!r}")
 
 
 class Grid:
@@ -426,15 +432,74 @@ class Grid:
         boost = self._boosts.make(
             resources, ttl=ttl, priority=priority, wait=wait, strategy=strategy, nodes=nodes, labels=labels
         )
+        return await self._pending("boost", self._boosts.grant(boost), boost.id)
+
+    async def request_lease(
+        self,
+        resources: Resources | str | Mapping[str, Any],
+        *,
+        ttl: float,
+        priority: Priority = Priority.NORMAL,
+        wait: float = 30.0,
+        strategy: Strategy = "pack",
+        nodes: Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Lease:
+        """Take a lease that outlives this grid and this process, until its TTL; return its ``Lease`` record.
+
+        For the ``gridboost boost`` commands and other tools: the engine's lease registry holds and ends it,
+        and any process can ``renew_lease`` or ``release_lease`` it. Needs a backend with
+        ``capabilities.shared_leases`` (Ray, Dask); the same validation, priority order and ``wait`` bound as
+        :meth:`request_boost`. Work runs inside a boost, not a lease.
+        """
+        self._check_open()
+        boost = self._boosts.make(
+            resources, ttl=ttl, priority=priority, wait=wait, strategy=strategy, nodes=nodes, labels=labels
+        )
+        return await self._pending("lease", self._boosts.lease(boost), boost.id)
+
+    async def _pending(self, what: str, granting: Coroutine[Any, Any, T], ident: str) -> T:
+        """Await a boost or lease request in a scope teardown cancels, so closing never waits on a grant."""
         scope = anyio.CancelScope()
         self._grants.add(scope)
         try:
             with scope:
-                return await self._boosts.grant(boost)
+                return await granting
         finally:
             self._grants.discard(scope)
             self._maybe_idle()
-        raise GridClosed(f"the grid closed while boost {boost.id} was pending")
+        raise GridClosed(f"the grid closed while {what} {ident} was pending")
+
+    async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
+        """Move any owner's lease to expire ``ttl`` seconds from now (a boost of this grid: ``boost.renew``)."""
+        self._check_open()
+        _lease_id(lease_id)
+        ttl = _positive_seconds("ttl", ttl)
+        boost = self._boosts.boosts.get(lease_id)
+        if boost is None or not boost.is_active:
+            return await self.backend.renew_lease(lease_id, ttl)
+        await boost.renew(ttl)
+        assert boost.expires_at is not None
+        return Lease(
+            id=boost.id,
+            backend=self.backend.name,
+            resources=boost.resources,
+            owner=owner_name(),
+            state="active",
+            priority=boost.priority,
+            expires_at=boost.expires_at,
+            placements=boost.placements,
+        )
+
+    async def release_lease(self, lease_id: str) -> None:
+        """Give back any owner's lease now, awaited (a boost of this grid: ``boost.release``)."""
+        self._check_open()
+        _lease_id(lease_id)
+        boost = self._boosts.boosts.get(lease_id)
+        if boost is not None and boost.is_active:
+            await boost.release()
+            return
+        await self.backend.release_lease(lease_id)
 
     def boost(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,12 +40,17 @@ STRATEGIES: tuple[str, ...] = ("pack", "spread", "strict_pack", "strict_spread")
 _ids = itertools.count(1)
 
 
-_pid = f"{os.getpid():x}"
+def _process_tag() -> str:
+    # The pid, and 16 random bits: lease ids meet in a cluster-wide registry, where two hosts' pids may clash.
+    return f"{os.getpid():x}{secrets.token_hex(2)}"
+
+
+_pid = _process_tag()
 
 
 def _forked() -> None:
     global _pid
-    _pid = f"{os.getpid():x}"
+    _pid = _process_tag()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -56,7 +62,7 @@ def owner_name() -> str:
 
 
 def new_id(prefix: str) -> str:
-    """A short id, unique in this process and readable in logs: ``task-1f3a-17``."""
+    """A short id, unique on a cluster and readable in logs: ``task-1f3a9c2e-17`` (pid, a random tag, a count)."""
     return f"{prefix}-{_pid}-{next(_ids)}"
 
 

@@ -555,6 +555,10 @@ class RayBackend(Backend):
         group = reservation.handle
         if not isinstance(group, _Group):
             raise InvalidRequest(f"reservation {reservation.id} was not made by the Ray backend")
+        if reservation.request.detached:  # not this backend's to keep: the keeper's, by id
+            with contextlib.suppress(InvalidRequest):  # already released, by us or another process
+                await self.release_lease(reservation.id)
+            return
         if self._held.pop(reservation.id, None) is None:
             return  # released before
         broken = reservation.id in self._lost

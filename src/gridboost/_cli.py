@@ -1,0 +1,438 @@
+"""The ``gridboost`` command: look at a cluster, take and give back leases, check an install, run the demo.
+
+Every command takes ``--backend`` / ``--address`` (or ``GRIDBOOST_BACKEND`` / ``GRIDBOOST_ADDRESS``) and ``--json``.
+A user's mistake (an unknown backend, an unreachable address, ``cpu=-1``) ends in one line on stderr and exit status 1
+(2 for a malformed command line); a traceback means a bug in gridboost.
+
+``rich`` draws the tables and is imported only here, so the library itself never pays for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from ._grid import Grid
+from ._pressure import DIMENSIONS
+from ._records import ClusterSnapshot, Lease, Priority
+from .exceptions import GridboostError, InvalidRequest
+
+__all__ = ["main"]
+
+_ENGINES = {"ray": ("gridboost-ray", "ray"), "dask": ("gridboost-dask", "distributed")}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    return table
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
+
+
+# -- what the commands show ----------------------------------------------------------------------------------------
+
+
+def _lease_json(lease: Lease) -> dict[str, Any]:
+    return {
+        "id": lease.id,
+        "backend": lease.backend,
+        "owner": lease.owner,
+        "state": lease.state,
+        "priority": lease.priority.name,
+        "resources": str(lease.resources),
+        "expires_at": lease.expires_at,
+        "ttl_left": round(lease.ttl_left, 3),
+        "placements": list(lease.placements),
+    }
+
+
+def _lease_rows(leases: Sequence[Lease]) -> list[list[object]]:
+    return [
+        [le.id, le.state, le.priority.name, le.resources, le.owner, _seconds(le.ttl_left), ", ".join(le.placements)]
+        for le in leases
+    ]
+
+
+_LEASE_COLUMNS = ("lease", "state", "priority", "resources", "owner", "ttl left", "nodes")
+
+
+def _snapshot_json(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": n.id,
+            "address": n.address,
+            "alive": n.alive,
+            "local": n.is_local,
+            "total": str(n.total),
+            "available": str(n.available),
+            "labels": dict(n.labels),
+        }
+        for n in snapshot.nodes
+    ]
+
+
+# -- the commands --------------------------------------------------------------------------------------------------
+
+
+async def _status(grid: Grid, args: argparse.Namespace) -> Any:
+    snapshot = await grid.snapshot()
+    leases = list(await grid.leases())
+    pressure = await grid.pressure()
+    if args.json:
+        return {
+            "backend": snapshot.backend,
+            "nodes": _snapshot_json(snapshot),
+            "pressure": {
+                "level": pressure.level,
+                "high": sorted(pressure.high_dimensions),
+                "utilization": {d: pressure.value(d) for d in DIMENSIONS if pressure.value(d) is not None},
+            },
+            "leases": [_lease_json(le) for le in leases],
+        }
+    console = _console()
+    rows = [
+        [
+            n.id[:16] + ("…" if len(n.id) > 16 else ""),
+            "yes" if n.alive else "no",
+            "yes" if n.is_local else "",
+            n.total,
+            n.available,
+            ", ".join(f"{k}={v}" for k, v in n.labels.items() if not k.startswith("ray.io/")),
+        ]
+        for n in snapshot.nodes
+    ]
+    console.print(
+        _table(f"{snapshot.backend}: nodes", ("node", "alive", "local", "total", "available", "labels"), rows)
+    )
+    dims = ", ".join(f"{d} {v:.0%}" for d in DIMENSIONS if (v := pressure.value(d)) is not None)
+    console.print(f"local pressure: [bold]{pressure.level}[/bold] ({dims or 'nothing measured'})")
+    if leases:
+        console.print(_table("leases", _LEASE_COLUMNS, _lease_rows(leases)))
+    else:
+        console.print("leases: none")
+    return None
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, str] | None:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"--label takes KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels or None
+
+
+def _priority(text: str) -> Priority:
+    try:
+        return Priority[text.upper()]
+    except KeyError:
+        names = ", ".join(p.name.lower() for p in Priority)
+        raise InvalidRequest(f"priority must be one of {names}, got {text!r}") from None
+
+
+async def _boost_request(grid: Grid, args: argparse.Namespace) -> Any:
+    lease = await grid.request_lease(
+        args.resources,
+        ttl=args.ttl,
+        priority=_priority(args.priority),
+        wait=args.wait,
+        strategy=args.strategy,
+        nodes=args.node or None,
+        labels=_labels(args.label),
+    )
+    if args.json:
+        return _lease_json(lease)
+    _console().print(
+        f"lease [bold]{lease.id}[/bold]: {lease.resources} on {', '.join(lease.placements)}, "
+        f"expires in {_seconds(lease.ttl_left)}"
+    )
+    return None
+
+
+async def _boost_list(grid: Grid, args: argparse.Namespace) -> Any:
+    leases = list(await grid.leases())
+    if args.json:
+        return [_lease_json(le) for le in leases]
+    _console().print(_table("leases", _LEASE_COLUMNS, _lease_rows(leases)) if leases else "leases: none")
+    return None
+
+
+async def _boost_renew(grid: Grid, args: argparse.Namespace) -> Any:
+    lease = await grid.renew_lease(args.id, args.ttl)
+    if args.json:
+        return _lease_json(lease)
+    _console().print(f"lease [bold]{lease.id}[/bold] renewed: expires in {_seconds(lease.ttl_left)}")
+    return None
+
+
+async def _boost_release(grid: Grid, args: argparse.Namespace) -> Any:
+    await grid.release_lease(args.id)
+    if args.json:
+        return {"released": args.id}
+    _console().print(f"lease [bold]{args.id}[/bold] released")
+    return None
+
+
+async def _scan(grid: Grid, args: argparse.Namespace) -> Any:
+    found = await grid.scan_processes()
+    if args.json:
+        return [
+            {
+                "kind": r.kind,
+                "what": r.what,
+                "pid": r.pid,
+                "task_id": r.task_id,
+                "needed": str(r.needed),
+                "destination": r.destination,
+                "resource_match": {
+                    k: {"needed": m.needed, "available": m.available} for k, m in r.resource_match.items()
+                },
+                "migration_complexity": r.migration_complexity,
+                "confidence": r.confidence,
+                "reason": r.reason,
+            }
+            for r in found
+        ]
+    rows = [
+        [
+            r.pid or r.task_id,
+            r.what,
+            r.needed,
+            r.destination or "-",
+            r.migration_complexity,
+            f"{r.confidence:.0%}",
+            r.reason,
+        ]
+        for r in found
+    ]
+    columns = ("pid / task", "what", "needs", "could go to", "migration", "confidence", "why")
+    _console().print(_table("offload recommendations", columns, rows) if rows else "nothing worth offloading")
+    return None
+
+
+def _plugins(args: argparse.Namespace) -> Any:
+    import warnings
+
+    from ._plugins import GridPluginManager, builtin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load failures are part of the report below
+        pm = GridPluginManager.for_grid()
+    specs = pm.backend_specs()
+    plugins = []
+    for name, plugin in pm.list_name_plugin():
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
+        backends = sorted(s.name for s in specs.values() if _provides(pm, plugin, s.name))
+        kind = "built-in" if isinstance(plugin, type(sys)) and builtin(plugin) else "entry point"
+        plugins.append({"name": name, "kind": kind, "hooks": hooks, "backends": backends})
+    failed = [{"name": name, "error": error} for name, error in pm.load_errors]
+    if args.json:
+        return {"plugins": plugins, "failed": failed}
+    console = _console()
+    rows = [[p["name"], p["kind"], ", ".join(p["backends"]), ", ".join(p["hooks"])] for p in plugins]
+    console.print(_table("plugins", ("plugin", "kind", "backends", "hooks"), rows))
+    for entry in failed:
+        console.print(f"[red]failed to load[/red] {entry['name']}: {entry['error']}")
+    return None
+
+
+def _provides(pm: Any, plugin: object, backend: str) -> bool:
+    impl = getattr(plugin, "gridboost_backends", None)
+    if impl is None:
+        return False
+    try:
+        return any(getattr(spec, "name", None) == backend for spec in impl() or ())
+    except Exception:
+        return False
+
+
+def _doctor(args: argparse.Namespace) -> Any:
+    from . import _nvml
+    from ._plugins import ENTRY_POINT_GROUP, load_entry_point_plugins
+
+    gpus = _nvml.inventory()
+    _, failed = load_entry_point_plugins(os.environ.get("GRIDBOOST_LOAD_PLUGINS"))
+    engines = {
+        name: {"plugin": _version(plugin), "engine": _version(engine), "engine_package": engine}
+        for name, (plugin, engine) in _ENGINES.items()
+    }
+    advice = []
+    for name, info in engines.items():
+        if info["plugin"] is None:
+            advice.append(f"for the {name} backend: pip install {_ENGINES[name][0]}")
+    if not gpus:
+        advice.append("no GPU seen through NVML (no NVIDIA driver here): GPU pressure reads as 'no GPU'")
+    for name, error in failed:
+        advice.append(f"plugin {name!r} (entry point group {ENTRY_POINT_GROUP!r}) fails to load: {error}")
+    report = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gridboost": _version("gridboost"),
+        "engines": engines,
+        "nvml": _version("nvidia-ml-py"),
+        "gpus": [{"index": g.index, "name": g.name, "memory_total": g.memory_total} for g in gpus],
+        "plugin_errors": [{"name": n, "error": e} for n, e in failed],
+        "advice": advice,
+    }
+    if args.json:
+        return report
+    console = _console()
+    console.print(f"Python {report['python']} on {report['platform']}; gridboost {report['gridboost']}")
+    rows = [
+        [name, info["plugin"] or "not installed", f"{info['engine_package']} {info['engine'] or '-'}"]
+        for name, info in engines.items()
+    ]
+    console.print(_table("engines", ("backend", "plugin", "engine"), rows))
+    console.print(
+        f"NVML bindings (nvidia-ml-py): {report['nvml'] or 'not installed'}; GPUs: "
+        + (", ".join(f"{g.index}: {g.name}" for g in gpus) or "none")
+    )
+    for line in advice:
+        console.print(f"- {line}")
+    return None
+
+
+# -- wiring --------------------------------------------------------------------------------------------------------
+
+
+def _common(*, defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes. Only the top level has defaults: a subcommand's copy with defaults of its
+    own would overwrite what was given before the command (argparse applies a subparser's defaults last)."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--backend",
+        default=default(os.environ.get("GRIDBOOST_BACKEND", "local")),
+        help="backend name: local, ray, dask (env GRIDBOOST_BACKEND; default local)",
+    )
+    common.add_argument(
+        "--address",
+        default=default(os.environ.get("GRIDBOOST_ADDRESS") or None),
+        help="cluster address for the backend (env GRIDBOOST_ADDRESS; default: its embedded engine)",
+    )
+    common.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of tables")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common(defaults=False)
+    parser = argparse.ArgumentParser(
+        prog="gridboost",
+        description="See pressure, boost capacity, offload work — and tear it all down for sure.",
+        parents=[_common(defaults=True)],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("status", parents=[common], help="nodes, local pressure, and the cluster's leases")
+
+    boost = commands.add_parser("boost", parents=[common], help="take, list, renew and release leases")
+    actions = boost.add_subparsers(dest="action", required=True, metavar="ACTION")
+    request = actions.add_parser("request", parents=[common], help="take a lease that lasts until its TTL")
+    request.add_argument("resources", help='what to hold, e.g. "cpu=2,memory=4GiB"')
+    request.add_argument("--ttl", type=float, required=True, help="seconds the lease lasts unless renewed")
+    request.add_argument("--priority", default="normal", help="low, normal, high or critical (default normal)")
+    request.add_argument("--wait", type=float, default=30.0, help="seconds to wait for capacity (default 30)")
+    request.add_argument("--strategy", default="pack", help="pack, spread, strict_pack or strict_spread")
+    request.add_argument("--label", action="append", default=[], help="KEY=VALUE a node must carry (repeatable)")
+    request.add_argument("--node", action="append", default=[], help="a node id or address to use (repeatable)")
+    actions.add_parser("list", parents=[common], help="every lease on the cluster, of any owner")
+    renew = actions.add_parser("renew", parents=[common], help="extend a lease to TTL seconds from now")
+    renew.add_argument("id")
+    renew.add_argument("--ttl", type=float, required=True)
+    release = actions.add_parser("release", parents=[common], help="give a lease back now")
+    release.add_argument("id")
+
+    commands.add_parser("plugins", parents=[common], help="installed plugins, their hooks and backends, load errors")
+    commands.add_parser("doctor", parents=[common], help="Python, engines, NVML and GPUs, and what to install")
+    commands.add_parser("scan", parents=[common], help="processes of this machine worth offloading")
+    demo = commands.add_parser("demo", parents=[common], help="a burst of work, a boost, and everything given back")
+    demo.add_argument("--tasks", type=int, default=48, help="how many tasks the burst has (default 48)")
+    return parser
+
+
+_ON_A_GRID: Mapping[tuple[str, str | None], Callable[[Grid, argparse.Namespace], Awaitable[Any]]] = {
+    ("status", None): _status,
+    ("boost", "request"): _boost_request,
+    ("boost", "list"): _boost_list,
+    ("boost", "renew"): _boost_renew,
+    ("boost", "release"): _boost_release,
+    ("scan", None): _scan,
+}
+
+
+async def _on_a_grid(command: Callable[[Grid, argparse.Namespace], Awaitable[Any]], args: argparse.Namespace) -> Any:
+    options = {} if args.address is None else {"address": args.address}
+    async with Grid(args.backend, **options) as grid:
+        return await command(grid, args)
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Log records below ERROR dropped while a command runs: stderr carries the command's own error line, not an
+    engine's chatter (Ray logs "Connecting to existing Ray cluster..." and a warning on every ``ray.init``)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return run_demo(backend=args.backend, tasks=args.tasks, address=args.address)
+        with _quiet_logs():
+            if args.command == "plugins":
+                result = _plugins(args)
+            elif args.command == "doctor":
+                result = _doctor(args)
+            else:
+                command = _ON_A_GRID[(args.command, getattr(args, "action", None))]
+                result = anyio.run(_on_a_grid, command, args)
+    except (GridboostError, ValueError) as exc:  # InvalidRequest is a ValueError; both name the problem
+        print(f"gridboost: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gridboost: interrupted", file=sys.stderr)
+        return 130
+    if args.json and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
