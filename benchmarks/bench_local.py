@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import anyio
+from _common import positive
 
 import gridboost
 
@@ -225,13 +226,6 @@ def print_table(backend: str, reps: int, result: dict[str, Any]) -> None:
             f"{row['gridboost']:>10,.1f} {spread(probes[row['gridboost_probe']]):>4} "
             f"{row['ratio']:>6.3f} {row['paired_ratio']:>6.3f} {row['cpu_ratio']:>6.3f}{mark}"
         )
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

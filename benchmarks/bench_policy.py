@@ -33,17 +33,14 @@ import gc
 import importlib.util
 import json
 import os
-import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anyio
+from _common import private_ray_cluster
 
 import gridboost as gb
 from gridboost._local import LocalBackend
@@ -183,49 +180,6 @@ def nap(seconds: float, driver: int) -> str:
     return "host" if os.getpid() == driver else "ray"
 
 
-@contextmanager
-def private_cluster() -> Iterator[str]:
-    """A head (0 CPUs) and two 2-CPU workers, the driver joined; yields the address. Removes all it made."""
-    session_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
-    # Before ray is imported: our own temp dir (Cluster writes and deletes "ray_current_cluster" there, not in the
-    # machine's /tmp/ray), token authentication with a token that never touches ~/.ray, no usage stats.
-    os.environ["RAY_TMPDIR"] = session_dir
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ.pop("RAY_ADDRESS", None)
-    cluster = None
-    try:
-        import ray
-        import ray.cloudpickle
-        from ray.cluster_utils import Cluster
-
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # type: ignore[no-untyped-call]
-        temp_dir = os.path.join(session_dir, "ray")
-        os.makedirs(temp_dir)
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "include_dashboard": False,
-                "dashboard_agent_listen_port": None,
-                "temp_dir": temp_dir,
-            },
-        )
-        for _ in range(2):
-            cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
-        yield str(cluster.address)
-    finally:
-        if "ray" in sys.modules:
-            sys.modules["ray"].shutdown()
-        if cluster is not None:
-            cluster.shutdown()  # type: ignore[no-untyped-call]  # the processes its nodes started, and only those
-        shutil.rmtree(session_dir, ignore_errors=True)
-
-
 async def one_burst(grid: gb.Grid) -> tuple[float, dict[str, int]]:
     start = time.perf_counter()
     handles = [grid.submit(nap, SECONDS, os.getpid(), resources="cpu=0.5") for _ in range(TASKS)]
@@ -307,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n== burst on Ray: skipped: ray is not installed here (run it in the gridboost-ray environment) ==")
             result["burst"] = {"skipped": "ray is not installed"}
         else:
-            with private_cluster() as address:
+            with private_ray_cluster(2, 2, prefix=TEMP_PREFIX, ships=sys.modules[__name__]) as address:
                 result["burst"] = anyio.run(bench_burst, address, 3 if args.quick else 5)
     result["ok"] = all(part.get("ok", True) for part in result.values())
     print("RESULT " + json.dumps(result))

@@ -31,21 +31,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
 import os
 import platform
-import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import anyio
+from _common import positive, private_ray_cluster, version
 
 import gridboost
 
@@ -72,52 +68,6 @@ def noop_item(_item: object) -> None:
 
 
 # -- this script's own Ray --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def private_cluster(workers: int) -> Iterator[str]:
-    """A head (0 CPUs) and ``workers`` 2-CPU nodes, the driver joined; yields the address. Removes all it made."""
-    session_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
-    # Set before ray is imported (the nodes inherit them):
-    # - RAY_TMPDIR: Cluster records its address in, and at shutdown deletes, "ray_current_cluster" in Ray's default
-    #   temp dir; with this it is ours, not the machine's /tmp/ray, and no other Ray here is touched.
-    # - RAY_AUTH_*: token authentication (Ray's default since 2.60) with a token that never touches ~/.ray.
-    os.environ["RAY_TMPDIR"] = session_dir
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ.pop("RAY_ADDRESS", None)
-    cluster = None
-    try:
-        import ray
-        import ray.cloudpickle
-        from ray.cluster_utils import Cluster
-
-        # Ray's workers cannot import this script: what they run of it travels by value.
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # type: ignore[no-untyped-call]
-        temp_dir = os.path.join(session_dir, "ray")
-        os.makedirs(temp_dir)
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "include_dashboard": False,
-                "dashboard_agent_listen_port": None,  # a free port, not the default one another Ray may hold
-                "temp_dir": temp_dir,
-            },
-        )
-        for _ in range(workers):
-            cluster.add_node(num_cpus=WORKER_CPUS)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
-        yield str(cluster.address)
-    finally:
-        if "ray" in sys.modules:
-            sys.modules["ray"].shutdown()
-        if cluster is not None:
-            cluster.shutdown()  # type: ignore[no-untyped-call]  # the processes its nodes started, and only those
-        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 # -- awaiting Ray refs: asyncio awaits them natively, trio through their futures --------------------------------------
@@ -481,20 +431,6 @@ def print_tables(backend: str, reps: int, result: dict[str, Any]) -> None:
             )
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5 (CI smoke)")
@@ -544,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "backends": {},
     }
     started = time.monotonic()
-    with private_cluster(args.workers) as address:
+    with private_ray_cluster(args.workers, WORKER_CPUS, prefix=TEMP_PREFIX, ships=sys.modules[__name__]) as address:
         report["startup_s"] = time.monotonic() - started
         for backend in backends:
             if backend == "trio" and version("trio") is None:

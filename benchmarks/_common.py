@@ -1,0 +1,78 @@
+"""What the benchmark scripts share: command-line helpers and a private multi-node Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@contextmanager
+def private_ray_cluster(workers: int, worker_cpus: int, *, prefix: str, ships: ModuleType) -> Iterator[str]:
+    """A head (0 CPUs) and ``workers`` nodes of ``worker_cpus``, the driver joined; yields the address.
+
+    Everything lives in a temporary directory of its own and is removed after; ``ships`` is the script's module,
+    whose functions travel to Ray's workers by value (they cannot import a benchmark script).
+    """
+    session_dir = tempfile.mkdtemp(prefix=prefix)
+    # Set before ray is imported (the nodes inherit them):
+    # - RAY_TMPDIR: Cluster records its address in, and at shutdown deletes, "ray_current_cluster" in Ray's default
+    #   temp dir; with this it is ours, not the machine's /tmp/ray, and no other Ray here is touched.
+    # - RAY_AUTH_*: token authentication (Ray's default since 2.60) with a token that never touches ~/.ray.
+    os.environ["RAY_TMPDIR"] = session_dir
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster = None
+    try:
+        import ray
+        import ray.cloudpickle
+        from ray.cluster_utils import Cluster
+
+        ray.cloudpickle.register_pickle_by_value(ships)  # type: ignore[no-untyped-call]
+        temp_dir = os.path.join(session_dir, "ray")
+        os.makedirs(temp_dir)
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": False,
+                "dashboard_agent_listen_port": None,  # a free port, not the default one another Ray may hold
+                "temp_dir": temp_dir,
+            },
+        )
+        for _ in range(workers):
+            cluster.add_node(num_cpus=worker_cpus)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        yield str(cluster.address)
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+        if cluster is not None:
+            cluster.shutdown()  # type: ignore[no-untyped-call]  # the processes its nodes started, and only those
+        shutil.rmtree(session_dir, ignore_errors=True)
