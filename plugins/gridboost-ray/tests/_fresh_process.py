@@ -3,7 +3,9 @@
 ``python _fresh_process.py embedded``: two grids with no address share one private Ray instance; prints a JSON
 report. ``python _fresh_process.py join ADDRESS``: joins ADDRESS and prints the error it gets, as JSON.
 ``python _fresh_process.py lease ADDRESS TTL GRACE``: takes a one-CPU boost, prints ``READY`` with its ids, then
-waits to be killed (or stopped) by the test. ``python _fresh_process.py grow``: starts a cluster of its own whose
+waits to be killed (or stopped) by the test. ``python _fresh_process.py detached ADDRESS TTL``: takes a one-CPU lease
+with ``grid.request_lease`` (one that outlives this process), prints a JSON report of it and exits normally.
+``python _fresh_process.py grow``: starts a cluster of its own whose
 head runs Ray's fake-multinode autoscaler, takes a boost only a node it has not got yet can hold, and prints a JSON
 report of how the cluster grew; then ends every process it started, by pid.
 """
@@ -88,12 +90,33 @@ async def lease(address: str, ttl: float, grace: float) -> dict[str, Any]:
     return ids
 
 
+async def detached(address: str, ttl: float) -> dict[str, Any]:
+    async with gb.Grid("ray", address=address, linger=0) as grid:
+        lease = await grid.request_lease("cpu=1", ttl=ttl)
+        held = [r.id for r in await grid.backend.reservations()]
+    return {
+        "id": lease.id,
+        "owner": lease.owner,
+        "pid": os.getpid(),
+        "state": lease.state,
+        "expires_at": lease.expires_at,
+        "placements": list(lease.placements),
+        "reservations": held,
+    }
+
+
 def _autoscaling_config(gcs_address: str) -> dict[str, Any]:
     """Ray's fake-multinode provider config (the wheel lacks the example.yaml AutoscalingCluster reads)."""
     return {
         "cluster_name": "gridboost-grow",
         "max_workers": 1,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address},
+        # As Ray's own fake-multinode example: no node updaters (they would ssh) and no launch-config check.
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "use_internal_ips": True,
         "idle_timeout_minutes": 1,
         "upscaling_speed": 1.0,
@@ -206,6 +229,9 @@ def main() -> None:
         return
     if what == "lease":
         anyio.run(lease, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        return
+    if what == "detached":
+        print("REPORT " + json.dumps(anyio.run(detached, sys.argv[2], float(sys.argv[3]))), flush=True)
         return
     report = anyio.run(embedded) if what == "embedded" else anyio.run(join, sys.argv[2])
     print("REPORT " + json.dumps(report), flush=True)

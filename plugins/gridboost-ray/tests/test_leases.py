@@ -331,3 +331,115 @@ def test_the_fake_autoscaler_grows_the_cluster_for_a_boost_and_the_request_clear
     assert report["request_after"] == []
     assert report["alive_after"] == []
     assert not [p for p in psutil.process_iter(["cmdline"]) if report["temp_dir"] in " ".join(p.info["cmdline"] or ())]
+
+
+# -- leases that outlive their process: grid.request_lease ----------------------------------------------------------
+
+
+def keeper_record(lease_id: str) -> dict[str, Any] | None:
+    """The keeper's record of ``lease_id`` (``None`` when it has none)."""
+    keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
+    record: dict[str, Any] | None = ray.get(keeper.get.remote(lease_id), timeout=SETTLE)
+    return record
+
+
+def lease_group(lease_id: str) -> dict[str, Any] | None:
+    """Ray's table row of the placement group named for the detached lease ``lease_id``, if Ray has one."""
+    rows = [row for row in placement_group_table().values() if row["name"] == f"gridboost:lease:{lease_id}"]
+    return rows[0] if rows else None
+
+
+def remove_leftover(lease_id: str) -> None:
+    """Remove a lease's group and record straight from Ray, if a failed check left them behind."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    row = lease_group(lease_id)
+    if row is not None and row["state"] != "REMOVED":
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(row["placement_group_id"]))))
+    keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
+    ray.get(keeper.drop.remote(lease_id), timeout=SETTLE)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_lease_requested_by_a_process_that_exits_is_held_listed_renewed_and_released_elsewhere(
+    grid_factory: Any, cluster_address: str
+) -> None:
+    """``request_lease`` in a process that then exits leaves its group CREATED in Ray and listed with that owner;
+    another grid renews it (the keeper's expiry moves) and releases it (Ray removes the group)."""
+    with anyio.fail_after(90):
+        done = await anyio.run_process(
+            [sys.executable, str(HERE / "_fresh_process.py"), "detached", cluster_address, "60"], check=False
+        )
+    out = done.stdout.decode()
+    line = next((x for x in out.splitlines() if x.startswith("REPORT ")), None)
+    assert done.returncode == 0 and line is not None, f"exit {done.returncode}\n{out[-3000:]}\n{done.stderr[-3000:]!r}"
+    report = json.loads(line.removeprefix("REPORT "))
+    lease_id = report["id"]
+    try:
+        assert report["state"] == "active" and report["reservations"] == []  # never its grid's own reservation
+        record = keeper_record(lease_id)
+        assert record is not None and record["owner"] == report["owner"]
+        assert report["owner"].endswith(f":{report['pid']}")
+        assert pg_state(record["pg_id"]) == "CREATED"
+        row = lease_group(lease_id)
+        assert row is not None and row["placement_group_id"] == record["pg_id"]
+        assert set(row["bundles_to_node_id"].values()) == set(report["placements"])
+
+        async with grid_factory() as grid:
+            (lease,) = [le for le in await grid.leases() if le.id == lease_id]
+            assert lease.owner == report["owner"] and lease.state == "active"
+            assert lease.expires_at == pytest.approx(report["expires_at"])
+
+            renewed = await grid.renew_lease(lease_id, 300)
+            assert renewed.id == lease_id and renewed.expires_at >= time.time() + 290
+            record = keeper_record(lease_id)
+            assert record is not None and record["expires_at"] == renewed.expires_at
+            assert pg_state(record["pg_id"]) == "CREATED"
+
+            await grid.release_lease(lease_id)
+            assert pg_state(record["pg_id"]) == "REMOVED"  # awaited: removed before release_lease returns
+            assert keeper_record(lease_id) is None
+            assert lease_id not in {le.id for le in await grid.leases()}
+    finally:
+        await anyio.to_thread.run_sync(remove_leftover, lease_id)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_keeper_removes_a_detached_lease_at_ttl_plus_grace(grid_factory: Any) -> None:
+    """A lease from ``request_lease`` with ttl 2 and ``lease_grace`` 1 is not the grid's to end: the keeper removes
+    its group in Ray after ttl + grace, not before, and within a few seconds more."""
+    ttl, grace = 2.0, 1.0
+    async with grid_factory(lease_grace=grace) as grid:
+        started = time.monotonic()
+        lease = await grid.request_lease("cpu=1", ttl=ttl)
+        try:
+            record = keeper_record(lease.id)
+            assert record is not None and record["grace"] == grace
+            assert pg_state(record["pg_id"]) == "CREATED"
+            assert lease.id not in {b.id for b in grid.boosts}
+            await until_state(record["pg_id"], "REMOVED", within=ttl + grace + 5)
+            assert time.monotonic() - started >= ttl + grace - 0.5  # the keeper's tick, and clocks, aside
+            keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
+            assert lease.id in await anyio.to_thread.run_sync(ray.get, keeper.reaped_ids.remote())
+            await until_unlisted(grid, lease.id)
+        finally:
+            await anyio.to_thread.run_sync(remove_leftover, lease.id)
+
+
+async def test_request_lease_on_a_closed_grid_is_refused(grid_factory: Any) -> None:
+    """A closed grid refuses ``request_lease`` with GridClosed, and Ray gets no new lease group."""
+    async with grid_factory() as grid:
+        pass
+    before = {row["placement_group_id"] for row in placement_group_table().values()}
+    with pytest.raises(gb.GridClosed):
+        await grid.request_lease("cpu=1", ttl=5)
+    assert {row["placement_group_id"] for row in placement_group_table().values()} == before
+
+
+async def test_renewing_or_releasing_an_unknown_lease_raises_invalid_request(grid_factory: Any) -> None:
+    """``renew_lease`` and ``release_lease`` of an id the keeper does not know raise InvalidRequest naming it."""
+    async with grid_factory() as grid:
+        with pytest.raises(gb.InvalidRequest, match="no lease 'nope'"):
+            await grid.renew_lease("nope", 5)
+        with pytest.raises(gb.InvalidRequest, match="no lease 'nope'"):
+            await grid.release_lease("nope")
