@@ -27,6 +27,7 @@ import anyio
 from attrs import evolve
 
 from ._dispatch import Ledger
+from ._kit import seconds
 from ._records import STRATEGIES, BoostState, Lease, Priority, Strategy, new_id, owner_name
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
@@ -44,14 +45,6 @@ _current: ContextVar[Boost | None] = ContextVar("gridboost_current_boost", defau
 def current_boost() -> Boost | None:
     """The boost of the innermost ``async with`` boost block in this task, if any."""
     return _current.get()
-
-
-def _positive_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):
-        raise InvalidRequest(f"{name} must be a finite number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InvalidRequest(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
-    return float(value)
 
 
 class Boost:
@@ -256,9 +249,9 @@ class BoostBook:
         return Boost(
             self._grid,
             amount,
-            ttl=_positive_seconds("ttl", ttl),
+            ttl=seconds("ttl", ttl),
             priority=level,
-            wait=_positive_seconds("wait", wait, allow_zero=True),
+            wait=seconds("wait", wait, allow_zero=True),
             strategy=strategy,
             nodes=nodes,
             labels=None if labels is None else dict(labels),
@@ -371,7 +364,7 @@ class BoostBook:
             # preempted by a request of higher priority: queue again, keeping our key
 
     async def renew(self, boost: Boost, ttl: float) -> None:
-        ttl = _positive_seconds("ttl", ttl)
+        ttl = seconds("ttl", ttl)
         boost.require_active()
         assert boost.reservation is not None
         await self._grid.backend.extend(boost.reservation, ttl)

@@ -250,11 +250,11 @@ def _plugins(args: argparse.Namespace) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load failures are part of the report below
         pm = GridPluginManager.for_grid()
-    specs = pm.backend_specs()
+    owners = pm.backend_owners()
     plugins = []
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
-        backends = sorted(s.name for s in specs.values() if _provides(pm, plugin, s.name))
+        backends = sorted(backend for backend, owner in owners.items() if owner == name)
         kind = "built-in" if isinstance(plugin, type(sys)) and builtin(plugin) else "entry point"
         plugins.append({"name": name, "kind": kind, "hooks": hooks, "backends": backends})
     failed = [{"name": name, "error": error} for name, error in pm.load_errors]
@@ -266,16 +266,6 @@ def _plugins(args: argparse.Namespace) -> Any:
     for entry in failed:
         console.print(f"[red]failed to load[/red] {entry['name']}: {entry['error']}")
     return None
-
-
-def _provides(pm: Any, plugin: object, backend: str) -> bool:
-    impl = getattr(plugin, "gridboost_backends", None)
-    if impl is None:
-        return False
-    try:
-        return any(getattr(spec, "name", None) == backend for spec in impl() or ())
-    except Exception:
-        return False
 
 
 def _doctor(args: argparse.Namespace) -> Any:

@@ -33,8 +33,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._advisor import OffloadRecommendation, scan_processes
-from ._boost import Boost, BoostBlock, BoostBook, _positive_seconds
+from ._boost import Boost, BoostBlock, BoostBook
 from ._dispatch import Dispatch, Move, bounded
+from ._kit import seconds
 from ._local import LocalBackend
 from ._plugins import GridPluginManager, call_decision, observer_impls
 from ._policy import default_placement
@@ -474,7 +475,7 @@ class Grid:
         """Move any owner's lease to expire ``ttl`` seconds from now (a boost of this grid: ``boost.renew``)."""
         self._check_open()
         _lease_id(lease_id)
-        ttl = _positive_seconds("ttl", ttl)
+        ttl = seconds("ttl", ttl)
         boost = self._boosts.boosts.get(lease_id)
         if boost is None or not boost.is_active:
             return await self.backend.renew_lease(lease_id, ttl)

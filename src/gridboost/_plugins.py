@@ -110,6 +110,13 @@ class GridPluginManager(pluggy.PluginManager):
 
     def backend_specs(self) -> dict[str, BackendSpec]:
         """Every backend every plugin provides, by name; a name given twice is an error."""
+        return self._backends()[0]
+
+    def backend_owners(self) -> dict[str, str]:
+        """The name of the plugin that provides each backend."""
+        return self._backends()[1]
+
+    def _backends(self) -> tuple[dict[str, BackendSpec], dict[str, str]]:
         specs: dict[str, BackendSpec] = {}
         owners: dict[str, str] = {}
         for impl in self.hook.gridboost_backends.get_hookimpls():
@@ -130,7 +137,7 @@ class GridPluginManager(pluggy.PluginManager):
                     )
                 specs[spec.name] = spec
                 owners[spec.name] = impl.plugin_name
-        return specs
+        return specs, owners
 
     @staticmethod
     def install_hint(name: str) -> str | None:

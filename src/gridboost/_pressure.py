@@ -13,7 +13,6 @@ also waits, bounded, for a reading in flight and then closes the probe.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import weakref
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from attrs import field, frozen
 
+from ._kit import seconds
 from ._probes import Probe, Reading, SystemProbe, unit_fraction
 from .exceptions import GridClosed, InvalidRequest, ProbeError
 
@@ -208,12 +208,6 @@ class PressureChanges:
         await self.aclose()
 
 
-def _interval(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise InvalidRequest(f"pressure_interval must be a finite number of seconds > 0, got {value!r}")
-    return float(value)
-
-
 class Monitor:
     """The sampling loop of one grid: a probe read every ``interval`` seconds, off the event loop."""
 
@@ -222,7 +216,7 @@ class Monitor:
             raise InvalidRequest(f"probe must be a gridboost.Probe, got {probe!r}")
         self._grid = grid
         self._probe = probe
-        self.interval = _interval(interval)
+        self.interval = seconds("pressure_interval", interval)
         self.thresholds = coerce_thresholds(thresholds)
         self.latest = UNKNOWN
         self.started = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -170,31 +171,35 @@ async def test_linger_zero_removes_at_release(grid_factory: Any) -> None:
 # -- the lease keeper ---------------------------------------------------------------------------------------------
 
 
-def _owner(cluster_address: str, ttl: float, grace: float) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def _owner(cluster_address: str, ttl: float, grace: float) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """A separate process that takes a lease on the cluster and waits; returns it with the ids it printed."""
     process = subprocess.Popen(
         [sys.executable, str(HERE / "_fresh_process.py"), "lease", cluster_address, str(ttl), str(grace)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
+        bufsize=0,  # unbuffered: readline() takes one line, so select() sees what is left
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
+    while (left := deadline - time.monotonic()) > 0:
+        # select first: a silent child must not hold readline() past the deadline (it prints whole lines).
+        if not select.select([process.stdout], [], [], left)[0]:
+            break
+        line = process.stdout.readline().decode()
         if line.startswith("READY "):
             return process, json.loads(line.removeprefix("READY "))
         if not line and process.poll() is not None:
             break
     process.kill()
     process.wait(10)
+    process.stdout.close()
     pytest.fail("the lease owner process never took its lease")
 
 
 @pytest.fixture
-def owners() -> Iterator[list[subprocess.Popen[str]]]:
+def owners() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Lease owner processes started by a test; any still alive at the end is killed, by pid."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[subprocess.Popen[bytes]] = []
     yield started
     for process in started:
         if process.poll() is None:
@@ -205,7 +210,7 @@ def owners() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 async def test_another_process_lists_a_lease_and_its_owner_killed_takes_it_away(
-    grid_factory: Any, cluster_address: str, owners: list[subprocess.Popen[str]]
+    grid_factory: Any, cluster_address: str, owners: list[subprocess.Popen[bytes]]
 ) -> None:
     """A lease taken by another process is listed here with that owner; SIGKILL the owner and Ray removes it in TTL + grace."""
     ttl, grace = 6.0, 2.0
@@ -223,7 +228,7 @@ async def test_another_process_lists_a_lease_and_its_owner_killed_takes_it_away(
 
 
 async def test_the_keeper_removes_the_lease_of_a_stuck_owner_at_ttl_plus_grace(
-    cluster_address: str, owners: list[subprocess.Popen[str]]
+    cluster_address: str, owners: list[subprocess.Popen[bytes]]
 ) -> None:
     """An owner that stops (alive, but never renews nor releases) loses its lease at TTL + grace, by the keeper."""
     ttl, grace = 3.0, 1.0

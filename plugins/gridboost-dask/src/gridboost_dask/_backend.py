@@ -23,17 +23,16 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 import secrets
 import socket
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
 from attrs import evolve, field, frozen
 
 from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
+from gridboost._kit import LRU, seconds
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.exceptions import (
     BackendError,
@@ -65,7 +64,6 @@ _OWN_NAMES = frozenset({_GPU, "cpu", "memory"})
 _SUBMIT_NAMES = frozenset(
     {"key", "workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers", "actor", "pure"}
 )
-_CACHE_SIZE = 512
 _EPS = 1e-9
 # Between two asks of the lease registry while a boost waits for capacity: first fast, then at most this.
 _POLL_MAX = 0.5
@@ -83,12 +81,6 @@ class _Lease:
     @biggest.default
     def _biggest(self) -> float:
         return max(self.slots.values(), default=0.0)
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise InvalidRequest(f"{name} must be a number of seconds > 0, got {value!r}")
-    return float(value)
 
 
 def _count(name: str, value: object, minimum: int) -> int:
@@ -233,14 +225,6 @@ class _Gatherer:
                 self._flush()
 
 
-class _LRU(OrderedDict[Hashable, Any]):
-    def remember(self, key: Hashable, value: Any) -> Any:
-        self[key] = value
-        if len(self) > _CACHE_SIZE:
-            self.popitem(last=False)
-        return value
-
-
 class DaskBackend(Backend):
     """A Dask cluster as a gridboost backend; see the module docstring and the plugin's README."""
 
@@ -287,12 +271,12 @@ class DaskBackend(Backend):
         if security is not None and type(security).__name__ != "Security" and not isinstance(security, bool):
             raise InvalidRequest(f"security must be a distributed.security.Security, got {security!r}")
         self._security = security
-        self._connect_timeout = _positive("connect_timeout", connect_timeout)
-        self._grow_timeout = _positive("grow_timeout", grow_timeout)
-        self._grace = _positive("grace", grace)
-        lease_grace = _positive("lease_grace", lease_grace)
-        self._watch_interval = _positive("watch_interval", watch_interval)
-        self._close_timeout = _positive("close_timeout", close_timeout)
+        self._connect_timeout = seconds("connect_timeout", connect_timeout)
+        self._grow_timeout = seconds("grow_timeout", grow_timeout)
+        self._grace = seconds("grace", grace)
+        lease_grace = seconds("lease_grace", lease_grace)
+        self._watch_interval = seconds("watch_interval", watch_interval)
+        self._close_timeout = seconds("close_timeout", close_timeout)
         #: Random per backend: the middle part of every key and lease resource this backend names in Dask.
         self.session = secrets.token_hex(4)
         #: What this backend's task keys start with (then the task's id).
@@ -303,8 +287,8 @@ class DaskBackend(Backend):
         self._loop: _connect.DaskLoop | None = None
         self._closed = False
         self._local_hosts: frozenset[str] = frozenset()
-        self._options = _LRU()
-        self._picklable = _LRU()
+        self._options = LRU()
+        self._picklable = LRU()
         self._gatherer: _Gatherer = None  # type: ignore[assignment]  # made with the client, at start
         self._worker: Any = None  # the _worker module, imported at start (it imports distributed)
         self._registry = _leases.Registry(session=self.session, backend=self.name, grace=lease_grace)
@@ -516,7 +500,7 @@ class DaskBackend(Backend):
 
     async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
         self._require()
-        ttl = _positive("ttl", ttl)
+        ttl = seconds("ttl", ttl)
         with map_errors(f"renewing lease {lease_id}"):
             record = await self._registry.renew(lease_id, ttl)
         if record is None:

@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 from attrs import define, frozen
 
+from gridboost._kit import until_done_on_trio
 from gridboost.exceptions import BackendError, InvalidRequest
 
 from ._errors import translate_connect
@@ -130,22 +131,12 @@ async def _coro(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: 
 
 async def _wait_threadsafe(future: ConcurrentFuture[Any]) -> None:
     """Wait for a future completed in another thread; on cancellation, cancel it and wait for it, shielded."""
-    import trio
-
-    done = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-
-    def wake(_: object) -> None:
-        with contextlib.suppress(trio.RunFinishedError):  # the run ended, and nobody waits any more
-            token.run_sync_soon(done.set)
-
-    future.add_done_callback(wake)
     try:
-        await done.wait()
+        await until_done_on_trio(future)
     except BaseException:
         future.cancel()  # cancels the coroutine in Dask's loop; it cleans up (cancels its Dask future) there
         with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-            await done.wait()
+            await until_done_on_trio(future)
         raise
 
 

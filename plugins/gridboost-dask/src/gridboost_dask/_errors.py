@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Literal
-
-from gridboost.exceptions import BackendError, GridboostError, NotSerializable, TaskCancelled
+from gridboost._kit import ErrorMap
+from gridboost.exceptions import BackendError, NotSerializable, TaskCancelled
 
 __all__ = ["map_errors", "translate"]
 
@@ -63,25 +61,6 @@ def translate_connect(exc: BaseException, where: str, timeout: float) -> Backend
     return error
 
 
-class map_errors:
+def map_errors(what: str) -> ErrorMap:
     """``with map_errors("task x (f)"):`` — raise :func:`translate`'s verdict in place of what Dask raised."""
-
-    __slots__ = ("what",)
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> Literal[False]:
-        if exc is None or not isinstance(exc, Exception):
-            return False  # cancellation and KeyboardInterrupt pass untouched
-        translated = translate(exc, self.what)
-        if translated is exc:
-            return False
-        if isinstance(translated, GridboostError):
-            raise translated from exc
-        raise translated from None
+    return ErrorMap(translate, what)

@@ -25,8 +25,7 @@ import re
 import secrets
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike, fspath
 from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ import anyio
 from attrs import evolve, field, frozen
 
 from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
+from gridboost._kit import LRU, seconds, until_done_on_trio
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.exceptions import (
     BackendError,
@@ -73,7 +73,6 @@ _LABEL_VALUE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9_.-]{0,61}[a-zA-Z0-9])?")
 _NODE_ID_LABEL = "ray.io/node-id"
 # How long one wait for a pending placement group blocks a worker thread; between waits, INFEASIBLE is checked.
 _READY_POLL = 0.5
-_CACHE_SIZE = 512
 # How often watch() looks for lingering groups whose time is up and for held groups whose node died.
 _WATCH = 0.25
 _EPS = 1e-9
@@ -184,20 +183,6 @@ def _on_trio() -> bool:
     return trio is not None and bool(trio.lowlevel.in_trio_run())
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise InvalidRequest(f"{name} must be a number of seconds > 0, got {value!r}")
-    return float(value)
-
-
-class _LRU(OrderedDict[Hashable, Any]):
-    def remember(self, key: Hashable, value: Any) -> Any:
-        self[key] = value
-        if len(self) > _CACHE_SIZE:
-            self.popitem(last=False)
-        return value
-
-
 class RayBackend(Backend):
     """A Ray cluster as a gridboost backend; see the module docstring and the plugin's README."""
 
@@ -238,16 +223,16 @@ class RayBackend(Backend):
         self._num_cpus = num_cpus
         self._num_gpus = num_gpus
         self._temp_dir = None if temp_dir is None else fspath(temp_dir)
-        self._connect_timeout = _positive("connect_timeout", connect_timeout)
-        self._grace = _positive("grace", grace)
-        self._close_timeout = _positive("close_timeout", close_timeout)
+        self._connect_timeout = seconds("connect_timeout", connect_timeout)
+        self._grace = seconds("grace", grace)
+        self._close_timeout = seconds("close_timeout", close_timeout)
         if isinstance(linger, bool) or not isinstance(linger, int | float) or not 0 <= linger < math.inf:
             raise InvalidRequest(f"linger must be a number of seconds >= 0, got {linger!r}")
         if not isinstance(grow, bool):
             raise InvalidRequest(f"grow must be True or False, got {grow!r}")
         self._grow = grow
         self._capabilities = _CAPABILITIES if not grow else evolve(_CAPABILITIES, grow=True)
-        self._registry = _leases.Registry(grace=_positive("lease_grace", lease_grace), timeout=self._close_timeout)
+        self._registry = _leases.Registry(grace=seconds("lease_grace", lease_grace), timeout=self._close_timeout)
         self._lingering = _leases.Lingering(float(linger))
         self._demand = _leases.Demand()
         #: The boosts this backend holds now, by id: what ``watch`` checks, and which lease each group serves.
@@ -262,9 +247,9 @@ class RayBackend(Backend):
         self._ray: ModuleType | None = None
         self._trio = False
         self._closed = False
-        self._remotes = _LRU()
-        self._options = _LRU()
-        self._picklable = _LRU()
+        self._remotes = LRU()
+        self._options = LRU()
+        self._picklable = LRU()
         self._call_remote: Any = None
         self._command_remote: Any = None
 
@@ -807,19 +792,9 @@ class RayBackend(Backend):
         return options
 
     async def _trio_wait(self, ref: ObjectRef[Any]) -> Any:
-        """Await a ref on trio: Ray completes its future from its own thread, which wakes us through trio's token."""
-        import trio
-
+        """Await a ref on trio: Ray completes its future from its own thread (a cancel is run()'s to handle)."""
         future = ref.future()
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def wake(_: object) -> None:
-            with contextlib.suppress(trio.RunFinishedError):  # the run ended, and nobody waits any more
-                token.run_sync_soon(done.set)
-
-        future.add_done_callback(wake)
-        await done.wait()
+        await until_done_on_trio(future)
         return future.result()
 
     async def _cancel(self, ref: ObjectRef[Any], polite: float) -> None:
