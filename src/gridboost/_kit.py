@@ -15,16 +15,48 @@ from typing import Any, Literal
 
 from .exceptions import GridboostError, InvalidRequest
 
-__all__ = ["LRU", "ErrorMap", "seconds", "until_done_on_trio"]
+__all__ = ["LRU", "ErrorMap", "finite", "seconds", "shown", "until_done_on_trio"]
+
+_SHOWN = 60  # characters of a value an error message quotes: one short line, whatever the value
+
+
+def shown(value: object, limit: int = _SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages: never long, never raises.
+
+    An int of thousands of digits has no ``repr`` (Python refuses to convert it) and a
+    hostile object's ``__repr__`` may raise; both are described instead.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        sign = "-" if value < 0 else ""
+        return f"{sign}an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    if not isinstance(text, str):
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def finite(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool) that a float holds finitely, else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a float's range is as unusable as inf
+        return None
+    return None if math.isnan(number) or math.isinf(number) else number
 
 
 def seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
     """``value`` as a finite number of seconds, > 0 (or >= 0 with ``allow_zero``); else ``InvalidRequest``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):
-        raise InvalidRequest(f"{name} must be a finite number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InvalidRequest(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
-    return float(value)
+    number = finite(value)
+    if number is None:
+        raise InvalidRequest(f"{name} must be a finite number of seconds, got {shown(value)}")
+    if number < 0 or (number == 0 and not allow_zero):
+        raise InvalidRequest(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {shown(value)}")
+    return number
 
 
 class LRU(OrderedDict[Hashable, Any]):
