@@ -32,6 +32,7 @@ import psutil
 from attrs import field, frozen
 
 from . import _nvml
+from ._kit import shown
 from ._records import TaskSpec
 from ._resources import Resources
 from .exceptions import InvalidRequest
@@ -223,9 +224,9 @@ def _recommend(
 async def scan_processes(grid: Grid, *, limit: int, window: float) -> list[OffloadRecommendation]:
     """See :meth:`Grid.scan_processes`."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidRequest(f"limit must be a whole number >= 1, got {limit!r}")
+        raise InvalidRequest(f"limit must be a whole number >= 1, got {shown(limit)}")
     if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window <= 60:
-        raise InvalidRequest(f"window must be a number of seconds within 0..60, got {window!r}")
+        raise InvalidRequest(f"window must be a number of seconds within 0..60, got {shown(window)}")
     places = _destinations(grid)
     now = time.monotonic()
     advice: list[OffloadRecommendation] = []

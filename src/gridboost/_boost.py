@@ -27,7 +27,7 @@ import anyio
 from attrs import evolve
 
 from ._dispatch import Ledger
-from ._kit import seconds
+from ._kit import seconds, shown
 from ._records import STRATEGIES, BoostState, Lease, Priority, Strategy, new_id, owner_name
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
@@ -232,20 +232,20 @@ class BoostBook:
         if not amount:
             raise InvalidRequest("a boost must ask for some resources, got none")
         if strategy not in STRATEGIES:
-            raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+            raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {shown(strategy)}")
         try:
             level = Priority(priority)
         except ValueError:
-            raise InvalidRequest(f"priority must be a gridboost.Priority, got {priority!r}") from None
+            raise InvalidRequest(f"priority must be a gridboost.Priority, got {shown(priority)}") from None
         if nodes is not None:
             if isinstance(nodes, str) or not isinstance(nodes, Sequence) or not all(isinstance(n, str) for n in nodes):
-                raise InvalidRequest(f"nodes must be a list of node ids or addresses, got {nodes!r}")
+                raise InvalidRequest(f"nodes must be a list of node ids or addresses, got {shown(nodes)}")
             nodes = tuple(nodes)
         if labels is not None and (
             not isinstance(labels, Mapping)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
         ):
-            raise InvalidRequest(f"labels must map strings to strings, got {labels!r}")
+            raise InvalidRequest(f"labels must map strings to strings, got {shown(labels)}")
         return Boost(
             self._grid,
             amount,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ._kit import finite, shown
 from ._plugins import call_decision
 from ._records import Placement, TaskSpec
 from ._resources import BYTE_FIELDS, Resources, format_bytes, format_number
@@ -67,9 +68,10 @@ FITS_HERE = Placement("local", "fits in free local capacity")
 
 def bounded(name: str, value: object, unit: str, most: float) -> float:
     """``value`` as a float in 0..``most``; else an ``InvalidRequest`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
-        raise InvalidRequest(f"{name} must be a number ({unit}) within 0..{most:g}, got {value!r}")
-    return float(value)
+    number = finite(value)
+    if number is None or not 0 <= number <= most:
+        raise InvalidRequest(f"{name} must be a finite number ({unit}) within 0..{most:g}, got {shown(value)}")
+    return number
 
 
 class Move(Exception):

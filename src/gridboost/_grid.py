@@ -18,6 +18,7 @@ Whatever could not be done is named in one :class:`~gridboost.exceptions.Teardow
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import math
@@ -25,7 +26,8 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -35,7 +37,7 @@ from anyio.abc import TaskGroup
 from ._advisor import OffloadRecommendation, scan_processes
 from ._boost import Boost, BoostBlock, BoostBook
 from ._dispatch import Dispatch, Move, bounded
-from ._kit import seconds
+from ._kit import seconds, shown
 from ._local import LocalBackend
 from ._plugins import GridPluginManager, call_decision, observer_impls
 from ._policy import default_placement
@@ -60,6 +62,7 @@ from .abc import Backend
 from .exceptions import (
     BackendError,
     CommandFailed,
+    CommandNotFound,
     GridboostError,
     GridClosed,
     InvalidRequest,
@@ -84,9 +87,27 @@ _DEFAULT_MAP_IN_FLIGHT = 32
 _open_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
 
+def _not_found(command: Command, exc: FileNotFoundError) -> CommandNotFound:
+    # Every backend's runner raises subprocess's FileNotFoundError, as the user's own
+    # error would cross; it is gridboost's verdict on the command, typed the same everywhere.
+    if isinstance(exc, CommandNotFound):
+        return exc
+    missing = exc.filename if isinstance(exc.filename, str) else command.argv[0]
+    what = "working directory" if missing == command.cwd else "program"
+    return CommandNotFound(errno.ENOENT, f"command {shown(command.argv[0], 40)} cannot start: no such {what}", missing)
+
+
+def _describe(cm: object) -> str:
+    """An app resource as a teardown error names it: ``resource('db')`` for an ``@asynccontextmanager``."""
+    func, args = getattr(cm, "func", None), getattr(cm, "args", None)
+    if callable(func) and isinstance(args, tuple):
+        return f"{getattr(func, '__qualname__', 'resource')}({', '.join(shown(a, 30) for a in args)})"
+    return shown(cm)
+
+
 def _lease_id(value: object) -> None:
     if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"a lease id is a non-empty string, got {value!r}")
+        raise InvalidRequest(f"a lease id is a non-empty string, got {shown(value)}")
 
 
 class Grid:
@@ -125,15 +146,9 @@ class Grid:
         pressure_thresholds: Mapping[str, Threshold | tuple[float, float]] | None = None,
         **options: Any,
     ) -> None:
-        if (
-            isinstance(teardown_timeout, bool)
-            or not isinstance(teardown_timeout, int | float)
-            or not teardown_timeout > 0
-        ):
-            raise InvalidRequest(f"teardown_timeout must be a number of seconds > 0, got {teardown_timeout!r}")
-        self.teardown_timeout = float(teardown_timeout)
+        self.teardown_timeout = seconds("teardown_timeout", teardown_timeout)
         if isinstance(auto_offload_limit, bool) or not isinstance(auto_offload_limit, int) or auto_offload_limit < 0:
-            raise InvalidRequest(f"auto_offload_limit must be a whole number >= 0, got {auto_offload_limit!r}")
+            raise InvalidRequest(f"auto_offload_limit must be a whole number >= 0, got {shown(auto_offload_limit)}")
         #: Move queued auto-placed work onto each boost as it becomes active; takes effect at once.
         self.auto_offload = bool(auto_offload)
         #: At most this many queued tasks move per boost activation.
@@ -145,13 +160,19 @@ class Grid:
         host_capacity = None if local_capacity is None else Resources.coerce(local_capacity)
         self.plugins = GridPluginManager.for_grid(plugins)
         specs = self.plugins.backend_specs()
-        if not isinstance(backend, str) or backend not in specs:
-            raise UnknownBackend(str(backend), sorted(specs), self.plugins.install_hint(str(backend)))
+        if not isinstance(backend, str):
+            raise InvalidRequest(f"backend must be a backend's name (a string), got {shown(backend)}")
+        if backend not in specs:
+            raise UnknownBackend(backend, sorted(specs), self.plugins.install_hint(backend))
         spec = specs[backend]
         unknown = sorted(set(options) - set(spec.options))
         if unknown:
-            accepted = ", ".join(f"{k} ({v})" for k, v in spec.options.items()) or "none"
-            raise InvalidRequest(f"the {backend} backend has no option {', '.join(unknown)}; it accepts: {accepted}")
+            # Names only: the descriptions are for `gridboost plugins`, not for a one-line error.
+            accepted = ", ".join(spec.options) or "none"
+            named = ", ".join(n if n.isidentifier() and len(n) < 40 else shown(n, 40) for n in unknown[:3]) + (
+                ", ..." if len(unknown) > 3 else ""
+            )
+            raise InvalidRequest(f"the {backend} backend has no option {named}; it accepts: {accepted}")
         self.backend: Backend = spec.factory(**options)
         # Work placed "local" runs on this machine even when the cluster is elsewhere.
         # A backend that is this machine (the local one, or a wrapper of it) is also the host.
@@ -171,7 +192,7 @@ class Grid:
         self._tg: TaskGroup | None = None
         self._loops: anyio.CancelScope | None = None  # made in __aenter__: Grid() may be built outside a loop
         self._loops_tg: TaskGroup | None = None
-        self._app_stack = AsyncExitStack()
+        self._app_closers: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         self._runs: set[Run] = set()
         self._runs_idle: anyio.Event | None = None
         self._grants: set[anyio.CancelScope] = set()
@@ -256,12 +277,7 @@ class Grid:
         leftovers += [
             f"task {r.spec.id} ({r.spec.name}) still running after {self.teardown_timeout:g}s" for r in self._runs
         ]
-        try:
-            with anyio.fail_after(self.teardown_timeout):
-                await self._app_stack.aclose()
-        except Exception as exc:
-            errors.append(exc)
-            leftovers.append(f"closing the app's resources failed: {type(exc).__name__}: {exc}")
+        await self._close_app(leftovers, errors)
         for boost in list(self._boosts.boosts.values()):
             try:
                 await self._boosts.finish(boost, BoostState.RELEASED)
@@ -274,6 +290,20 @@ class Grid:
                 await self._observers_idle.wait()
         if self._observing:
             leftovers.append(f"{self._observing} observer hook(s) still running after {self.teardown_timeout:g}s")
+
+    async def _close_app(self, leftovers: list[str], errors: list[BaseException]) -> None:
+        """Close the app's resources in reverse order, each within its own ``teardown_timeout``."""
+        while self._app_closers:
+            name, close = self._app_closers.pop()
+            try:
+                with anyio.move_on_after(self.teardown_timeout) as scope:
+                    await close()
+            except Exception as exc:
+                errors.append(exc)
+                leftovers.append(f"closing the app's resource {name} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            else:
+                if scope.cancelled_caught:
+                    leftovers.append(f"the app's resource {name} did not close within {self.teardown_timeout:g}s")
 
     async def _close_backends(self, leftovers: list[str], errors: list[BaseException]) -> None:
         with anyio.move_on_after(self.teardown_timeout) as scope:
@@ -327,14 +357,26 @@ class Grid:
             )
 
     async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
-        """Enter ``cm`` now and exit it at teardown, after the work stopped, in reverse order."""
+        """Enter ``cm`` now and exit it at teardown, after the work stopped, in reverse order.
+
+        Each is closed on its own, bounded by ``teardown_timeout``: one that hangs or fails
+        is named in the ``TeardownError`` and the others still close."""
         self._check_open()
-        return await self._app_stack.enter_async_context(cm)
+        kind = type(cm)
+        if not (callable(getattr(kind, "__aenter__", None)) and callable(getattr(kind, "__aexit__", None))):
+            raise InvalidRequest(f"enter_async_context takes an async context manager, got {shown(cm)}")
+        name = _describe(cm)  # before entering: an @asynccontextmanager forgets its arguments then
+        result = await kind.__aenter__(cm)
+        self._app_closers.append((name, partial(kind.__aexit__, cm, None, None, None)))
+        return result
 
     def push_async_callback(self, callback: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> None:
-        """Await ``callback(*args, **kwargs)`` at teardown, after the work stopped, in reverse order."""
+        """Await ``callback(*args, **kwargs)`` at teardown, after the work stopped, in reverse order (each bounded)."""
         self._check_open()
-        self._app_stack.push_async_callback(callback, *args, **kwargs)
+        if not callable(callback):
+            raise InvalidRequest(f"push_async_callback takes a coroutine function, got {shown(callback)}")
+        name = getattr(callback, "__qualname__", None) or shown(callback)
+        self._app_closers.append((f"callback {name}", partial(callback, *args, **kwargs)))
 
     # -- seeing ---------------------------------------------------------------------
 
@@ -629,6 +671,9 @@ class Grid:
             error = exc
             if exc is not run.cause and not isinstance(exc, anyio.get_cancelled_exc_class()):
                 status = "timed_out" if spec.timeout is not None and isinstance(exc, TimeoutError) else "failed"
+                if isinstance(exc, FileNotFoundError) and isinstance(spec.target, Command):
+                    error = _not_found(spec.target, exc)
+                    raise error from exc
             raise
         finally:
             self._leave_placement(run)
@@ -789,7 +834,7 @@ class Grid:
         options = {"resources": resources, "where": where, "retries": retries, "timeout": timeout}
         return TaskMap(self, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options)
 
-    async def run_command(
+    def run_command(
         self,
         argv: Sequence[str],
         *,
@@ -799,14 +844,23 @@ class Grid:
         check: bool = False,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
-    ) -> CommandResult:
-        """Run a program (``argv`` as a list; never through a shell) and return its ``CommandResult``.
+    ) -> Coroutine[Any, Any, CommandResult]:
+        """``await grid.run_command([...])``: run a program (never through a shell); return its ``CommandResult``.
 
-        On ``timeout`` the process is terminated (then killed) and ``TimeoutError``
-        raised. With ``check=True`` a non-zero status raises ``CommandFailed``.
+        Bad input (a string ``argv``, a NUL character, ``=`` in an env name, a non-string
+        ``cwd``) raises ``InvalidTask`` as soon as ``run_command`` is called. On ``timeout``
+        the process is terminated (then killed) and ``TimeoutError`` raised. With
+        ``check=True`` a non-zero status raises ``CommandFailed``. A program (or ``cwd``)
+        that does not exist where the command runs raises ``CommandNotFound``, a
+        ``FileNotFoundError``, on every backend.
         """
+        if not isinstance(check, bool):
+            raise InvalidRequest(f"check must be True or False, got {shown(check)}")
         command = Command(argv, env=env, cwd=cwd)
         run = self._precheck(self._spec(command, (), {}, resources, where, 0, timeout))
+        return self._command(run, command, check)
+
+    async def _command(self, run: Run, command: Command, check: bool) -> CommandResult:
         result: CommandResult = await self._execute(run)
         if check and result.returncode != 0:
             raise CommandFailed(command.argv, result.returncode, result.stdout, result.stderr)

@@ -31,9 +31,7 @@ def shown(value: object, limit: int = _SHOWN) -> str:
         return f"{sign}an integer of about {int(value.bit_length() * 0.30103)} digits"
     try:
         text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__} object>"
-    if not isinstance(text, str):
+    except Exception:  # a __repr__ that raises (or returns a non-string, which repr turns into TypeError)
         text = f"<{type(value).__name__} object>"
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 

@@ -29,6 +29,7 @@ import psutil
 
 from . import _nvml
 from ._command import run_command
+from ._kit import seconds, shown
 from ._plugins import hookimpl
 from ._procpool import ProcessPool, check_picklable
 from ._records import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, TaskSpec, owner_name
@@ -96,16 +97,18 @@ class LocalBackend(Backend):
         close_timeout: float = 10.0,
     ) -> None:
         if executor not in ("thread", "process"):
-            raise InvalidRequest(f"executor must be 'thread' or 'process', got {executor!r}")
+            raise InvalidRequest(f"executor must be 'thread' or 'process', got {shown(executor)}")
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
         ):
-            raise InvalidRequest(f"max_workers must be a whole number >= 1, got {max_workers!r}")
+            raise InvalidRequest(f"max_workers must be a whole number >= 1, got {shown(max_workers)}")
         self.executor = executor
         self._capacity = None if capacity is None else Resources.coerce(capacity)
         self._max_workers = max_workers
-        self._grace = grace
-        self._close_timeout = close_timeout
+        # Checked here, not where used: a bad grace found while a command is being stopped
+        # would replace its TimeoutError and leave the process running.
+        self._grace = seconds("grace", grace, allow_zero=True)
+        self._close_timeout = seconds("close_timeout", close_timeout)
         self._node_id = f"local:{socket.gethostname()}"
         self._pool: _Pool | None = None
         self._reserved: dict[str, tuple[Reservation, _Pool]] = {}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from attrs import field, frozen
 
-from ._kit import seconds
+from ._kit import seconds, shown
 from ._probes import Probe, Reading, SystemProbe, unit_fraction
 from .exceptions import GridClosed, InvalidRequest, ProbeError
 
@@ -49,9 +49,11 @@ class Threshold:
 
     def __attrs_post_init__(self) -> None:
         if self.high is None or self.low is None:
-            raise InvalidRequest(f"a threshold needs both high and low, got high={self.high!r} low={self.low!r}")
+            raise InvalidRequest(
+                f"a threshold needs both high and low, got high={shown(self.high)} low={shown(self.low)}"
+            )
         if self.low > self.high:
-            raise InvalidRequest(f"threshold low ({self.low!r}) must not be above high ({self.high!r})")
+            raise InvalidRequest(f"threshold low ({shown(self.low)}) must not be above high ({shown(self.high)})")
 
 
 #: CPU and GPU busy at 85 % is a full machine for new work; memory is left a little later,
@@ -71,11 +73,13 @@ def coerce_thresholds(value: object) -> Mapping[str, Threshold]:
     if value is None:
         return DEFAULT_THRESHOLDS
     if not isinstance(value, Mapping):
-        raise InvalidRequest(f"pressure_thresholds must map dimensions to Threshold(high, low), got {value!r}")
+        raise InvalidRequest(f"pressure_thresholds must map dimensions to Threshold(high, low), got {shown(value)}")
     chosen = dict(DEFAULT_THRESHOLDS)
     for name, given in value.items():
         if name not in DIMENSIONS:
-            raise InvalidRequest(f"pressure_thresholds has no dimension {name!r}; they are {', '.join(DIMENSIONS)}")
+            raise InvalidRequest(
+                f"pressure_thresholds has no dimension {shown(name)}; they are {', '.join(DIMENSIONS)}"
+            )
         if isinstance(given, Threshold):
             chosen[name] = given
         elif isinstance(given, tuple | list) and len(given) == 2:
@@ -84,7 +88,9 @@ def coerce_thresholds(value: object) -> Mapping[str, Threshold]:
                 low=unit_fraction(f"pressure_thresholds[{name!r}].low", given[1]),  # type: ignore[arg-type]
             )
         else:
-            raise InvalidRequest(f"pressure_thresholds[{name!r}] must be a Threshold or (high, low), got {given!r}")
+            raise InvalidRequest(
+                f"pressure_thresholds[{shown(name)}] must be a Threshold or (high, low), got {shown(given)}"
+            )
     return MappingProxyType(chosen)
 
 
@@ -119,7 +125,7 @@ class Pressure:
 
     def value(self, dimension: str) -> float | None:
         if dimension not in DIMENSIONS:
-            raise InvalidRequest(f"no pressure dimension {dimension!r}; they are {', '.join(DIMENSIONS)}")
+            raise InvalidRequest(f"no pressure dimension {shown(dimension)}; they are {', '.join(DIMENSIONS)}")
         value: float | None = getattr(self, dimension)
         return value
 
@@ -161,7 +167,7 @@ class PressureChanges:
 
     def __init__(self, monitor: Monitor, buffer: int) -> None:
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise InvalidRequest(f"buffer must be a whole number >= 1, got {buffer!r}")
+            raise InvalidRequest(f"buffer must be a whole number >= 1, got {shown(buffer)}")
         self._monitor = monitor
         self._items: deque[Pressure] = deque(maxlen=buffer)
         self._wake: anyio.Event | None = None
@@ -213,7 +219,7 @@ class Monitor:
 
     def __init__(self, grid: Grid, probe: Probe | None, interval: object, thresholds: object) -> None:
         if probe is not None and not isinstance(probe, Probe):
-            raise InvalidRequest(f"probe must be a gridboost.Probe, got {probe!r}")
+            raise InvalidRequest(f"probe must be a gridboost.Probe, got {shown(probe)}")
         self._grid = grid
         self._probe = probe
         self.interval = seconds("pressure_interval", interval)
@@ -275,7 +281,7 @@ class Monitor:
         try:
             reading = await anyio.to_thread.run_sync(self._read, probe, abandon_on_cancel=True)
             if not isinstance(reading, Reading):
-                raise ProbeError(f"{type(probe).__name__}.read() returned {reading!r}, not a Reading")
+                raise ProbeError(f"{type(probe).__name__}.read() returned {shown(reading)}, not a Reading")
         except Exception as exc:
             self.errors += 1
             if self.error is None:  # once per run of failures: a broken probe must not flood the log

@@ -7,7 +7,6 @@ The grid calls a probe from a worker thread (never on the event loop), once per
 from __future__ import annotations
 
 import abc
-import math
 import os
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import psutil
 from attrs import field, frozen
 
+from ._kit import finite, shown
 from ._nvml import GpuReading, NvmlSession
 from .exceptions import InvalidRequest
 
@@ -29,9 +29,10 @@ def unit_fraction(name: str, value: object) -> float | None:
     """``value`` as a fraction in 0..1, or ``None`` (unknown); else an ``InvalidRequest`` naming ``name``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or not 0 <= value <= 1:
-        raise InvalidRequest(f"{name} must be a fraction within 0..1 (one scale everywhere), got {value!r}")
-    return float(value)
+    number = finite(value)
+    if number is None or not 0 <= number <= 1:
+        raise InvalidRequest(f"{name} must be a fraction within 0..1 (one scale everywhere), got {shown(value)}")
+    return number
 
 
 def _validated(name: str) -> Any:
@@ -42,7 +43,7 @@ def _gpus(value: Any) -> tuple[GpuReading, ...]:
     gpus = tuple(value)
     for gpu in gpus:
         if not isinstance(gpu, GpuReading):
-            raise InvalidRequest(f"gpus must hold GpuReading records, got {gpu!r}")
+            raise InvalidRequest(f"gpus must hold GpuReading records, got {shown(gpu)}")
         unit_fraction(f"gpus[{gpu.index}].utilization", gpu.utilization)
     return gpus
 

@@ -17,6 +17,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from gridboost._kit import seconds, shown
 from gridboost.exceptions import BackendError, GridClosed, InvalidRequest, NotSerializable
 
 __all__ = ["ProcessPool", "check_picklable"]
@@ -162,11 +163,9 @@ class ProcessPool:
     """
 
     def __init__(self, max_workers: int, *, grace: float = 2.0) -> None:
-        if max_workers < 1:
-            raise InvalidRequest(f"max_workers must be at least 1, not {max_workers!r}")
-        if not grace >= 0:
-            raise InvalidRequest(f"grace must be a number of seconds >= 0, not {grace!r}")
-        self._grace = grace
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise InvalidRequest(f"max_workers must be at least 1, not {shown(max_workers)}")
+        self._grace = seconds("grace", grace, allow_zero=True)
         self._limiter = anyio.CapacityLimiter(max_workers)
         self._workers: set[_Worker] = set()  # every worker not yet reaped, busy or idle or being started
         self._idle: list[_Worker] = []

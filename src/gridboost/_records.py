@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from attrs import field, frozen
 
+from ._kit import finite, shown
 from ._resources import Resources
 from .exceptions import InvalidRequest, InvalidTask
 
@@ -88,13 +89,27 @@ class BoostState(enum.StrEnum):
 def _argv(value: object) -> tuple[str, ...]:
     # A string would be split by a shell somewhere; refusing it is the whole point.
     if isinstance(value, str | bytes):
-        raise InvalidTask(f"argv must be a list of strings, not a string: {value!r} (no shell is used)")
+        raise InvalidTask(f"argv must be a list of strings, not a string: {shown(value)} (no shell is used)")
     if not isinstance(value, Sequence) or not value:
-        raise InvalidTask(f"argv must be a non-empty list of strings, got {value!r}")
-    for item in value:
-        if not isinstance(item, str | os.PathLike):
-            raise InvalidTask(f"argv items must be strings, got {item!r} in {value!r}")
-    return tuple(os.fspath(item) for item in value)
+        raise InvalidTask(f"argv must be a non-empty list of strings, got {shown(value)}")
+    argv = tuple(_os_string("argv item", item) for item in value)
+    if not argv[0]:
+        raise InvalidTask("argv[0] must name a program, got ''")
+    return argv
+
+
+def _os_string(what: str, value: object) -> str:
+    # The OS takes C strings: a NUL would end one early (Python refuses it only at exec, far from the call).
+    if isinstance(value, os.PathLike):
+        try:
+            value = os.fspath(value)
+        except Exception as exc:
+            raise InvalidTask(f"{what} {shown(value)} has no usable path: {type(exc).__name__}") from None
+    if not isinstance(value, str):
+        raise InvalidTask(f"{what} must be a string, got {shown(value)}")
+    if "\0" in value:
+        raise InvalidTask(f"{what} must not contain a NUL character, got {shown(value)}")
+    return value
 
 
 def frozen_map(value: Mapping[str, str]) -> Mapping[str, str]:
@@ -107,7 +122,7 @@ def optional_frozen_map(value: Mapping[str, str] | None) -> Mapping[str, str] | 
 
 
 def _cwd(value: str | os.PathLike[str] | None) -> str | None:
-    return None if value is None else os.fspath(value)
+    return None if value is None else _os_string("cwd", value)
 
 
 def _priority(value: int) -> Priority:
@@ -129,9 +144,17 @@ def _nodes(value: Iterable[NodeSnapshot]) -> tuple[NodeSnapshot, ...]:
 def _env(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise InvalidTask(f"env must map strings to strings, got {value!r}")
-    return MappingProxyType(dict(value))
+    if not isinstance(value, Mapping):
+        raise InvalidTask(f"env must map strings to strings, got {shown(value)}")
+    env: dict[str, str] = {}
+    for key, item in value.items():
+        name = _os_string("an env name", key) if isinstance(key, str) else None
+        if not name or "=" in name:
+            raise InvalidTask(f"env names must be non-empty strings without '=', got {shown(key)}")
+        if not isinstance(item, str):
+            raise InvalidTask(f"env must map strings to strings, got {shown(item)} for {shown(key)}")
+        env[name] = _os_string(f"env value of {shown(key, 30)}", item)
+    return MappingProxyType(env)
 
 
 @frozen
@@ -164,27 +187,28 @@ def _where(value: object) -> object:
 
     if isinstance(value, Boost):
         return value
-    raise InvalidRequest(f"where must be 'auto', 'local', 'cluster' or a Boost, got {value!r}")
+    raise InvalidRequest(f"where must be 'auto', 'local', 'cluster' or a Boost, got {shown(value)}")
 
 
 def _retries(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequest(f"retries must be a whole number >= 0, got {value!r}")
+        raise InvalidRequest(f"retries must be a whole number >= 0, got {shown(value)}")
     return value
 
 
 def _timeout(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise InvalidRequest(f"timeout must be a number of seconds > 0 or None, got {value!r}")
-    return float(value)
+    number = finite(value)
+    if number is None or not number > 0:
+        raise InvalidRequest(f"timeout must be a finite number of seconds > 0 or None, got {shown(value)}")
+    return number
 
 
 def _target(value: object) -> object:
     if isinstance(value, Command) or callable(value):
         return value
-    raise InvalidTask(f"expected a callable or a Command, got {value!r} of type {type(value).__name__}")
+    raise InvalidTask(f"expected a callable or a Command, got {shown(value)} of type {type(value).__name__}")
 
 
 def _name(target: object) -> str:
@@ -235,7 +259,7 @@ class Placement:
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in ("local", "cluster", "boost"):
-            raise InvalidRequest(f"placement kind must be local, cluster or boost, got {self.kind!r}")
+            raise InvalidRequest(f"placement kind must be local, cluster or boost, got {shown(self.kind)}")
         if (self.kind == "boost") != (self.boost is not None):
             raise InvalidRequest("a placement names a boost exactly when its kind is 'boost'")
         if self.waiting and self.kind != "local":

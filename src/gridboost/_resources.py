@@ -11,6 +11,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from ._kit import shown
 from .exceptions import InvalidResources
 
 __all__ = ["Resources"]
@@ -29,7 +30,11 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# The number grammar is bounded: an exponent of any length would have Fraction build 10**N
+# exactly (cpu=1e10000000 burns a core for minutes). Three exponent digits reach far past
+# a float's range, and no amount needs more than _MAX_DIGITS significant digits.
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]{1,3})?)\s*([A-Za-z]*)\s*$")
+_MAX_DIGITS = 40
 _EMPTY = "nothing"  # how an empty amount prints, and parses back
 _CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
 
@@ -37,15 +42,15 @@ _CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
 def _amount(name: str, value: object) -> float:
     # bool is an int to Python, but cpu=True is a bug, not one core.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidResources(f"{name} must be a number, got {value!r}")
+        raise InvalidResources(f"{name} must be a number, got {shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an int too large for a float is as unusable as inf
-        raise InvalidResources(f"{name} must be finite, got {value!r}") from None
+        raise InvalidResources(f"{name} must be finite, got {shown(value)}") from None
     if math.isnan(number) or math.isinf(number):
-        raise InvalidResources(f"{name} must be finite, got {value!r}")
+        raise InvalidResources(f"{name} must be finite, got {shown(value)}")
     if number < 0:
-        raise InvalidResources(f"{name} must not be negative, got {value!r}")
+        raise InvalidResources(f"{name} must not be negative, got {shown(value)}")
     return number
 
 
@@ -78,12 +83,12 @@ def _custom(value: Mapping[str, Any] | None) -> Mapping[str, float]:
     if value is None:
         return MappingProxyType({})
     if not isinstance(value, Mapping):
-        raise InvalidResources(f"custom must be a mapping of name to amount, got {value!r}")
+        raise InvalidResources(f"custom must be a mapping of name to amount, got {shown(value)}")
     clean: dict[str, float] = {}
     for key in sorted(value, key=str):
         if not isinstance(key, str) or not _CUSTOM_NAME.match(key) or key in _BUILTIN:
-            raise InvalidResources(f"custom resource name {key!r} is not a valid name")
-        amount = _amount(f"custom[{key!r}]", value[key])
+            raise InvalidResources(f"custom resource name {shown(key)} is not a valid name")
+        amount = _amount(f"custom[{shown(key)}]", value[key])
         if amount:  # zero entries say nothing; dropping them keeps equality honest
             clean[key] = amount
     return MappingProxyType(clean)
@@ -132,7 +137,7 @@ class Resources:
         Resources(cpu=0.5, memory=512MiB, custom={'accel': 2})
         """
         if not isinstance(text, str):
-            raise InvalidResources(f"Resources.parse takes a string, got {text!r}")
+            raise InvalidResources(f"Resources.parse takes a string, got {shown(text)}")
         values: dict[str, Any] = {}
         custom: dict[str, float] = {}
         if text.strip() == _EMPTY:
@@ -141,26 +146,28 @@ class Resources:
             name, sep, raw = part.partition("=")
             name = name.strip()
             if not sep or not name:
-                raise InvalidResources(f"expected name=amount, got {part!r}")
+                raise InvalidResources(f"expected name=amount, got {shown(part)}")
             if name in values or name in custom:
-                raise InvalidResources(f"{name} is given twice in {text!r}")
+                raise InvalidResources(f"{name} is given twice in {shown(text)}")
             raw = raw.strip()
             if raw.startswith("-"):
-                raise InvalidResources(f"{name} must not be negative, got {raw!r}")
-            match = _AMOUNT.match(raw)
+                raise InvalidResources(f"{name} must not be negative, got {shown(raw)}")
+            match = _AMOUNT.match(raw) if len(raw) <= _MAX_DIGITS + 16 else None
             if match is None:
-                raise InvalidResources(f"{name} must be a number, got {raw!r}")
+                raise InvalidResources(
+                    f"{name} must be a plain number (at most {_MAX_DIGITS} digits, 3 in an exponent), got {shown(raw)}"
+                )
             # Exact arithmetic: 1.07GB is 1070000000 bytes, not float noise rounded up.
             exact, unit = Fraction(match.group(1)), match.group(2).lower()
             if unit and name not in _BYTE_FIELDS:
-                raise InvalidResources(f"{name} takes no unit, got {raw!r}")
+                raise InvalidResources(f"{name} takes no unit, got {shown(raw)}")
             if unit not in _UNITS:
-                raise InvalidResources(f"{name} has an unknown unit {match.group(2)!r}; use B, KB..TB or KiB..TiB")
+                raise InvalidResources(f"{name} has an unknown unit {shown(match.group(2))}; use B, KB..TB or KiB..TiB")
             exact *= _UNITS[unit]
             try:
                 number: float = math.ceil(exact) if name in _BYTE_FIELDS else float(exact)
             except OverflowError:
-                raise InvalidResources(f"{name} must be finite, got {raw!r}") from None
+                raise InvalidResources(f"{name} must be finite, got {shown(raw)}") from None
             if name in _BUILTIN:
                 values[name] = number
             else:
@@ -181,9 +188,9 @@ class Resources:
             extra = {k: v for k, v in value.items() if k not in _BUILTIN and k != "custom"}
             nested = value.get("custom") or {}
             if not isinstance(nested, Mapping):
-                raise InvalidResources(f"custom must be a mapping of name to amount, got {nested!r}")
+                raise InvalidResources(f"custom must be a mapping of name to amount, got {shown(nested)}")
             return cls(**known, custom={**nested, **extra})
-        raise InvalidResources(f"resources must be Resources, a string or a mapping, got {value!r}")
+        raise InvalidResources(f"resources must be Resources, a string or a mapping, got {shown(value)}")
 
     def _items(self) -> Iterator[tuple[str, float]]:
         yield "cpu", self.cpu

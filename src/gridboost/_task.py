@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
+from ._kit import shown
 from ._records import Placement, TaskSpec
 from .exceptions import InvalidRequest, TaskCancelled
 
@@ -106,7 +107,8 @@ class TaskHandle(Generic[T]):
 
     def cancelled(self) -> bool:
         """Whether it ended by cancellation: its own ``cancel()``, its boost ending, or the grid closing."""
-        return self.done() and (self._error is self._run.cause or isinstance(self._error, TaskCancelled))
+        error = self._error
+        return self.done() and error is not None and (error is self._run.cause or isinstance(error, TaskCancelled))
 
     def cancel(self) -> None:
         """Ask for cancellation; queued work is dropped, running work is stopped where the backend can."""
@@ -144,9 +146,12 @@ class TaskHandle(Generic[T]):
 class TaskMap(Generic[T]):
     """``grid.map(...)``: results as an async iterator, with at most ``max_in_flight`` tasks running.
 
-    Use ``async with grid.map(...) as results:`` to have the tasks still in flight
-    cancelled when the block ends early; a plain ``async for`` leaves them to finish
-    (or to be cancelled when the grid closes).
+    Cancelling the consumer cancels the map: the tasks in flight are cancelled (on the
+    engine too) and no new one is submitted, with a plain ``async for`` as with
+    ``async with``. Use ``async with grid.map(...) as results:`` to have the tasks still
+    in flight cancelled, and awaited, when the block ends early for any other reason
+    (a ``break``, an exception); a plain ``async for`` left by ``break`` leaves them to
+    finish (or to be cancelled when the grid closes).
     """
 
     def __init__(
@@ -160,14 +165,14 @@ class TaskMap(Generic[T]):
         options: dict[str, Any],
     ) -> None:
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise InvalidRequest(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
+            raise InvalidRequest(f"max_in_flight must be a whole number >= 1, got {shown(max_in_flight)}")
         if isinstance(items, AsyncIterable):
             self._aitems: AsyncIterator[Any] | None = aiter(items)
             self._items: Iterator[Any] | None = None
         elif isinstance(items, Iterable):
             self._aitems, self._items = None, iter(items)
         else:
-            raise InvalidRequest(f"map needs an iterable or async iterable of arguments, got {items!r}")
+            raise InvalidRequest(f"map needs an iterable or async iterable of arguments, got {shown(items)}")
         self._grid, self._fn, self._options = grid, fn, options
         self._limit, self._ordered = max_in_flight, ordered
         self._pending: deque[TaskHandle[T]] = deque()
@@ -199,29 +204,40 @@ class TaskMap(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        await self._fill()
-        if not self._pending:
-            raise StopAsyncIteration
-        if self._ordered:
-            handle = self._pending.popleft()
-        else:
-            while not self._finished:
-                self._wakeup = anyio.Event()
-                await self._wakeup.wait()
-            handle = self._finished.popleft()
-            self._pending.remove(handle)
-        return await handle
+        try:
+            # A result already waiting would be returned without a checkpoint: a loop in a
+            # cancelled scope would run on over every ready result.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            await self._fill()
+            if not self._pending:
+                raise StopAsyncIteration
+            if self._ordered:
+                handle = self._pending.popleft()
+            else:
+                while not self._finished:
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+                handle = self._finished.popleft()
+                self._pending.remove(handle)
+            return await handle
+        except anyio.get_cancelled_exc_class():
+            self._abandon()  # the consumer is cancelled: nobody will take these results
+            raise
+
+    def _abandon(self) -> None:
+        """Cancel every task in flight and submit no more."""
+        self._exhausted = True
+        for handle in self._pending:
+            handle.cancel()
 
     async def aclose(self) -> None:
         """Cancel whatever is still in flight and wait for it to end."""
-        for handle in self._pending:
-            handle.cancel()
+        self._abandon()
         with anyio.CancelScope(shield=True):
             for handle in self._pending:
                 await handle._done.wait()
         self._pending.clear()
         self._finished.clear()
-        self._exhausted = True
 
     async def __aenter__(self) -> TaskMap[T]:
         return self

@@ -25,6 +25,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from ._kit import shown
 from ._records import ClusterSnapshot, Lease, Priority, Strategy, TaskSpec, frozen_map, optional_frozen_map
 from ._resources import Resources
 from .exceptions import InvalidRequest
@@ -160,11 +161,15 @@ class Backend(abc.ABC):
         Only backends with ``capabilities.shared_leases``; an id the registry does not
         know raises :class:`~gridboost.exceptions.InvalidRequest` naming it.
         """
-        raise InvalidRequest(f"the {self.name} backend keeps no lease registry: it cannot renew lease {lease_id!r}")
+        raise InvalidRequest(
+            f"the {self.name} backend keeps no lease registry: it cannot renew lease {shown(lease_id)}"
+        )
 
     async def release_lease(self, lease_id: str) -> None:
         """Give back any owner's lease in the engine's registry now, awaited (see :meth:`renew_lease`)."""
-        raise InvalidRequest(f"the {self.name} backend keeps no lease registry: it cannot release lease {lease_id!r}")
+        raise InvalidRequest(
+            f"the {self.name} backend keeps no lease registry: it cannot release lease {shown(lease_id)}"
+        )
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:  # noqa: B027 - optional hook
         """Report reservations the engine loses on its own: ``await lost(reservation_id, error)``.

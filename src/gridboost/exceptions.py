@@ -18,6 +18,7 @@ __all__ = [
     "BoostUnavailable",
     "CapacityUnavailable",
     "CommandFailed",
+    "CommandNotFound",
     "GridClosed",
     "GridboostError",
     "InvalidRequest",
@@ -57,11 +58,13 @@ class UnknownBackend(GridboostError, LookupError):
     """No installed plugin provides a backend of that name."""
 
     def __init__(self, name: str, available: Sequence[str], hint: str | None = None) -> None:
+        from ._kit import shown  # here, not at the top: _kit raises this module's errors
+
         self.name = name
         self.available = tuple(available)
-        message = f"unknown backend {name!r}; available: {', '.join(self.available) or 'none'}"
+        message = f"unknown backend {shown(name)}; available: {', '.join(self.available) or 'none'}"
         if hint:
-            message += f" (to use {name!r}: {hint})"
+            message += f" (to use {shown(name)}: {hint})"
         super().__init__(message)
 
 
@@ -99,6 +102,14 @@ class CommandFailed(GridboostError):
         self.stderr = stderr
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
         super().__init__(f"command {list(self.argv)!r} exited with status {returncode}: {tail[0]}")
+
+
+class CommandNotFound(GridboostError, FileNotFoundError):
+    """A command's program (or its ``cwd``) does not exist where the command was to run.
+
+    Also a ``FileNotFoundError``, as ``subprocess`` raises: ``errno`` is ``ENOENT`` and
+    ``filename`` the missing program or directory. Raised the same on every backend.
+    """
 
 
 class BackendError(GridboostError):

@@ -87,6 +87,7 @@ import anyio
 import anyio.lowlevel
 from attrs import Factory, field, frozen
 
+from .._kit import shown
 from .._plugins import GridPluginManager, hookimpl
 from .._records import ClusterSnapshot, Lease, TaskSpec
 from .._resources import Resources
@@ -115,7 +116,7 @@ _DELAYS = frozenset({"latency", "slow_release"})
 
 def _kind(value: str) -> FaultKind:
     if value not in FAULT_KINDS:
-        raise InvalidRequest(f"unknown fault kind {value!r}; kinds are {', '.join(FAULT_KINDS)}")
+        raise InvalidRequest(f"unknown fault kind {shown(value)}; kinds are {', '.join(FAULT_KINDS)}")
     return value  # type: ignore[return-value]
 
 
@@ -128,7 +129,7 @@ def _on_calls(value: int | Iterable[int] | None) -> frozenset[int] | None:
         return None
     numbers = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, Iterable) else ()
     if not numbers or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in numbers):
-        raise InvalidRequest(f"on_calls must be call numbers (whole numbers >= 1, counted from 1), got {value!r}")
+        raise InvalidRequest(f"on_calls must be call numbers (whole numbers >= 1, counted from 1), got {shown(value)}")
     return frozenset(numbers)
 
 
@@ -136,7 +137,7 @@ def _probability(value: float | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise InvalidRequest(f"probability must be a number from 0 to 1, got {value!r}")
+        raise InvalidRequest(f"probability must be a number from 0 to 1, got {shown(value)}")
     return float(value)
 
 
@@ -146,7 +147,7 @@ def _seconds(value: float) -> float:
     except OverflowError:  # an int too large for a float
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidRequest(f"seconds must be a finite number >= 0, got {value!r}")
+        raise InvalidRequest(f"seconds must be a finite number >= 0, got {shown(value)}")
     return seconds
 
 
@@ -154,7 +155,7 @@ def _strings(what: str, value: Iterable[str]) -> frozenset[str]:
     # A lone string would silently become a set of its characters.
     items = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else None
     if items is None or not all(isinstance(v, str) for v in items):
-        raise InvalidRequest(f"{what} must be a collection of strings, got {value!r}")
+        raise InvalidRequest(f"{what} must be a collection of strings, got {shown(value)}")
     return frozenset(items)
 
 
@@ -200,7 +201,7 @@ class Fault:
     def __attrs_post_init__(self) -> None:
         kind = self.kind
         if self.operation not in OPERATIONS:
-            raise InvalidRequest(f"unknown operation {self.operation!r}; operations are {', '.join(OPERATIONS)}")
+            raise InvalidRequest(f"unknown operation {shown(self.operation)}; operations are {', '.join(OPERATIONS)}")
         if kind != "latency" and self.operation != _OPERATION_OF[kind]:
             raise InvalidRequest(
                 f"a {kind} fault acts on {_OPERATION_OF[kind]}, not {self.operation}; only latency takes an operation"
@@ -216,9 +217,11 @@ class Fault:
                 raise InvalidRequest(f"error is what a task_failure raises; a {kind} fault takes none")
             if isinstance(self.error, type):
                 if not issubclass(self.error, Exception):
-                    raise InvalidRequest(f"error must be an Exception class, got {self.error!r}")
+                    raise InvalidRequest(f"error must be an Exception class, got {shown(self.error)}")
             elif not isinstance(self.error, Exception) and not callable(self.error):
-                raise InvalidRequest(f"error must be an exception, or a class or factory making one: {self.error!r}")
+                raise InvalidRequest(
+                    f"error must be an exception, or a class or factory making one: {shown(self.error)}"
+                )
 
     def applies_to(self, task: TaskSpec | None) -> bool:
         """Whether this fault's task filters let ``task`` through (always, for operations with no task)."""
@@ -242,23 +245,23 @@ class Fault:
             return self.error.with_traceback(None)  # raised again: do not grow the last traceback
         made = self.error()
         if not isinstance(made, Exception):
-            raise InvalidRequest(f"the error factory of a task_failure fault returned {made!r}, not an Exception")
+            raise InvalidRequest(f"the error factory of a task_failure fault returned {shown(made)}, not an Exception")
         return made
 
 
 def _faults(value: Iterable[Fault]) -> tuple[Fault, ...]:
     if isinstance(value, Fault) or not isinstance(value, Iterable):
-        raise InvalidRequest(f"a FaultPlan takes a list of Fault, got {value!r}")
+        raise InvalidRequest(f"a FaultPlan takes a list of Fault, got {shown(value)}")
     faults = tuple(value)
     for fault in faults:
         if not isinstance(fault, Fault):
-            raise InvalidRequest(f"a FaultPlan takes a list of Fault, got {fault!r} in it")
+            raise InvalidRequest(f"a FaultPlan takes a list of Fault, got {shown(fault)} in it")
     return faults
 
 
 def _seed(_plan: object, _attribute: object, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"seed must be a whole number, got {value!r}")
+        raise InvalidRequest(f"seed must be a whole number, got {shown(value)}")
 
 
 @frozen
@@ -311,9 +314,9 @@ class FaultyBackend(Backend):
 
     def __init__(self, inner: Backend, *, plan: FaultPlan) -> None:
         if not isinstance(inner, Backend):
-            raise InvalidRequest(f"FaultyBackend wraps a gridboost.abc.Backend, got {inner!r}")
+            raise InvalidRequest(f"FaultyBackend wraps a gridboost.abc.Backend, got {shown(inner)}")
         if not isinstance(plan, FaultPlan):
-            raise InvalidRequest(f"plan must be a FaultPlan, got {plan!r}")
+            raise InvalidRequest(f"plan must be a FaultPlan, got {shown(plan)}")
         self.inner = inner
         self.plan = plan
         self.name = f"faulty-{inner.name}"
@@ -500,15 +503,15 @@ class FaultyPlugin:
 
     def __init__(self, plan: FaultPlan, *, inner: str | BackendSpec = "local", name: str = "faulty") -> None:
         if not isinstance(plan, FaultPlan):
-            raise InvalidRequest(f"plan must be a FaultPlan, got {plan!r}")
+            raise InvalidRequest(f"plan must be a FaultPlan, got {shown(plan)}")
         if not isinstance(name, str) or not name:
-            raise InvalidRequest(f"name must be a non-empty string, got {name!r}")
+            raise InvalidRequest(f"name must be a non-empty string, got {shown(name)}")
         if isinstance(inner, str):
             inner = _installed_spec(inner)
         elif not isinstance(inner, BackendSpec):
-            raise InvalidRequest(f"inner must be a backend name or a BackendSpec, got {inner!r}")
+            raise InvalidRequest(f"inner must be a backend name or a BackendSpec, got {shown(inner)}")
         if inner.name == name:
-            raise InvalidRequest(f"the faulty backend needs a name of its own, not the inner one's ({name!r})")
+            raise InvalidRequest(f"the faulty backend needs a name of its own, not the inner one's ({shown(name)})")
         self.plan = plan
         self.name = name
         self.inner = inner
