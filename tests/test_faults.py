@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 import gridboost as gb
+from gridboost._kit import shown
 from gridboost.testing._suite import SuiteError, add, fail_with, nap
 
 pytestmark = pytest.mark.anyio
@@ -87,6 +88,19 @@ async def test_request_arguments_refuse_huge_ints_with_a_short_typed_error(value
             assert isinstance(info.value, gb.InvalidRequest | gb.InvalidTask), info.value
             _short(info.value)
         assert await grid.offload(add, 2, 3) == 5
+
+
+def test_shown_quotes_any_value_in_one_short_line() -> None:
+    """Error messages quote values through ``shown``: short, and safe for values with no repr."""
+
+    class NoRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    assert shown(NoRepr()) == "<NoRepr object>"
+    assert shown(10**5000) == "an integer of about 5000 digits"
+    assert len(shown("x" * 10_000)) == 60
+    assert shown(1.5) == "1.5"
 
 
 def test_unknown_backend_of_any_kind_is_a_short_typed_error() -> None:

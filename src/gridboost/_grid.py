@@ -278,12 +278,18 @@ class Grid:
             f"task {r.spec.id} ({r.spec.name}) still running after {self.teardown_timeout:g}s" for r in self._runs
         ]
         await self._close_app(leftovers, errors)
-        for boost in list(self._boosts.boosts.values()):
+
+        async def release(boost: Boost) -> None:
             try:
                 await self._boosts.finish(boost, BoostState.RELEASED)
             except Exception as exc:
                 errors.append(exc)
                 leftovers.append(f"boost {boost.id} was not released: {type(exc).__name__}: {exc}")
+
+        # All at once: each release is an engine round trip (a placement group removed, a marker cleared).
+        async with anyio.create_task_group() as tg:
+            for boost in list(self._boosts.boosts.values()):
+                tg.start_soon(release, boost)
         with anyio.move_on_after(self.teardown_timeout):
             while self._observing:
                 self._observers_idle = anyio.Event()

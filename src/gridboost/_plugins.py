@@ -11,15 +11,16 @@ import importlib.metadata
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, cast
 
 import pluggy
 
 from . import hookspecs
+from ._kit import shown
 from .abc import BackendSpec
-from .exceptions import PluginError, PolicyError
+from .exceptions import InvalidRequest, PluginError, PolicyError
 
 __all__ = ["GridPluginManager", "PluginLoadWarning", "hookimpl", "load_entry_point_plugins"]
 
@@ -104,8 +105,15 @@ class GridPluginManager(pluggy.PluginManager):
         for name, error in failed:
             warnings.warn(f"gridboost plugin {name!r} failed to load: {error}", PluginLoadWarning, stacklevel=3)
         pm.load_errors = failed
-        for plugin in extra:
-            pm.register(plugin)
+        if isinstance(extra, str | bytes | Mapping) or not isinstance(extra, Iterable):
+            raise InvalidRequest(f"plugins must be a list of plugin objects or modules, got {shown(extra)}")
+        for plugin in list(extra):
+            if plugin is None or isinstance(plugin, str | bytes | int | float | list | dict | tuple | set):
+                raise InvalidRequest(f"a plugin is an object or module with hook implementations, got {shown(plugin)}")
+            try:
+                pm.register(plugin)
+            except (ValueError, pluggy.PluginValidationError) as exc:  # registered twice, a bad hookimpl
+                raise PluginError(f"plugin {shown(plugin)} cannot be registered: {str(exc)[:100]}") from exc
         return pm
 
     def backend_specs(self) -> dict[str, BackendSpec]:

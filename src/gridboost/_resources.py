@@ -85,8 +85,11 @@ def _custom(value: Mapping[str, Any] | None) -> Mapping[str, float]:
     if not isinstance(value, Mapping):
         raise InvalidResources(f"custom must be a mapping of name to amount, got {shown(value)}")
     clean: dict[str, float] = {}
-    for key in sorted(value, key=str):
-        if not isinstance(key, str) or not _CUSTOM_NAME.match(key) or key in _BUILTIN:
+    for key in value:
+        if not isinstance(key, str):
+            raise InvalidResources(f"custom resource name {shown(key)} is not a valid name")
+    for key in sorted(value):
+        if not _CUSTOM_NAME.match(key) or key in _BUILTIN:
             raise InvalidResources(f"custom resource name {shown(key)} is not a valid name")
         amount = _amount(f"custom[{shown(key)}]", value[key])
         if amount:  # zero entries say nothing; dropping them keeps equality honest
@@ -184,9 +187,14 @@ class Resources:
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, Mapping):
+            for key in value:
+                if not isinstance(key, str):  # before any comparison: a key's own __eq__ may raise
+                    raise InvalidResources(f"resource names are strings, got {shown(key)}")
             known = {k: v for k, v in value.items() if k in _BUILTIN}
             extra = {k: v for k, v in value.items() if k not in _BUILTIN and k != "custom"}
-            nested = value.get("custom") or {}
+            nested = value.get("custom")
+            if nested is None:
+                nested = {}
             if not isinstance(nested, Mapping):
                 raise InvalidResources(f"custom must be a mapping of name to amount, got {shown(nested)}")
             return cls(**known, custom={**nested, **extra})
