@@ -46,6 +46,7 @@ from .._resources import Resources
 from ..exceptions import (
     BoostUnavailable,
     CommandFailed,
+    CommandNotFound,
     GridClosed,
     InvalidRequest,
     InvalidResources,
@@ -446,6 +447,15 @@ class BackendSuite:
         assert result.node
         with pytest.raises(CommandFailed, match="status 3"):
             await grid.run_command(_script(script), env={"SUITE_X": "1"}, check=True, where="cluster")
+
+    async def test_a_missing_program_raises_command_not_found(self, grid: Grid) -> None:
+        """A program that does not exist where the command runs raises CommandNotFound; the grid stays usable."""
+        self.need(grid, "commands")
+        with pytest.raises(CommandNotFound, match="no such program") as info:
+            await grid.run_command(["gridboost-suite-no-such-program", "x"], where="cluster")
+        assert isinstance(info.value, FileNotFoundError)
+        assert info.value.filename == "gridboost-suite-no-such-program"
+        assert (await grid.run_command(_script("pass"), where="cluster")).returncode == 0
 
     async def test_command_timeout_kills_it(self, grid: Grid, tmp_path: Path) -> None:
         """A command over its timeout raises TimeoutError and its process is gone."""
