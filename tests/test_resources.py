@@ -120,12 +120,14 @@ class TestConstruction:
             (Resources(), "nothing"),
             (Resources(cpu=4, gpu=1, memory=8 * GiB), "cpu=4,gpu=1,memory=8GiB"),
             (Resources(cpu=0.5, memory=512 * MiB, custom={"accel": 2}), "cpu=0.5,memory=512MiB,accel=2"),
-            (Resources(memory=1000), "memory=1000"),
+            (Resources(memory=1000), "memory=1KB"),
+            (Resources(memory=8 * 10**9), "memory=8GB"),
+            (Resources(memory=1001), "memory=1001"),
         ],
-        ids=["empty", "builtins", "fraction-and-custom", "plain-bytes"],
+        ids=["empty", "builtins", "fraction-and-custom", "decimal-unit", "gb-stays-gb", "plain-bytes"],
     )
     def test_str(self, resources: Resources, text: str) -> None:
-        """``str`` writes the non-zero amounts in ``parse`` syntax, bytes in the largest exact binary unit."""
+        """``str`` writes the non-zero amounts in ``parse`` syntax, bytes in the largest exact unit, binary or not."""
         assert str(resources) == text
 
 

@@ -28,7 +28,7 @@ from attrs import evolve
 
 from ._dispatch import Ledger
 from ._kit import seconds, shown
-from ._records import STRATEGIES, BoostState, Lease, Priority, Strategy, new_id, owner_name
+from ._records import STRATEGIES, BoostState, Lease, Priority, Strategy, new_id, owner_name, priority_of
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
 from .exceptions import BoostExpired, BoostLost, BoostUnavailable, InvalidRequest, TaskCancelled
@@ -233,10 +233,7 @@ class BoostBook:
             raise InvalidRequest("a boost must ask for some resources, got none")
         if strategy not in STRATEGIES:
             raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {shown(strategy)}")
-        try:
-            level = Priority(priority)
-        except ValueError:
-            raise InvalidRequest(f"priority must be a gridboost.Priority, got {shown(priority)}") from None
+        level = priority_of(priority)
         if nodes is not None:
             if isinstance(nodes, str) or not isinstance(nodes, Sequence) or not all(isinstance(n, str) for n in nodes):
                 raise InvalidRequest(f"nodes must be a list of node ids or addresses, got {shown(nodes)}")

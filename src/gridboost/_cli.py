@@ -24,7 +24,7 @@ import anyio
 
 from ._grid import Grid
 from ._pressure import DIMENSIONS
-from ._records import ClusterSnapshot, Lease, Priority
+from ._records import ClusterSnapshot, Lease, priority_of
 from .exceptions import GridboostError, InvalidRequest
 
 __all__ = ["main"]
@@ -154,19 +154,11 @@ def _labels(pairs: Sequence[str]) -> dict[str, str] | None:
     return labels or None
 
 
-def _priority(text: str) -> Priority:
-    try:
-        return Priority[text.upper()]
-    except KeyError:
-        names = ", ".join(p.name.lower() for p in Priority)
-        raise InvalidRequest(f"priority must be one of {names}, got {text!r}") from None
-
-
 async def _boost_request(grid: Grid, args: argparse.Namespace) -> Any:
     lease = await grid.request_lease(
         args.resources,
         ttl=args.ttl,
-        priority=_priority(args.priority),
+        priority=priority_of(args.priority),
         wait=args.wait,
         strategy=args.strategy,
         nodes=args.node or None,

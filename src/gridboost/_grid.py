@@ -37,7 +37,7 @@ from anyio.abc import TaskGroup
 from ._advisor import OffloadRecommendation, scan_processes
 from ._boost import Boost, BoostBlock, BoostBook
 from ._dispatch import Dispatch, Move, bounded
-from ._kit import seconds, shown
+from ._kit import did_you_mean, seconds, shown
 from ._local import LocalBackend
 from ._plugins import GridPluginManager, call_decision, observer_impls
 from ._policy import default_placement
@@ -58,7 +58,7 @@ from ._records import (
 )
 from ._resources import Resources
 from ._task import Run, TaskHandle, TaskMap
-from .abc import Backend
+from .abc import Backend, BackendSpec
 from .exceptions import (
     BackendError,
     CommandFailed,
@@ -103,6 +103,23 @@ def _describe(cm: object) -> str:
     if callable(func) and isinstance(args, tuple):
         return f"{getattr(func, '__qualname__', 'resource')}({', '.join(shown(a, 30) for a in args)})"
     return shown(cm)
+
+
+def _unknown_options(
+    backend: str, unknown: Sequence[str], accepted: Iterable[str], specs: Mapping[str, BackendSpec]
+) -> str:
+    """One line: the first unknown option, what was likely meant, and the names accepted (never their descriptions)."""
+    first = unknown[0]
+    named = first if first.isidentifier() and len(first) < 40 else shown(first, 40)
+    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+    listing = f"it accepts: {', '.join(accepted) or 'none'}"
+    others = [name for name, spec in specs.items() if first in spec.options]
+    if others:  # Grid(address=...) meant for a cluster backend
+        return f"the {backend} backend has no option {named}{more}; {listing} ({named} is for: {', '.join(others)})"
+    mine = [name for name in inspect.signature(Grid).parameters if name not in ("backend", "options")]
+    everyone = {option for spec in specs.values() for option in spec.options}
+    hint = did_you_mean(first, [*accepted, *mine, *sorted(everyone - set(accepted))])
+    return f"the {backend} backend has no option {named}{more}" + (f"{hint} ({listing})" if hint else f"; {listing}")
 
 
 def _lease_id(value: object) -> None:
@@ -167,12 +184,7 @@ class Grid:
         spec = specs[backend]
         unknown = sorted(set(options) - set(spec.options))
         if unknown:
-            # Names only: the descriptions are for `gridboost plugins`, not for a one-line error.
-            accepted = ", ".join(spec.options) or "none"
-            named = ", ".join(n if n.isidentifier() and len(n) < 40 else shown(n, 40) for n in unknown[:3]) + (
-                ", ..." if len(unknown) > 3 else ""
-            )
-            raise InvalidRequest(f"the {backend} backend has no option {named}; it accepts: {accepted}")
+            raise InvalidRequest(_unknown_options(backend, unknown, spec.options, specs))
         self.backend: Backend = spec.factory(**options)
         # Work placed "local" runs on this machine even when the cluster is elsewhere.
         # A backend that is this machine (the local one, or a wrapper of it) is also the host.

@@ -6,16 +6,17 @@ Private: the plugins are released with the core, so they may import it; a third-
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal
 
 from .exceptions import GridboostError, InvalidRequest
 
-__all__ = ["LRU", "ErrorMap", "finite", "seconds", "shown", "until_done_on_trio"]
+__all__ = ["LRU", "ErrorMap", "did_you_mean", "finite", "seconds", "shown", "until_done_on_trio"]
 
 _SHOWN = 60  # characters of a value an error message quotes: one short line, whatever the value
 
@@ -34,6 +35,22 @@ def shown(value: object, limit: int = _SHOWN) -> str:
     except Exception:  # a __repr__ that raises (or returns a non-string, which repr turns into TypeError)
         text = f"<{type(value).__name__} object>"
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def did_you_mean(word: str, choices: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
+    """``"; did you mean 'cpu'?"`` for a likely typo of one of ``choices``, or ``""``.
+
+    Case is ignored; ``aliases`` maps words people write for a choice (``mem``) to it.
+    """
+    options = list(choices)
+    folded = word.casefold()
+    found = [c for c in options if c.casefold() == folded] or (
+        [aliases[folded]] if aliases and folded in aliases else []
+    )
+    if not found and len(word) <= 40:
+        lowered = {c.casefold(): c for c in options}
+        found = [lowered[c] for c in difflib.get_close_matches(folded, list(lowered), n=1, cutoff=0.75)]
+    return f"; did you mean {found[0]!r}?" if found else ""
 
 
 def finite(value: object) -> float | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from attrs import field, frozen
 
-from ._kit import finite, shown
+from ._kit import did_you_mean, finite, shown
 from ._resources import Resources
 from .exceptions import InvalidRequest, InvalidTask
 
@@ -125,8 +125,17 @@ def _cwd(value: str | os.PathLike[str] | None) -> str | None:
     return None if value is None else _os_string("cwd", value)
 
 
-def _priority(value: int) -> Priority:
-    return value if type(value) is Priority else Priority(value)
+def priority_of(value: object) -> Priority:
+    """A ``Priority``, its value (0..3) or its name in any case (``"high"``); else ``InvalidRequest``."""
+    if type(value) is Priority:
+        return value
+    if isinstance(value, str) and value.upper() in Priority.__members__:
+        return Priority[value.upper()]
+    if isinstance(value, int) and not isinstance(value, bool) and value in Priority._value2member_map_:
+        return Priority(value)
+    names = ", ".join(p.name.lower() for p in Priority)
+    hint = did_you_mean(value, [p.name.lower() for p in Priority]) if isinstance(value, str) else ""
+    raise InvalidRequest(f"priority must be a Priority or one of {names}, got {shown(value)}{hint}")
 
 
 def _resources(value: Resources | str | Mapping[str, Any] | None) -> Resources:
@@ -228,7 +237,7 @@ class TaskSpec:
     where: Literal["auto", "local", "cluster"] | Boost = field(default="auto", validator=lambda _s, _a, v: _where(v))
     retries: int = field(default=0, validator=lambda _s, _a, v: _retries(v))
     timeout: float | None = field(default=None, converter=_timeout)
-    priority: Priority = field(default=Priority.NORMAL, converter=_priority)
+    priority: Priority = field(default=Priority.NORMAL, converter=priority_of)
     tags: frozenset[str] = field(factory=frozenset, converter=_tags)
     id: str = field(factory=lambda: new_id("task"))
     submitted_at: float = field(factory=time.monotonic)

@@ -11,7 +11,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from ._kit import shown
+from ._kit import did_you_mean, shown
 from .exceptions import InvalidResources
 
 __all__ = ["Resources"]
@@ -33,10 +33,23 @@ _UNITS = {
 # The number grammar is bounded: an exponent of any length would have Fraction build 10**N
 # exactly (cpu=1e10000000 burns a core for minutes). Three exponent digits reach far past
 # a float's range, and no amount needs more than _MAX_DIGITS significant digits.
+_DISPLAY_UNITS = sorted(
+    ((unit.upper().replace("I", "i"), size) for unit, size in _UNITS.items() if size > 1), key=lambda u: -u[1]
+)
 _AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]{1,3})?)\s*([A-Za-z]*)\s*$")
 _MAX_DIGITS = 40
 _EMPTY = "nothing"  # how an empty amount prints, and parses back
 _CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
+# Words people write for a built-in. A name given where custom ones are implied (parse, a flat
+# mapping) that is one of these or close to a built-in is a typo, not a new custom resource;
+# `custom={...}` takes any valid name as it is.
+_ALIASES = {"cpus": "cpu", "cores": "cpu", "gpus": "gpu", "mem": "memory", "ram": "memory", "vram": "gpu_memory"}
+
+
+def _not_a_typo(name: str) -> None:
+    hint = did_you_mean(name, _BUILTIN, _ALIASES)
+    if hint:
+        raise InvalidResources(f"unknown resource {shown(name, 40)}{hint} (to mean a custom one, use custom={{...}})")
 
 
 def _amount(name: str, value: object) -> float:
@@ -103,7 +116,8 @@ def _settle(x: float) -> float:
 
 
 def _format_bytes(n: int) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    # Exact, so it parses back: the largest unit, binary or decimal, that divides it ("8GB" stays 8GB).
+    for unit, size in _DISPLAY_UNITS:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
@@ -150,6 +164,8 @@ class Resources:
             name = name.strip()
             if not sep or not name:
                 raise InvalidResources(f"expected name=amount, got {shown(part)}")
+            if name not in _BUILTIN:
+                _not_a_typo(name)  # before the amount: "mem=8GiB" is a typo, not a custom amount with a unit
             if name in values or name in custom:
                 raise InvalidResources(f"{name} is given twice in {shown(text)}")
             raw = raw.strip()
@@ -192,6 +208,8 @@ class Resources:
                     raise InvalidResources(f"resource names are strings, got {shown(key)}")
             known = {k: v for k, v in value.items() if k in _BUILTIN}
             extra = {k: v for k, v in value.items() if k not in _BUILTIN and k != "custom"}
+            for key in extra:
+                _not_a_typo(key)
             nested = value.get("custom")
             if nested is None:
                 nested = {}

@@ -1,0 +1,63 @@
+"""A newcomer's first hour: the mistakes a typo deserves to hear about, in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+import gridboost as gb
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        ("cpus=4", "cpu"),
+        ("GPU=1", "gpu"),
+        ("mem=8GiB", "memory"),
+        ("memroy=1GiB", "memory"),
+        ("gpu_mem=1", "gpu_memory"),
+    ],
+)
+def test_a_resource_name_like_a_builtin_gets_did_you_mean(text: str, meant: str) -> None:
+    """A name that looks like a typo of a built-in is refused with the built-in it likely meant."""
+    with pytest.raises(gb.InvalidResources, match=f"did you mean '{meant}'"):
+        gb.Resources.parse(text)
+    name = text.partition("=")[0]
+    with pytest.raises(gb.InvalidResources, match=f"did you mean '{meant}'"):
+        gb.Resources.coerce({name: 1})
+
+
+def test_a_custom_resource_is_still_a_custom_resource() -> None:
+    """Names unlike any built-in stay custom; ``custom={...}`` takes even a typo-like name as it is."""
+    assert gb.Resources.parse("accel=2").custom == {"accel": 2}
+    assert gb.Resources(custom={"mem": 1}).custom == {"mem": 1}
+
+
+def test_gb_is_decimal_and_shows_as_gb() -> None:
+    """``8GB`` is 8 * 10**9 bytes (GiB is 2**30) and prints back as ``8GB``."""
+    eight = gb.Resources.parse("memory=8GB")
+    assert eight.memory == 8 * 10**9
+    assert str(eight) == "memory=8GB"
+    assert gb.Resources.parse("memory=8GiB").memory == 8 * 2**30
+
+
+@pytest.mark.parametrize(("option", "meant"), [("teardown_timout", "teardown_timeout"), ("gracee", "grace")])
+def test_an_unknown_grid_option_gets_did_you_mean_in_one_short_line(option: str, meant: str) -> None:
+    """A misspelt Grid option names what was likely meant and the accepted names, in one short line."""
+    with pytest.raises(gb.InvalidRequest, match=f"did you mean '{meant}'") as info:
+        gb.Grid(**{option: 1})
+    assert len(str(info.value)) < 200
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "level"), [("high", gb.Priority.HIGH), ("LOW", gb.Priority.LOW), (3, gb.Priority.CRITICAL)]
+)
+async def test_priority_is_accepted_by_name_as_the_cli_accepts_it(given: object, level: gb.Priority) -> None:
+    """``priority="high"`` (any case) or its number is the same as ``Priority.HIGH``; a typo gets did you mean."""
+    async with gb.Grid(capacity="cpu=2") as grid:
+        async with grid.boost("cpu=1", ttl=30, priority=given) as boost:  # type: ignore[arg-type]
+            assert boost.priority is level
+        with pytest.raises(gb.InvalidRequest, match="did you mean 'high'"):
+            await grid.request_boost("cpu=1", ttl=30, priority="hihg")  # type: ignore[arg-type]
