@@ -54,6 +54,7 @@ N_BOOST_WARM = 4
 TARGET_THROUGHPUT = 0.95  # gridboost tasks/s ÷ raw tasks/s, at least
 TARGET_ROUNDTRIP_MS = 0.1  # gridboost ms per call minus raw ms per call, at most
 TARGET_BOOST_P50_MS = 5.0  # gridboost's back-to-back acquire with the default linger, at most
+TARGET_TEARDOWN_S = 1.0  # exit of a grid with 1000 tasks in flight and 3 boosts, default options, at most
 WORKER_CPUS = 2
 TEMP_PREFIX = "gridboost-bench-ray-"
 
@@ -65,6 +66,11 @@ def noop() -> None:
 def noop_item(_item: object) -> None:
     # grid.map calls fn(item); the raw side keeps calling noop(), the difference is one argument.
     return None
+
+
+def sleeper() -> None:
+    # In flight at teardown: the running ones must be interrupted, the queued ones dropped.
+    time.sleep(600)
 
 
 # -- this script's own Ray --------------------------------------------------------------------------------------------
@@ -213,12 +219,92 @@ async def gb_boost(address: str, options: dict[str, Any], n: int) -> list[float]
     return times
 
 
+# -- teardown probes: the exit of a grid with work in flight, in seconds ------------------------------------------------
+
+N_TEARDOWN = 1000
+TEARDOWN_BOOSTS = 3
+# A quarter CPU each: the three leave a CPU of the worker node to the sleepers, so some run and most wait in Ray's queue.
+TEARDOWN_BOOST = "cpu=0.25"
+# Long enough for every submission to reach Ray (the driver submits about 2000 a second) and one sleeper to start.
+TEARDOWN_SETTLE = 1.0
+
+
+def leftovers(prefix: str, lease_ids: set[str]) -> dict[str, int]:
+    """What Ray still shows of a closed grid: its groups not REMOVED, the keeper's records, its tasks not ended."""
+    import ray
+    from gridboost_ray._leases import KEEPER_NAME, KEEPER_NAMESPACE
+    from ray._private.state import state
+    from ray.util.placement_group import placement_group_table
+
+    groups = sum(
+        1 for row in placement_group_table().values() if row["name"].startswith(prefix) and row["state"] != "REMOVED"
+    )
+    try:
+        keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
+        records = sum(1 for r in ray.get(keeper.leases.remote(), timeout=30) if r["id"] in lease_ids)
+    except ValueError:  # no keeper: it exited, holding nothing
+        records = 0
+    latest: dict[bytes, tuple[int, set[int]]] = {}
+    for event in state._get_all_task_events():
+        if not event.task_info.name.startswith(prefix):
+            continue
+        seen = latest.get(event.task_id)
+        states = set(event.state_updates.state_ts_ns)
+        if seen is None or event.attempt_number > seen[0]:
+            latest[event.task_id] = (event.attempt_number, states)
+        elif event.attempt_number == seen[0]:
+            seen[1].update(states)
+    ended = {11, 12}  # FINISHED, FAILED (ray.core.generated.common_pb2.TaskStatus)
+    tasks = sum(1 for _, states in latest.values() if not states & ended)
+    return {"groups": groups, "keeper_records": records, "tasks_not_ended": tasks}
+
+
+async def gb_teardown(address: str, n: int) -> tuple[float, dict[str, int]]:
+    """Exit of ``async with Grid("ray")`` (default options) with ``n`` sleepers in flight and three boosts held."""
+    async with gridboost.Grid("ray", address=address) as grid:
+        boosts = [await grid.request_boost(TEARDOWN_BOOST, ttl=600) for _ in range(TEARDOWN_BOOSTS)]
+        for _ in range(n):
+            grid.submit(sleeper, where="cluster")
+        await anyio.sleep(TEARDOWN_SETTLE)
+        start = time.perf_counter()
+    took = time.perf_counter() - start
+    prefix = grid.backend.prefix  # type: ignore[attr-defined]
+    return took, await anyio.to_thread.run_sync(leftovers, prefix, {b.id for b in boosts})
+
+
+async def raw_teardown(n: int) -> tuple[float, dict[str, int]]:
+    """The same with Ray alone: ``ray.cancel`` every ref, wait for all, remove the three groups and wait for that."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    remote = ray.remote(sleeper)
+    pgs = [placement_group([{"CPU": 0.25}]) for _ in range(TEARDOWN_BOOSTS)]
+    for pg in pgs:
+        if not await anyio.to_thread.run_sync(pg.wait, 30):
+            raise RuntimeError("a quarter-CPU placement group was not ready within 30 s")
+    refs = [remote.remote() for _ in range(n)]
+    await anyio.sleep(TEARDOWN_SETTLE)
+
+    def stop() -> None:
+        for ref in refs:
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=30, fetch_local=False)
+        for pg in pgs:
+            remove_placement_group(pg)
+        while any(placement_group_table(pg)["state"] != "REMOVED" for pg in pgs):
+            time.sleep(0.001)
+
+    start = time.perf_counter()
+    await anyio.to_thread.run_sync(stop)
+    return time.perf_counter() - start, {}
+
+
 # -- probes and the rows that compare them ----------------------------------------------------------------------------
 
 
 class Probe(NamedTuple):
     measure: Callable[[int], Awaitable[Any]]  # given the number of calls (fewer for a boost probe's warm-up)
-    kind: str  # "throughput", "roundtrip" or "boost": decides the unit and which way is better
+    kind: str  # "throughput", "roundtrip", "boost" or "teardown": decides the unit and which way is better
     calls: int
 
 
@@ -235,7 +321,8 @@ BOOST_ROWS = (
 )
 TASK_PROBES = ("raw_throughput", "gb_submit", "gb_offload", "gb_map", "raw_roundtrip", "gb_roundtrip")
 BOOST_PROBES = ("raw_pg_ready", "raw_pg_wait", "gb_boost", "gb_boost_linger0")
-PROBES = TASK_PROBES + BOOST_PROBES
+TEARDOWN_PROBES = ("raw_teardown", "gb_teardown")
+PROBES = TASK_PROBES + BOOST_PROBES + TEARDOWN_PROBES
 # Run with --all (or --only): the two add a second or two a repetition each, raw_pg_wait ten seconds.
 DEFAULT_SKIP = ("gb_offload", "gb_map", "raw_pg_wait")
 LABELS = {
@@ -243,6 +330,8 @@ LABELS = {
     "raw_pg_wait": "raw placement_group + wait() in a thread",
     "gb_boost": "gridboost request_boost, default linger",
     "gb_boost_linger0": "gridboost request_boost, linger=0",
+    "raw_teardown": "raw cancel all + wait + remove 3 groups",
+    "gb_teardown": "gridboost exit of async with Grid",
 }
 
 
@@ -258,6 +347,8 @@ def make_probes(grid: gridboost.Grid, address: str, remote: Any, waits: Waits) -
         "raw_pg_wait": Probe(raw_pg_wait, "boost", N_BOOST),
         "gb_boost": Probe(lambda n: gb_boost(address, {}, n), "boost", N_BOOST),
         "gb_boost_linger0": Probe(lambda n: gb_boost(address, {"linger": 0}, n), "boost", N_BOOST),
+        "raw_teardown": Probe(raw_teardown, "teardown", N_TEARDOWN),
+        "gb_teardown": Probe(lambda n: gb_teardown(address, n), "teardown", N_TEARDOWN),
     }
 
 
@@ -272,9 +363,10 @@ async def run_phase(probes: dict[str, Probe], reps: int) -> tuple[dict[str, list
     keys = list(probes)
     # Warm-up: Ray's workers started and leased, functions exported, the lease keeper actor up, code paths hot. A
     # few boost cycles do it; twenty would cost ten seconds (see N_BOOST_WARM).
+    warm = {"boost": N_BOOST_WARM, "teardown": N_TEARDOWN // 10}
     for key in keys:
         probe = probes[key]
-        await probe.measure(min(probe.calls, N_BOOST_WARM) if probe.kind == "boost" else probe.calls)
+        await probe.measure(min(probe.calls, warm.get(probe.kind, probe.calls)))
     samples: dict[str, list[Any]] = {key: [] for key in keys}
     cpu: dict[str, list[float]] = {key: [] for key in keys}
     for rep in range(reps):
@@ -299,11 +391,30 @@ async def run_backend(backend: str, address: str, reps: int, only: set[str]) -> 
     async with gridboost.Grid("ray", address=address) as grid:
         probes = {k: v for k, v in make_probes(grid, address, remote, waits).items() if k in only}
         task_probes = {k: v for k, v in probes.items() if v.kind != "boost"}
+        task_probes = {k: v for k, v in task_probes.items() if v.kind != "teardown"}
         boost_probes = {k: v for k, v in probes.items() if v.kind == "boost"}
+        teardown_probes = {k: v for k, v in probes.items() if v.kind == "teardown"}
         task_samples, task_cpu = await run_phase(task_probes, reps)
         boost_samples, boost_cpu = await run_phase(boost_probes, reps)
+    # Last, each with its own grid (and the raw one with none): the task probes' grid must not be open meanwhile.
+    teardown_samples, _ = await run_phase(teardown_probes, reps)
 
-    result: dict[str, Any] = {"probes": {}, "rows": {}, "boosts": {}}
+    result: dict[str, Any] = {"probes": {}, "rows": {}, "boosts": {}, "teardowns": {}}
+    for key, runs in teardown_samples.items():
+        took = [elapsed for elapsed, _ in runs]
+        left = [remains for _, remains in runs]
+        result["teardowns"][key] = {
+            "unit": "s",
+            "median": statistics.median(took),
+            "min": min(took),
+            "max": max(took),
+            "samples": took,
+            # What Ray still showed of the grid just after each exit (the most over the repetitions).
+            "left_at_exit": {k: max(r.get(k, 0) for r in left) for k in left[0]} if left and left[0] else {},
+        }
+    if "gb_teardown" in result["teardowns"]:
+        entry = result["teardowns"]["gb_teardown"]
+        entry["ok"] = entry["median"] <= TARGET_TEARDOWN_S and not any(entry["left_at_exit"].values())
     medians: dict[str, float] = {}
     figures: dict[str, list[float]] = {}
     for key, elapsed in task_samples.items():
@@ -392,6 +503,27 @@ def spread(probe: dict[str, Any], low: str = "min", high: str = "max", mid: str 
 
 
 def print_tables(backend: str, reps: int, result: dict[str, Any]) -> None:
+    print_task_boost_tables(backend, reps, result)
+    teardowns = result["teardowns"]
+    if teardowns:
+        print(
+            f"\n== {backend}: teardown, {N_TEARDOWN} tasks in flight + {TEARDOWN_BOOSTS} boosts, {reps} repetitions =="
+        )
+        header = f"{'exit':<42} {'median s':>8} {'±':>4} {'min s':>8} {'max s':>8}  left at exit, goal"
+        print(header)
+        print("-" * len(header))
+        for key, entry in teardowns.items():
+            goal = ""
+            if "ok" in entry:
+                left = ", ".join(f"{k} {v}" for k, v in entry["left_at_exit"].items())
+                goal = f"{left}; median <= {TARGET_TEARDOWN_S:g} s, nothing left{'' if entry['ok'] else '  MISSED'}"
+            print(
+                f"{LABELS[key]:<42} {entry['median']:>8.3f} {spread(entry):>4} "
+                f"{entry['min']:>8.3f} {entry['max']:>8.3f}  {goal}"
+            )
+
+
+def print_task_boost_tables(backend: str, reps: int, result: dict[str, Any]) -> None:
     probes = result["probes"]
     task_rows = {k: v for k, v in result["rows"].items() if v["raw_probe"] in probes}
     if task_rows:
@@ -471,11 +603,13 @@ def main(argv: list[str] | None = None) -> int:
         "n_throughput": N_THROUGHPUT,
         "n_roundtrip": N_ROUNDTRIP,
         "n_boost": N_BOOST,
+        "n_teardown": N_TEARDOWN,
         "reps": reps,
         "targets": {
             "throughput_ratio": TARGET_THROUGHPUT,
             "roundtrip_diff_ms": TARGET_ROUNDTRIP_MS,
             "boost_p50_ms": TARGET_BOOST_P50_MS,
+            "teardown_s": TARGET_TEARDOWN_S,
         },
         "backends": {},
     }
@@ -491,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             report["backends"][backend] = result
     report["elapsed_s"] = time.monotonic() - started
     rows = [row for b in report["backends"].values() for row in b["rows"].values()]
+    rows += [entry for b in report["backends"].values() for entry in b["teardowns"].values() if "ok" in entry]
     report["ok"] = all(row["ok"] for row in rows)
     print(
         "\nratio: gridboost vs raw from the medians, higher is better, 1.00 = parity "

@@ -143,7 +143,8 @@ def _groups(prefix: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def _running(prefix: str) -> set[str]:
+def _task_states(prefix: str) -> list[tuple[str, set[int]]]:
+    """Each task named with ``prefix``: its id (the name without the prefix) and the states of its latest attempt."""
     from ray._private.state import state
 
     latest: dict[bytes, tuple[int, str, set[int]]] = {}
@@ -157,9 +158,16 @@ def _running(prefix: str) -> set[str]:
             latest[event.task_id] = (event.attempt_number, name, states)
         elif event.attempt_number == seen[0]:
             seen[2].update(states)
-    return {
-        name.removeprefix(prefix) for _, name, states in latest.values() if states & _STARTED and not states & _ENDED
-    }
+    return [(name.removeprefix(prefix), states) for _, name, states in latest.values()]
+
+
+def _running(prefix: str) -> set[str]:
+    return {task for task, states in _task_states(prefix) if states & _STARTED and not states & _ENDED}
+
+
+def unended(prefix: str) -> set[str]:
+    """The tasks named with ``prefix`` whose latest attempt Ray's task table does not show ended."""
+    return {task for task, states in _task_states(prefix) if not states & _ENDED}
 
 
 class RayProbe(EngineProbe):

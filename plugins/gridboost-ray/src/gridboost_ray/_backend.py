@@ -76,6 +76,8 @@ _READY_POLL = 0.5
 # How often watch() looks for lingering groups whose time is up and for held groups whose node died.
 _WATCH = 0.25
 _EPS = 1e-9
+# Ray's TaskStatus numbers (ray.core.generated.common_pb2) of an attempt that ended: FINISHED, FAILED.
+_ENDED = frozenset({11, 12})
 
 _CAPABILITIES = Capabilities(
     reserve=True,
@@ -252,6 +254,11 @@ class RayBackend(Backend):
         self._picklable = LRU()
         self._call_remote: Any = None
         self._command_remote: Any = None
+        #: Refs of cancelled runs not yet stopped (with their polite seconds), and the batch that will take them.
+        self._stopping: dict[ObjectRef[Any], float] = {}
+        self._batch: anyio.Event | None = None
+        #: Whether this backend submitted any task: then closing waits until Ray's task table shows all ended.
+        self._submitted = False
 
     def __repr__(self) -> str:
         return f"<RayBackend {self._target} session={self.session}>"
@@ -274,6 +281,71 @@ class RayBackend(Backend):
         # Not abandoned on cancel: a connection made while we were cancelled is recorded (by _connect_now) and then
         # released by aclose, never lost.
         await anyio.to_thread.run_sync(self._connect_now)
+
+    def _clear_engine(self, leftovers: list[str], tasks: bool) -> None:
+        """Remove this backend's groups and the keeper's records of them, and (with ``tasks``) wait until Ray's task
+        table shows each of its tasks ended; each wait bounded by ``close_timeout``, what remains named in
+        ``leftovers``."""
+        try:
+            # The grid has already reported any of these as leaked; removing them keeps the leak from outliving us.
+            rows = self._our_groups()
+            groups = {row["placement_group_id"] for row in rows}
+            self._remove_all([(row["placement_group_id"], str(row["name"])) for row in rows])
+        except Exception as exc:
+            leftovers.append(f"could not remove this backend's placement groups: {exc}")
+            groups = set()
+        try:
+            # Records of groups that were ours: the keeper would drop them at its next look; closing does it now.
+            records = self._registry.records()
+            groups |= {record["pg_id"] for record in records if record["id"] in self._held}
+            self._registry.drop_all([record["id"] for record in records if record["pg_id"] in groups])
+        except Exception as exc:
+            leftovers.append(f"could not drop this backend's records from the lease keeper: {exc}")
+        if not self._submitted or not tasks:
+            return
+        deadline = time.monotonic() + self._close_timeout
+        pause = 0.005
+        while True:
+            try:
+                running = self._unended()
+            except Exception as exc:
+                leftovers.append(f"could not read Ray's task table: {exc}")
+                return
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                shown = ", ".join(sorted(running)[:5]) + (", ..." if len(running) > 5 else "")
+                leftovers.append(
+                    f"Ray's task table still shows {len(running)} task(s) of this backend not ended "
+                    f"{self._close_timeout:g}s into closing: {shown}"
+                )
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+    def _unended(self) -> set[str]:
+        """This backend's tasks whose latest attempt Ray's task table does not show ended (ids, from the names).
+
+        The table is fed by each worker's task events, sent every ``task_events_report_interval_ms`` (a second by
+        default): a task that ended just now shows ended that much later. A Ray without task events shows none.
+        """
+        assert self._conn is not None
+        if self._conn.client_mode:
+            return set()  # a Ray Client reads no task table
+        from ray._private.state import state
+
+        latest: dict[bytes, tuple[int, str, set[int]]] = {}
+        for event in state._get_all_task_events():  # type: ignore[no-untyped-call]
+            name = event.task_info.name
+            if not name.startswith(self.prefix):
+                continue
+            seen = latest.get(event.task_id)
+            states = set(event.state_updates.state_ts_ns)
+            if seen is None or event.attempt_number > seen[0]:
+                latest[event.task_id] = (event.attempt_number, name, states)
+            elif event.attempt_number == seen[0]:
+                seen[2].update(states)
+        return {name.removeprefix(self.prefix) for _, name, states in latest.values() if not states & _ENDED}
 
     def _connect_now(self) -> None:
         import ray
@@ -302,7 +374,7 @@ class RayBackend(Backend):
         if conn is None:
             return
         leftovers: list[str] = []
-        # Lingering groups go with the rest of ours below; the keeper drops their records once Ray says REMOVED.
+        # Lingering groups go with the rest of ours below, and their records with the others of ours.
         self._lingering.drain()
         if self._demand.bundles:
             self._demand.bundles.clear()
@@ -310,15 +382,10 @@ class RayBackend(Backend):
                 await anyio.to_thread.run_sync(self._demand.send)
             except Exception as exc:
                 leftovers.append(f"could not clear this process's autoscaler request: {exc}")
-        try:
-            # The grid has already reported any of these as leaked; removing them keeps the leak from outliving us.
-            for row in await anyio.to_thread.run_sync(self._our_groups):
-                try:
-                    await anyio.to_thread.run_sync(self._remove_now, row["placement_group_id"], row["name"])
-                except Exception as exc:
-                    leftovers.append(f"placement group {row['name']}: {exc}")
-        except Exception as exc:
-            leftovers.append(f"could not list this backend's placement groups: {exc}")
+        # A Ray that goes down with this close (its last user, and gridboost started it) takes every task with it:
+        # then the task table need not be waited for.
+        going = conn.owned and conn.users == 1 and conn.target.kind == "embedded"
+        await anyio.to_thread.run_sync(self._clear_engine, leftovers, not going)
         try:
             await anyio.to_thread.run_sync(_connect.release, conn, self._close_timeout)
         except BackendError as exc:
@@ -383,10 +450,23 @@ class RayBackend(Backend):
             group = idle.handle
             assert isinstance(group, _Group)
             reservation = Reservation(request=request, placements=group.nodes, handle=group)
-            with map_errors(what):
-                self._record(reservation, "active", time.time() + request.ttl, replaces=idle.lease_id, wait=False)
+            try:
+                # Awaited: once the grant returns, every process lists the lease active (not the old one lingering).
+                with map_errors(what):
+                    await anyio.to_thread.run_sync(
+                        self._record, reservation, "active", time.time() + request.ttl, idle.lease_id
+                    )
+            except BaseException:
+                # The keeper may hold either record now: the group goes, and with it (at the keeper's next look)
+                # the record, rather than a group whose listing is uncertain being kept for reuse.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._remove_now, group.pg.id.hex(), self._name(request))
+                raise
             self._held[request.id] = reservation
             return reservation
+        if self._lingering.idle:
+            with map_errors(what):
+                await self._make_room(request)
         made: list[_Group] = []
         try:
             with map_errors(what):
@@ -414,9 +494,7 @@ class RayBackend(Backend):
             self._held[request.id] = reservation
         return reservation
 
-    def _record(
-        self, reservation: Reservation, state: str, expires_at: float, *, replaces: str | None = None, wait: bool = True
-    ) -> None:
+    def _record(self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None) -> None:
         group = reservation.handle
         assert isinstance(group, _Group)
         self._registry.put(
@@ -428,20 +506,28 @@ class RayBackend(Backend):
             priority=reservation.request.priority,
             placements=reservation.placements,
             replaces=replaces,
-            wait=wait,
         )
 
     def _name(self, request: ReservationRequest) -> str:
         # A detached lease is named outside this backend's prefix: the backend neither lists nor removes it.
         return f"{PREFIX}lease:{request.id}" if request.detached else self.prefix + request.id
 
-    def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
-        ray = self._require()
-        from ray.util.placement_group import placement_group
+    async def _make_room(self, request: ReservationRequest) -> None:
+        """Remove every lingering group when ``request`` does not fit beside them: linger yields to real demand."""
+        if await anyio.to_thread.run_sync(self._fits_now, request):
+            return
+        await self._remove_lingering(self._lingering.drain())
 
-        what = f"boost {request.id}"
-        amounts = _to_ray(request.resources, what)
-        candidates = [
+    async def _remove_lingering(self, gone: Sequence[_leases.Idle]) -> None:
+        if gone:
+            # Shielded: each one is out of the lingering ones already, so nothing else would remove it.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._remove_all, [(i.pg.id.hex(), i.lease_id) for i in gone])
+                await anyio.to_thread.run_sync(self._registry.drop_all, [i.lease_id for i in gone])
+
+    def _candidates(self, request: ReservationRequest) -> list[dict[str, Any]]:
+        ray = self._require()
+        return [
             node
             for node in ray.nodes()
             if node.get("Alive")
@@ -452,6 +538,40 @@ class RayBackend(Backend):
             )
             and all((node.get("Labels") or {}).get(k) == v for k, v in (request.labels or {}).items())
         ]
+
+    def _fits_now(self, request: ReservationRequest) -> bool:
+        """Whether Ray could place ``request``'s bundles in what its nodes have free now (first fit, largest first)."""
+        assert self._conn is not None
+        if self._conn.client_mode:
+            return False  # a Ray Client sees no per-node availability: assume the lingering groups are in the way
+        from ray._private.state import state
+
+        amounts = _to_ray(request.resources, f"boost {request.id}")
+        candidates = self._candidates(request)
+        available = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+        free = [dict(available.get(node["NodeID"], {})) for node in candidates]
+        strategy = request.strategy
+        if strategy == "strict_pack" or (
+            strategy == "pack" and any(_fits(amounts, node.get("Resources") or {}) for node in candidates)
+        ):
+            return any(_fits(amounts, room) for room in free)
+        used: set[int] = set()
+        distinct = strategy == "strict_spread"
+        for bundle in sorted(_split(amounts), key=lambda b: -b.get("CPU", 0)):
+            spot = next((i for i, room in enumerate(free) if _fits(bundle, room) and not (distinct and i in used)), -1)
+            if spot < 0:
+                return False
+            used.add(spot)
+            for key, value in bundle.items():
+                free[spot][key] = free[spot].get(key, 0) - value
+        return True
+
+    def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
+        from ray.util.placement_group import placement_group
+
+        what = f"boost {request.id}"
+        amounts = _to_ray(request.resources, what)
+        candidates = self._candidates(request)
         if not candidates and (not self._grow or request.nodes is not None):  # the autoscaler may add labelled nodes
             raise BoostUnavailable(f"{what}: no live Ray node matches nodes={request.nodes} labels={request.labels}")
         selector: dict[str, str] = {}
@@ -517,22 +637,29 @@ class RayBackend(Backend):
 
     def _remove_now(self, pg_id: str, name: str) -> None:
         """Remove a group and wait (bounded) until Ray's table says REMOVED; a group already gone is fine."""
+        self._remove_all([(pg_id, name)])
+
+    def _remove_all(self, groups: Sequence[tuple[str, str]]) -> None:
+        """Remove groups (pg id, name) together, then wait (bounded) until Ray's table says each is REMOVED."""
         import ray
         from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
-        with contextlib.suppress(Exception):  # already removed, or the table below says what is wrong
-            remove_placement_group(pg)
+        pgs = {name: PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))) for pg_id, name in groups}
+        for pg in pgs.values():
+            with contextlib.suppress(Exception):  # already removed, or the table below says what is wrong
+                remove_placement_group(pg)
         deadline = time.monotonic() + self._close_timeout
         pause = 0.0005
-        while True:
-            row = placement_group_table(pg)
-            if not row or row.get("state") == "REMOVED":
+        while pgs:
+            for name, pg in list(pgs.items()):
+                row = placement_group_table(pg)
+                if not row or row.get("state") == "REMOVED":
+                    del pgs[name]
+            if not pgs:
                 return
             if time.monotonic() > deadline:
-                raise BackendError(
-                    f"placement group {name} is still {row.get('state')} {self._close_timeout:g}s after removal"
-                )
+                states = ", ".join(f"{name} {placement_group_table(pg).get('state')}" for name, pg in pgs.items())
+                raise BackendError(f"placement group(s) still held {self._close_timeout:g}s after removal: {states}")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
@@ -552,7 +679,10 @@ class RayBackend(Backend):
             if self._grow:
                 await anyio.to_thread.run_sync(self._demand.remove, reservation.id)
             if self._lingering.seconds > 0 and not self._closed and not broken:
-                self._record(reservation, "lingering", time.time() + self._lingering.seconds, wait=False)
+                # Awaited: once release returns, every process lists the lease lingering, never still active.
+                await anyio.to_thread.run_sync(
+                    self._record, reservation, "lingering", time.time() + self._lingering.seconds
+                )
                 key = _leases.Lingering.key(*_shape(reservation.request))
                 self._lingering.keep(key, reservation.id, group.pg, group)
                 return
@@ -613,12 +743,10 @@ class RayBackend(Backend):
             return await anyio.to_thread.run_sync(self._registry.leases)
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
-        """Every ``_WATCH`` seconds: remove lingering groups whose time is up or that Ray no longer holds whole,
-        report held groups Ray lost, and check the keeper took the records sent to it without waiting."""
+        """Every ``_WATCH`` seconds: remove lingering groups whose time is up or that Ray no longer holds whole, and
+        report held groups Ray lost."""
         while True:
             await anyio.sleep(_WATCH)
-            with map_errors("checking the lease keeper's records"):
-                await anyio.to_thread.run_sync(self._registry.confirm)
             idle = {i.lease_id: i for i in self._lingering.idle.values()}
             watched = {k: v for k, v in self._held.items() if k not in self._lost}
             if watched or idle:
@@ -632,10 +760,8 @@ class RayBackend(Backend):
             for lease_id in broken:
                 if lease_id in idle and self._lingering.idle.get(lease_id) is idle[lease_id]:
                     gone.append(self._lingering.idle.pop(lease_id))
-            for gone_one in gone:
-                with anyio.CancelScope(shield=True), map_errors(f"removing lingering group of {gone_one.lease_id}"):
-                    await anyio.to_thread.run_sync(self._remove_now, gone_one.pg.id.hex(), gone_one.lease_id)
-                    await anyio.to_thread.run_sync(self._registry.drop, gone_one.lease_id)
+            with map_errors("removing lingering groups"):
+                await self._remove_lingering(gone)
             for lease_id, why in broken.items():
                 if lease_id in self._held and lease_id not in self._lost:
                     self._lost.add(lease_id)  # reported once; the grid's release then removes what is left
@@ -698,6 +824,7 @@ class RayBackend(Backend):
             self._require()
         what = f"task {task.id} ({task.name})"
         remote, args, kwargs, options = self._prepare(task, reservation)
+        self._submitted = True
         # Ray queues work itself and never says when it starts, so nothing we submit may be moved: started now.
         if on_start is not None:
             on_start()
@@ -798,7 +925,26 @@ class RayBackend(Backend):
         return future.result()
 
     async def _cancel(self, ref: ObjectRef[Any], polite: float) -> None:
-        """Ask Ray to stop the task; force (kill its worker) if it has not stopped after ``polite`` seconds.
+        """Stop the task (see :meth:`_stop_batch`) together with every other one cancelled at the same moment."""
+        self._stopping[ref] = polite
+        batch = self._batch
+        if batch is not None:  # another cancelled run collects this batch: wait for it
+            await batch.wait()
+            return
+        batch = self._batch = anyio.Event()
+        try:
+            # A grid's teardown (or a cancelled map) cancels many runs at once: theirs wake in the same turn of
+            # the event loop and join this batch before it is taken.
+            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
+            refs, self._stopping, self._batch = self._stopping, {}, None
+            await anyio.to_thread.run_sync(self._stop_batch, refs)
+        finally:
+            batch.set()
+
+    def _stop_batch(self, refs: Mapping[ObjectRef[Any], float]) -> None:
+        """Ask Ray to stop the tasks; force (kill their workers) those not stopped ``polite`` seconds later, then wait
+        ``grace`` more for those. One bounded wait covers the whole batch: no thread or grace per task.
 
         A polite cancel drops queued work and raises KeyboardInterrupt in a running task (a command then stops its
         process: SIGTERM, and SIGKILL after ``grace``); Python delivers that only between bytecodes, so code blocked
@@ -807,29 +953,38 @@ class RayBackend(Backend):
         ray = self._ray
         assert ray is not None
         # Each step on its own: a polite cancel that fails must not keep the force from being tried.
-        try:
-            ray.cancel(ref)
-        except Exception as exc:
-            _log.warning("cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
-        if await self._stopped(ref, polite):
-            return
-        try:
-            ray.cancel(ref, force=True)
-        except Exception as exc:
-            _log.warning("force-cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
-        await self._stopped(ref, self._grace)
-
-    async def _stopped(self, ref: ObjectRef[Any], timeout: float) -> bool:
-        ray = self._ray
-        assert ray is not None
-        try:
-            ready, _ = await anyio.to_thread.run_sync(
-                lambda: ray.wait([ref], timeout=timeout, fetch_local=False), abandon_on_cancel=True
-            )
-        except Exception as exc:
-            _log.warning("waiting for cancelled Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
-            return False
-        return bool(ready)
+        for ref in refs:
+            try:
+                ray.cancel(ref)
+            except Exception as exc:
+                _log.warning("cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
+        now = time.monotonic()
+        polite = {ref: now + seconds for ref, seconds in refs.items()}
+        forced: dict[ObjectRef[Any], float] = {}
+        while polite or forced:
+            now = time.monotonic()
+            for ref in [ref for ref, until in polite.items() if until <= now]:
+                del polite[ref]
+                forced[ref] = now + self._grace
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception as exc:
+                    _log.warning("force-cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
+            for ref in [ref for ref, until in forced.items() if until <= now]:
+                del forced[ref]
+                _log.warning("Ray task %s did not stop within %gs of its forced cancel", ref, self._grace)
+            left = [*polite, *forced]
+            if not left:
+                return
+            until = min([*polite.values(), *forced.values()])
+            try:
+                ready, _ = ray.wait(left, num_returns=len(left), timeout=max(0.0, until - now), fetch_local=False)
+            except Exception as exc:
+                _log.warning("waiting for %d cancelled Ray task(s) failed: %s: %s", len(left), type(exc).__name__, exc)
+                return
+            for ref in ready:
+                polite.pop(ref, None)
+                forced.pop(ref, None)
 
 
 _OPTIONS = {

@@ -15,7 +15,6 @@ Three things a placement group alone does not give, each kept apart from the bac
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
 __all__ = ["KEEPER_NAME", "KEEPER_NAMESPACE", "Demand", "Lingering", "Registry"]
-
-_log = logging.getLogger("gridboost.ray")
 
 KEEPER_NAME = "gridboost-lease-keeper"
 KEEPER_NAMESPACE = "gridboost"
@@ -50,7 +47,6 @@ class Registry:
         self.grace = grace
         self._timeout = timeout
         self._keeper: Any = None  # a ray ActorHandle of LeaseKeeper
-        self._unconfirmed: list[tuple[Any, str]] = []  # (ObjectRef of a put sent without waiting, lease id)
         self.owner = owner_name()
 
     def keeper(self) -> Any:
@@ -95,9 +91,8 @@ class Registry:
         priority: Priority,
         placements: Sequence[str],
         replaces: str | None = None,
-        wait: bool = True,
     ) -> None:
-        """Record a lease. ``wait=False`` only sends it (never blocks): :meth:`confirm` checks it arrived."""
+        """Record a lease, and wait (bounded) until the keeper has it: a listing after this sees it."""
         record = {
             "id": lease_id,
             "pg_id": pg_id,
@@ -109,32 +104,23 @@ class Registry:
             "placements": list(placements),
             "grace": self.grace,
         }
-        if wait:
-            self._call("put", record, replaces)
-        else:
-            # Calls from one process reach an actor in the order they were sent: a later listing sees this one.
-            self._unconfirmed.append((self.keeper().put.remote(record, replaces), lease_id))
-
-    def confirm(self) -> None:
-        """Check the records sent without waiting; one the keeper did not take is logged, and the keeper looked up
-        again on the next call (its next renewal or release records the lease anew)."""
-        import ray
-
-        if not self._unconfirmed:
-            return
-        refs = [ref for ref, _ in self._unconfirmed]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
-        finished = set(done)
-        for ref, lease_id in [entry for entry in self._unconfirmed if entry[0] in finished]:
-            try:
-                ray.get(ref, timeout=self._timeout)
-            except Exception as exc:
-                _log.warning("the lease keeper did not record lease %s: %s: %s", lease_id, type(exc).__name__, exc)
-                self._keeper = None
-        self._unconfirmed = [entry for entry in self._unconfirmed if entry[0] not in finished]
+        self._call("put", record, replaces)
 
     def drop(self, lease_id: str) -> None:
         self._call("drop", lease_id)
+
+    def drop_all(self, lease_ids: Sequence[str]) -> None:
+        """Drop records, sent together and awaited together (bounded); a keeper that never ran holds none."""
+        import ray
+
+        if not lease_ids or not self._found():
+            return
+        keeper = self.keeper()
+        ray.get([keeper.drop.remote(lease_id) for lease_id in lease_ids], timeout=self._timeout)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The keeper's records as it holds them (with each group's id); none when no keeper runs."""
+        return list(self._call("leases")) if self._found() else []
 
     def renew(self, lease_id: str, expires_at: float) -> Lease | None:
         record = self._call("renew", lease_id, expires_at)
