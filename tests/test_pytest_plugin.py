@@ -514,3 +514,62 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_grid_fixtures_check_for_leaks_with_no_configuration(pytester: pytest.Pytester) -> None:
+    """In a bare project, a test using ``grid`` or ``grid_factory`` that drops a coroutine fails; ``no_leaks(False)``
+    exempts one, and a test using neither fixture is not checked."""
+    pytester.makepyfile(
+        test_bare="""
+        import pytest
+
+        pytestmark = pytest.mark.anyio
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+
+        async def work():
+            return 1
+
+        async def test_grid_drops_a_coroutine(grid):
+            assert await grid.offload(sum, [1, 2]) == 3
+            work()
+
+        async def test_factory_drops_a_coroutine(grid_factory):
+            await grid_factory(capacity="cpu=1")
+            work()
+
+        @pytest.mark.no_leaks(False)
+        async def test_grid_exempt(grid):
+            work()
+
+        async def test_no_grid_fixture():
+            work()
+        """
+    )
+    assert not list(pytester.path.glob("conftest.py")) and not list(pytester.path.glob("*.ini"))
+    result = run(pytester)
+    result.assert_outcomes(passed=4, errors=2, warnings=4)  # each dropped coroutine warns too; two only warn
+    for name in ("test_grid_drops_a_coroutine", "test_factory_drops_a_coroutine"):
+        result.stdout.fnmatch_lines([f"*ERROR at teardown of {name}*", "  - coroutine 'work' was never awaited"])
+
+
+def test_a_project_fixture_named_grid_is_not_checked_by_default(pytester: pytest.Pytester) -> None:
+    """A project's own ``grid`` fixture (a conformance suite's, say) keeps the leak check opt-in."""
+    pytester.makepyfile(
+        test_own="""
+        import pytest
+
+        @pytest.fixture
+        def grid():
+            return "mine"
+
+        async def work():
+            return 1
+
+        def test_own_grid(grid):
+            work()
+        """
+    )
+    run(pytester).assert_outcomes(passed=1, warnings=1)

@@ -7,8 +7,9 @@ Registered through the ``pytest11`` entry point, so installing gridboost is enou
 * ``grid_factory``: ``await grid_factory(backend="local", **options)`` opens more grids, all closed in reverse
   order after the test;
 * ``no_leaks``: fail the test if anything it started is still alive after it (see :mod:`gridboost.testing._leaks`).
-  Request the fixture, mark the test ``@pytest.mark.no_leaks``, or set ``gridboost_leak_check = true`` in the
-  pytest configuration for every test; ``@pytest.mark.no_leaks(False)`` exempts one test from the ini option.
+  It is on, with no configuration, for every test that uses this plugin's ``grid`` or ``grid_factory``. For other
+  tests: request the fixture, mark the test ``@pytest.mark.no_leaks``, or set ``gridboost_leak_check = true`` in the
+  pytest configuration for every test; ``@pytest.mark.no_leaks(False)`` exempts one test from both.
 
 The grid fixtures are async: use them from tests marked ``@pytest.mark.anyio``. They always check that what they
 made closed and left nothing in its engine, whether or not the leak check is on.
@@ -67,9 +68,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         requested = FIXTURE in item.fixturenames
         marker = item.get_closest_marker(MARKER)
-        wanted = requested or (marker is not None and _enabled(marker)) or (everywhere and marker is None)
+        by_default = everywhere or _uses_our_grids(item)
+        wanted = requested or (marker is not None and _enabled(marker)) or (by_default and marker is None)
         if wanted:
             _check_first(item)
+
+
+def _uses_our_grids(item: pytest.Function) -> bool:
+    """Whether the test's ``grid`` or ``grid_factory`` is this plugin's, not a project's own fixture of that name."""
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in ("grid", "grid_factory"):
+        if name in item.fixturenames and name in definitions:
+            function = getattr(definitions[name][-1], "func", None)
+            if getattr(function, "__module__", None) == __name__:
+                return True
+    return False
 
 
 def _enabled(marker: pytest.Mark) -> bool:
