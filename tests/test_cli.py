@@ -8,8 +8,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
+import select
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -135,7 +139,8 @@ def test_boost_list_on_local_is_empty() -> None:
         (("boost", "request", "cpu=1", "--ttl", "0"), {}, "ttl"),
         (("boost", "request", "cpu=1", "--ttl", "5", "--priority", "urgent"), {}, "priority"),
         (("boost", "renew", "some-lease", "--ttl", "5"), {}, "some-lease"),
-        (("status", "--address", "x"), {}, "no option address"),
+        (("status", "--address", "x"), {}, "add --backend ray|dask"),
+        (("boost", "release", "boost-", "--json"), {}, "no lease on this cluster has an id starting with"),
     ],
 )
 def test_a_users_mistake_is_one_line_and_exit_1(args: tuple[str, ...], env: dict[str, str], named: str) -> None:
@@ -167,3 +172,46 @@ def test_tables_without_json(args: tuple[str, ...], shown: str) -> None:
     done = gridboost(*args, COLUMNS="200")
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
     assert shown in done.stdout
+
+
+def test_status_shows_memory_in_human_units_and_whole_node_ids() -> None:
+    """The status table gives memory as ``23.5 GiB`` (never raw bytes or KiB) and each node's whole id."""
+    done = gridboost("status", COLUMNS="200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    node = json_of("status", "--json")["nodes"][0]["id"]
+    assert node in done.stdout
+    assert re.search(r"memory=\d+(\.\d)? (GiB|MiB|TiB)", done.stdout), done.stdout
+    assert "KiB" not in done.stdout and not re.search(r"memory=\d{7,}", done.stdout)
+
+
+def test_status_watch_redraws_until_ctrl_c_then_exits_0() -> None:
+    """``status --watch`` in a terminal redraws every second; Ctrl-C ends it cleanly with exit status 0."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if k not in {"GRIDBOOST_BACKEND", "GRIDBOOST_ADDRESS"}}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gridboost", "status", "--watch"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env={**base, _plugins.LOAD_ENV: "", "COLUMNS": "160", "TERM": "xterm"},
+        close_fds=True,
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while seen.count(b"local pressure") < 3:  # the first view and two redraws
+            assert time.monotonic() < deadline, seen[-2000:]
+            if select.select([controller], [], [], 1.0)[0]:
+                seen += os.read(controller, 65536)
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=COMMAND_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+    assert status == 0
+    assert b"Traceback" not in seen

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -23,12 +24,14 @@ from typing import Any
 import anyio
 
 from ._grid import Grid
-from ._pressure import DIMENSIONS
+from ._pressure import DIMENSIONS, Pressure
 from ._records import ClusterSnapshot, Lease, priority_of
+from ._resources import Resources
 from .exceptions import GridboostError, InvalidRequest
 
 __all__ = ["main"]
 
+_WATCH_EVERY = 1.0  # seconds between redraws of `status --watch`
 _ENGINES = {"ray": ("gridboost-ray", "ray"), "dask": ("gridboost-dask", "distributed")}
 
 
@@ -46,11 +49,17 @@ def _console() -> Any:
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Any:
+    """A table whose first column (an id: a lease, a node, a worker's address) is never cut, whatever the width."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        table.add_column(column)
+    for index, column in enumerate(columns):
+        if index == 0:
+            table.add_column(
+                column, no_wrap=True, overflow="ignore", min_width=max((len(str(r[0])) for r in rows), default=1)
+            )
+        else:
+            table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     return table
@@ -58,6 +67,23 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
 def _seconds(value: float) -> str:
     return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
+
+
+def _bytes(n: float) -> str:
+    """``23.5 GiB``: for people (``Resources`` prints exact units, for parsing back)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n:.0f} B"
+
+
+def _human(resources: Resources) -> str:
+    """``cpu=4, memory=23.5 GiB, accel=2``: every amount, memory in binary units rounded for reading."""
+    parts = []
+    for key, value in resources.as_dict().items():
+        text = _bytes(value) if key in ("memory", "gpu_memory") else f"{value:g}"
+        parts.append(f"{key}={text}")
+    return ", ".join(parts) or "nothing"
 
 
 # -- what the commands show ----------------------------------------------------------------------------------------
@@ -79,7 +105,15 @@ def _lease_json(lease: Lease) -> dict[str, Any]:
 
 def _lease_rows(leases: Sequence[Lease]) -> list[list[object]]:
     return [
-        [le.id, le.state, le.priority.name, le.resources, le.owner, _seconds(le.ttl_left), ", ".join(le.placements)]
+        [
+            le.id,
+            le.state,
+            le.priority.name,
+            _human(le.resources),
+            le.owner,
+            _seconds(le.ttl_left),
+            ", ".join(le.placements),
+        ]
         for le in leases
     ]
 
@@ -106,6 +140,9 @@ def _snapshot_json(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
 
 
 async def _status(grid: Grid, args: argparse.Namespace) -> Any:
+    if args.watch and not args.json:
+        await _watch(grid)
+        return None
     snapshot = await grid.snapshot()
     leases = list(await grid.leases())
     pressure = await grid.pressure()
@@ -121,27 +158,50 @@ async def _status(grid: Grid, args: argparse.Namespace) -> Any:
             "leases": [_lease_json(le) for le in leases],
         }
     console = _console()
+    for part in _status_view(snapshot, leases, pressure):
+        console.print(part)
+    return None
+
+
+async def _watch(grid: Grid) -> None:
+    """Redraw the status every second until Ctrl-C, which ends it cleanly (the grid closed, exit 0)."""
+    from rich.console import Group
+    from rich.live import Live
+
+    async def view() -> Any:
+        return Group(*_status_view(await grid.snapshot(), list(await grid.leases()), await grid.pressure()))
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def until_signal() -> None:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(until_signal)
+            with Live(await view(), console=_console(), auto_refresh=False) as live:
+                while True:
+                    await anyio.sleep(_WATCH_EVERY)
+                    live.update(await view(), refresh=True)
+
+
+def _status_view(snapshot: ClusterSnapshot, leases: Sequence[Lease], pressure: Pressure) -> list[Any]:
     rows = [
         [
-            n.id[:16] + ("…" if len(n.id) > 16 else ""),
+            n.id,
             "yes" if n.alive else "no",
             "yes" if n.is_local else "",
-            n.total,
-            n.available,
+            _human(n.total),
+            _human(n.available),
             ", ".join(f"{k}={v}" for k, v in n.labels.items() if not k.startswith("ray.io/")),
         ]
         for n in snapshot.nodes
     ]
-    console.print(
-        _table(f"{snapshot.backend}: nodes", ("node", "alive", "local", "total", "available", "labels"), rows)
-    )
+    nodes = _table(f"{snapshot.backend}: nodes", ("node", "alive", "local", "total", "available", "labels"), rows)
     dims = ", ".join(f"{d} {v:.0%}" for d in DIMENSIONS if (v := pressure.value(d)) is not None)
-    console.print(f"local pressure: [bold]{pressure.level}[/bold] ({dims or 'nothing measured'})")
-    if leases:
-        console.print(_table("leases", _LEASE_COLUMNS, _lease_rows(leases)))
-    else:
-        console.print("leases: none")
-    return None
+    level = f"local pressure: [bold]{pressure.level}[/bold] ({dims or 'nothing measured'})"
+    return [nodes, level, _table("leases", _LEASE_COLUMNS, _lease_rows(leases)) if leases else "leases: none"]
 
 
 def _labels(pairs: Sequence[str]) -> dict[str, str] | None:
@@ -181,8 +241,21 @@ async def _boost_list(grid: Grid, args: argparse.Namespace) -> Any:
     return None
 
 
+async def _lease_id(grid: Grid, given: str) -> str:
+    """The id of the one lease on the cluster whose id starts with ``given`` (a whole id is its own prefix)."""
+    ids = [lease.id for lease in await grid.leases()]
+    if given in ids:
+        return given
+    matches = [i for i in ids if i.startswith(given)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise InvalidRequest(f"no lease on this cluster has an id starting with {given!r} (see: gridboost boost list)")
+    raise InvalidRequest(f"{given!r} starts {len(matches)} lease ids ({', '.join(matches[:4])}): give more of it")
+
+
 async def _boost_renew(grid: Grid, args: argparse.Namespace) -> Any:
-    lease = await grid.renew_lease(args.id, args.ttl)
+    lease = await grid.renew_lease(await _lease_id(grid, args.id), args.ttl)
     if args.json:
         return _lease_json(lease)
     _console().print(f"lease [bold]{lease.id}[/bold] renewed: expires in {_seconds(lease.ttl_left)}")
@@ -190,10 +263,11 @@ async def _boost_renew(grid: Grid, args: argparse.Namespace) -> Any:
 
 
 async def _boost_release(grid: Grid, args: argparse.Namespace) -> Any:
-    await grid.release_lease(args.id)
+    lease_id = await _lease_id(grid, args.id)
+    await grid.release_lease(lease_id)
     if args.json:
-        return {"released": args.id}
-    _console().print(f"lease [bold]{args.id}[/bold] released")
+        return {"released": lease_id}
+    _console().print(f"lease [bold]{lease_id}[/bold] released")
     return None
 
 
@@ -327,6 +401,13 @@ def _common(*, defaults: bool) -> argparse.ArgumentParser:
         default=default(os.environ.get("GRIDBOOST_ADDRESS") or None),
         help="cluster address for the backend (env GRIDBOOST_ADDRESS; default: its embedded engine)",
     )
+    common.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=default(None),
+        metavar="SECONDS",
+        help="seconds to reach the cluster before giving up (default: the backend's own)",
+    )
     common.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of tables")
     return common
 
@@ -339,7 +420,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[_common(defaults=True)],
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("status", parents=[common], help="nodes, local pressure, and the cluster's leases")
+    status = commands.add_parser("status", parents=[common], help="nodes, local pressure, and the cluster's leases")
+    status.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
 
     boost = commands.add_parser("boost", parents=[common], help="take, list, renew and release leases")
     actions = boost.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -353,10 +435,10 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument("--node", action="append", default=[], help="a node id or address to use (repeatable)")
     actions.add_parser("list", parents=[common], help="every lease on the cluster, of any owner")
     renew = actions.add_parser("renew", parents=[common], help="extend a lease to TTL seconds from now")
-    renew.add_argument("id")
+    renew.add_argument("id", help="the lease's id, or a prefix of it that only it has")
     renew.add_argument("--ttl", type=float, required=True)
     release = actions.add_parser("release", parents=[common], help="give a lease back now")
-    release.add_argument("id")
+    release.add_argument("id", help="the lease's id, or a prefix of it that only it has")
 
     commands.add_parser("plugins", parents=[common], help="installed plugins, their hooks and backends, load errors")
     commands.add_parser("doctor", parents=[common], help="Python, engines, NVML and GPUs, and what to install")
@@ -376,9 +458,24 @@ _ON_A_GRID: Mapping[tuple[str, str | None], Callable[[Grid, argparse.Namespace],
 }
 
 
+# Leases from these outlive the command: on a private engine that ends with the command, they would be a lie.
+_NEED_A_CLUSTER = {("boost", "request"), ("boost", "renew"), ("boost", "release")}
+
+
 async def _on_a_grid(command: Callable[[Grid, argparse.Namespace], Awaitable[Any]], args: argparse.Namespace) -> Any:
-    options = {} if args.address is None else {"address": args.address}
-    async with Grid(args.backend, **options) as grid:
+    if args.address is not None and args.backend == "local":
+        raise InvalidRequest("--address names a cluster, and the local backend is this machine: add --backend ray|dask")
+    options: dict[str, Any] = {} if args.address is None else {"address": args.address}
+    if args.connect_timeout is not None and args.backend != "local":
+        options["connect_timeout"] = args.connect_timeout
+    grid = Grid(args.backend, **options)
+    private = args.address is None and grid.backend.capabilities.remote
+    if private and (args.command, getattr(args, "action", None)) in _NEED_A_CLUSTER:
+        raise InvalidRequest(
+            f"a lease must live on a running {args.backend} cluster: give --address (or GRIDBOOST_ADDRESS); "
+            f"without it the {args.backend} backend starts a private engine that ends with this command"
+        )
+    async with grid:
         return await command(grid, args)
 
 
