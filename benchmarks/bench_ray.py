@@ -225,6 +225,8 @@ N_TEARDOWN = 1000
 TEARDOWN_BOOSTS = 3
 # A quarter CPU each: the three leave a CPU of the worker node to the sleepers, so some run and most wait in Ray's queue.
 TEARDOWN_BOOST = "cpu=0.25"
+# RayBackend's default grace between a polite and a forced cancel: the raw teardown waits as long.
+RAY_GRACE = 2.0
 # Long enough for every submission to reach Ray (the driver submits about 2000 a second) and one sleeper to start.
 TEARDOWN_SETTLE = 1.0
 
@@ -273,7 +275,8 @@ async def gb_teardown(address: str, n: int) -> tuple[float, dict[str, int]]:
 
 
 async def raw_teardown(n: int) -> tuple[float, dict[str, int]]:
-    """The same with Ray alone: ``ray.cancel`` every ref, wait for all, remove the three groups and wait for that."""
+    """The same with Ray alone: ``ray.cancel`` every ref, force what is left after the grace, remove the three groups
+    and wait for all of it."""
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -286,9 +289,14 @@ async def raw_teardown(n: int) -> tuple[float, dict[str, int]]:
     await anyio.sleep(TEARDOWN_SETTLE)
 
     def stop() -> None:
+        # As gridboost does with its default grace: a polite cancel, one wait, the force for what a polite cancel
+        # cannot reach (a sleeper blocked in C), one more wait.
         for ref in refs:
             ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=30, fetch_local=False)
+        _, rest = ray.wait(refs, num_returns=len(refs), timeout=RAY_GRACE, fetch_local=False)
+        for ref in rest:
+            ray.cancel(ref, force=True)
+        ray.wait(rest, num_returns=len(rest), timeout=30, fetch_local=False)
         for pg in pgs:
             remove_placement_group(pg)
         while any(placement_group_table(pg)["state"] != "REMOVED" for pg in pgs):
@@ -330,7 +338,7 @@ LABELS = {
     "raw_pg_wait": "raw placement_group + wait() in a thread",
     "gb_boost": "gridboost request_boost, default linger",
     "gb_boost_linger0": "gridboost request_boost, linger=0",
-    "raw_teardown": "raw cancel all + wait + remove 3 groups",
+    "raw_teardown": "raw cancel, grace, force, remove 3 groups",
     "gb_teardown": "gridboost exit of async with Grid",
 }
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import re
 import secrets
 import sys
@@ -34,7 +33,7 @@ import anyio
 from attrs import evolve, field, frozen
 
 from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
-from gridboost._kit import LRU, seconds, until_done_on_trio
+from gridboost._kit import LRU, finite, seconds, shown, until_done_on_trio
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.exceptions import (
     BackendError,
@@ -124,7 +123,9 @@ def _to_ray(resources: Resources, what: str) -> dict[str, float]:
         )
     clash = sorted(_RAY_OWN.intersection(resources.custom))
     if clash:
-        raise InvalidResources(f"{what}: custom resource {clash[0]!r} is Ray's own name; use cpu=, gpu= or memory=")
+        raise InvalidResources(
+            f"{what}: custom resource {shown(clash[0])} is Ray's own name; use cpu=, gpu= or memory="
+        )
     amounts: dict[str, float] = {}
     if resources.cpu:
         amounts["CPU"] = resources.cpu
@@ -180,6 +181,17 @@ def _describe(fn: object) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
 
 
+def _path(value: object) -> str | None:
+    """``value`` as a non-empty text path without NUL bytes, or ``None``."""
+    if not isinstance(value, str | PathLike):
+        return None
+    try:
+        path = fspath(value)
+    except Exception:  # a PathLike whose __fspath__ fails is no path
+        return None
+    return path if isinstance(path, str) and path and "\0" not in path else None
+
+
 def _on_trio() -> bool:
     trio = sys.modules.get("trio")
     return trio is not None and bool(trio.lowlevel.in_trio_run())
@@ -206,36 +218,41 @@ class RayBackend(Backend):
         lease_grace: float = 5.0,
         grow: bool = False,
     ) -> None:
+        # Every option is checked here, whatever its type or size: a bad one raises InvalidRequest with a one-line
+        # message (shown() quotes any value briefly), never an error from deep inside Ray later.
         self._target = _connect.parse_address(address)
-        if namespace is not None and (not isinstance(namespace, str) or not namespace):
-            raise InvalidRequest(f"namespace must be a non-empty string, got {namespace!r}")
+        if namespace is not None and (not isinstance(namespace, str) or not namespace or "\0" in namespace):
+            raise InvalidRequest(f"namespace must be a non-empty string, got {shown(namespace)}")
         if runtime_env is not None and not isinstance(runtime_env, Mapping):
-            raise InvalidRequest(f"runtime_env must be a mapping (Ray's runtime_env dict), got {runtime_env!r}")
+            raise InvalidRequest(f"runtime_env must be a mapping (Ray's runtime_env dict), got {shown(runtime_env)}")
+        cpus_gpus = []
         for option, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-                raise InvalidRequest(f"{option} must be a number >= 0, got {value!r}")
-            if self._target.kind != "embedded":
+            number = None if value is None else finite(value)
+            if value is not None and (number is None or number < 0):
+                raise InvalidRequest(f"{option} must be a finite number >= 0, got {shown(value)}")
+            if value is not None and self._target.kind != "embedded":
                 raise InvalidRequest(f"{option} applies only to a Ray that gridboost starts (no address)")
+            cpus_gpus.append(value)
+        path = None if temp_dir is None else _path(temp_dir)
+        if temp_dir is not None and path is None:
+            raise InvalidRequest(f"temp_dir must be a directory path (str or os.PathLike), got {shown(temp_dir)}")
         if temp_dir is not None and self._target.kind != "embedded":
             raise InvalidRequest("temp_dir applies only to a Ray that gridboost starts (no address)")
-        self._namespace = namespace
-        self._runtime_env = dict(runtime_env) if runtime_env is not None else None
-        self._num_cpus = num_cpus
-        self._num_gpus = num_gpus
-        self._temp_dir = None if temp_dir is None else fspath(temp_dir)
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._grace = seconds("grace", grace)
         self._close_timeout = seconds("close_timeout", close_timeout)
-        if isinstance(linger, bool) or not isinstance(linger, int | float) or not 0 <= linger < math.inf:
-            raise InvalidRequest(f"linger must be a number of seconds >= 0, got {linger!r}")
+        linger_seconds = seconds("linger", linger, allow_zero=True)
+        lease_grace_seconds = seconds("lease_grace", lease_grace)
         if not isinstance(grow, bool):
-            raise InvalidRequest(f"grow must be True or False, got {grow!r}")
+            raise InvalidRequest(f"grow must be True or False, got {shown(grow)}")
+        self._namespace = namespace
+        self._runtime_env = dict(runtime_env) if runtime_env is not None else None
+        self._num_cpus, self._num_gpus = cpus_gpus
+        self._temp_dir = path
         self._grow = grow
         self._capabilities = _CAPABILITIES if not grow else evolve(_CAPABILITIES, grow=True)
-        self._registry = _leases.Registry(grace=seconds("lease_grace", lease_grace), timeout=self._close_timeout)
-        self._lingering = _leases.Lingering(float(linger))
+        self._registry = _leases.Registry(grace=lease_grace_seconds, timeout=self._close_timeout)
+        self._lingering = _leases.Lingering(linger_seconds)
         self._demand = _leases.Demand()
         #: The boosts this backend holds now, by id: what ``watch`` checks, and which lease each group serves.
         self._held: dict[str, Reservation] = {}
@@ -453,9 +470,7 @@ class RayBackend(Backend):
             try:
                 # Awaited: once the grant returns, every process lists the lease active (not the old one lingering).
                 with map_errors(what):
-                    await anyio.to_thread.run_sync(
-                        self._record, reservation, "active", time.time() + request.ttl, idle.lease_id
-                    )
+                    await self._record_now(reservation, "active", time.time() + request.ttl, idle.lease_id)
             except BaseException:
                 # The keeper may hold either record now: the group goes, and with it (at the keeper's next look)
                 # the record, rather than a group whose listing is uncertain being kept for reuse.
@@ -494,10 +509,10 @@ class RayBackend(Backend):
             self._held[request.id] = reservation
         return reservation
 
-    def _record(self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None) -> None:
+    def _lease_record(self, reservation: Reservation, state: str, expires_at: float) -> dict[str, Any]:
         group = reservation.handle
         assert isinstance(group, _Group)
-        self._registry.put(
+        return self._registry.record(
             reservation.id,
             pg_id=group.pg.id.hex(),
             state=state,
@@ -505,8 +520,28 @@ class RayBackend(Backend):
             resources=reservation.request.resources,
             priority=reservation.request.priority,
             placements=reservation.placements,
-            replaces=replaces,
         )
+
+    def _record(self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None) -> None:
+        self._registry.put(self._lease_record(reservation, state, expires_at), replaces)
+
+    async def _record_now(
+        self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None
+    ) -> None:
+        """Record a lease and await the keeper's answer (bounded) on this event loop, with no worker thread: the
+        back-to-back release and reuse of a boost pays one actor call each, and no more."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        record = self._lease_record(reservation, state, expires_at)
+        ref = self._registry.send(record, replaces)
+        if ref is not None:
+            try:
+                with anyio.fail_after(self._close_timeout):
+                    await (self._trio_wait(ref) if self._trio else ref)
+                return
+            except (ActorDiedError, ActorUnavailableError):
+                pass  # the keeper exited while idle: put() starts another and records it there
+        await anyio.to_thread.run_sync(self._registry.put, record, replaces)
 
     def _name(self, request: ReservationRequest) -> str:
         # A detached lease is named outside this backend's prefix: the backend neither lists nor removes it.
@@ -577,7 +612,7 @@ class RayBackend(Backend):
         selector: dict[str, str] = {}
         for key, value in (request.labels or {}).items():
             if not _LABEL_VALUE.fullmatch(value):
-                raise InvalidRequest(f"{what}: label value {value!r} cannot be matched by Ray's label selectors")
+                raise InvalidRequest(f"{what}: label value {shown(value)} cannot be matched by Ray's label selectors")
             selector[key] = value
         if request.nodes is not None:
             ids = sorted(node["NodeID"] for node in candidates)
@@ -680,9 +715,7 @@ class RayBackend(Backend):
                 await anyio.to_thread.run_sync(self._demand.remove, reservation.id)
             if self._lingering.seconds > 0 and not self._closed and not broken:
                 # Awaited: once release returns, every process lists the lease lingering, never still active.
-                await anyio.to_thread.run_sync(
-                    self._record, reservation, "lingering", time.time() + self._lingering.seconds
-                )
+                await self._record_now(reservation, "lingering", time.time() + self._lingering.seconds)
                 key = _leases.Lingering.key(*_shape(reservation.request))
                 self._lingering.keep(key, reservation.id, group.pg, group)
                 return
@@ -724,7 +757,7 @@ class RayBackend(Backend):
         with map_errors(f"renewing lease {lease_id}"):
             lease = await anyio.to_thread.run_sync(self._registry.renew, lease_id, time.time() + ttl)
         if lease is None:
-            raise InvalidRequest(f"no lease {lease_id!r} on this Ray cluster")
+            raise InvalidRequest(f"no lease {shown(lease_id)} on this Ray cluster")
         return lease
 
     async def release_lease(self, lease_id: str) -> None:
@@ -732,7 +765,7 @@ class RayBackend(Backend):
         with map_errors(f"releasing lease {lease_id}"):
             record = await anyio.to_thread.run_sync(self._registry.get, lease_id)
             if record is None:
-                raise InvalidRequest(f"no lease {lease_id!r} on this Ray cluster")
+                raise InvalidRequest(f"no lease {shown(lease_id)} on this Ray cluster")
             # Its owner, if it is alive and watching, sees the group gone and fails the boost (BoostLost).
             await anyio.to_thread.run_sync(self._remove_now, record["pg_id"], lease_id)
             await anyio.to_thread.run_sync(self._registry.drop, lease_id)

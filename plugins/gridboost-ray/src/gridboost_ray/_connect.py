@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from attrs import define, field, frozen
 
+from gridboost._kit import shown
 from gridboost.exceptions import BackendError, InvalidRequest
 
 __all__ = ["Connection", "Target", "connect", "current", "parse_address", "release"]
@@ -70,24 +71,27 @@ def parse_address(address: object) -> Target:
         return Target("embedded")
     if not isinstance(address, str) or not address.strip():
         raise InvalidRequest(
-            f"address must be None, 'local', 'auto', 'host:port' or 'ray://host:port', got {address!r}"
+            f"address must be None, 'local', 'auto', 'host:port' or 'ray://host:port', got {shown(address)}"
         )
     address = address.strip()
+    if "\0" in address:
+        raise InvalidRequest(f"address {shown(address)} contains a NUL byte")
     if address == "auto":
         return Target("gcs", "auto")
     if address.startswith("ray://"):
         _host_port(address.removeprefix("ray://"), address)
         return Target("client", address)
     if "://" in address:
-        raise InvalidRequest(f"address {address!r}: only ray:// is understood (a Ray Client server)")
+        raise InvalidRequest(f"address {shown(address)}: only ray:// is understood (a Ray Client server)")
     _host_port(address, address)
     return Target("gcs", address)
 
 
 def _host_port(text: str, original: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidRequest(f"address {original!r} is not host:port")
+    # isascii and the length first: int() takes other scripts' digits, and refuses thousands of them.
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"address {shown(original)} is not host:port")
     return host.strip("[]"), int(port)
 
 
@@ -299,11 +303,11 @@ def _check_same_options(
 
     problems = []
     if namespace is not None and namespace != conn.namespace:
-        problems.append(f"namespace {namespace!r} (it uses {conn.namespace!r})")
+        problems.append(f"namespace {shown(namespace)} (it uses {shown(conn.namespace)})")
     if runtime_env:
         have = conn.runtime_env if conn.owned else dict(ray.get_runtime_context().runtime_env)
         if dict(runtime_env) != dict(have or {}):
-            problems.append(f"runtime_env {dict(runtime_env)!r} (it uses {dict(have or {})!r})")
+            problems.append(f"runtime_env {shown(dict(runtime_env))} (it uses {shown(dict(have or {}))})")
     if (num_cpus, num_gpus) != (None, None) and (num_cpus, num_gpus) != conn.cpus_gpus:
         problems.append(f"num_cpus={num_cpus}, num_gpus={num_gpus} (they apply only when gridboost starts Ray)")
     if problems:
@@ -322,7 +326,7 @@ def _resolve(target: Target) -> Target:
     except ConnectionError as exc:
         raise BackendError(f"address='auto' found no Ray cluster: {exc}") from None
     except Exception as exc:
-        raise BackendError(f"cannot use Ray address {target.address!r}: {exc}") from exc
+        raise BackendError(f"cannot use Ray address {shown(target.address)}: {exc}") from exc
     if address is None:
         raise BackendError(
             "address='auto' found no Ray cluster: set RAY_ADDRESS, run `ray start --head`, or pass the address"

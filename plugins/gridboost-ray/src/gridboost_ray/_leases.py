@@ -80,7 +80,7 @@ class Registry:
                     raise
         raise AssertionError("unreachable")
 
-    def put(
+    def record(
         self,
         lease_id: str,
         *,
@@ -90,10 +90,9 @@ class Registry:
         resources: Resources,
         priority: Priority,
         placements: Sequence[str],
-        replaces: str | None = None,
-    ) -> None:
-        """Record a lease, and wait (bounded) until the keeper has it: a listing after this sees it."""
-        record = {
+    ) -> dict[str, Any]:
+        """A lease's record, as the keeper keeps it."""
+        return {
             "id": lease_id,
             "pg_id": pg_id,
             "owner": self.owner,
@@ -104,7 +103,15 @@ class Registry:
             "placements": list(placements),
             "grace": self.grace,
         }
-        self._call("put", record, replaces)
+
+    def put(self, record: Mapping[str, Any], replaces: str | None = None) -> None:
+        """Record a lease, and wait (bounded) until the keeper has it: a listing after this sees it."""
+        self._call("put", dict(record), replaces)
+
+    def send(self, record: Mapping[str, Any], replaces: str | None = None) -> Any:
+        """Send a record to the keeper found before, without blocking: its ref, to await; ``None`` when no keeper has
+        been found yet (then :meth:`put` it, which looks the keeper up)."""
+        return None if self._keeper is None else self._keeper.put.remote(dict(record), replaces)
 
     def drop(self, lease_id: str) -> None:
         self._call("drop", lease_id)

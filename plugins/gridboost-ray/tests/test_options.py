@@ -1,0 +1,104 @@
+"""Every ``RayBackend`` option, whatever its value: accepted, or refused at construction with a typed one-line error.
+
+Construction only: no Ray is started or joined, so hundreds of values cost a second.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gridboost_ray import RayBackend
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gridboost as gb
+from gridboost.exceptions import InvalidRequest
+
+# Whatever a caller might pass: wrong types, huge and negative ints, nan and infinities, text with NUL bytes, nesting.
+ANYTHING = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([10**400, -(10**400), 10**5000, 2**63, -1, 0, 1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324]),
+    st.text(max_size=50),
+    st.sampled_from(["", " ", "\0", "x" * 10_000, "localhost:0", "host:99999", "host:\u00b2", "host:" + "9" * 5000]),
+    st.binary(max_size=20),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.builds(Path, st.text(max_size=20)),
+    st.builds(object),
+)
+OPTIONS = (
+    "address",
+    "namespace",
+    "runtime_env",
+    "num_cpus",
+    "num_gpus",
+    "temp_dir",
+    "connect_timeout",
+    "grace",
+    "close_timeout",
+    "linger",
+    "lease_grace",
+    "grow",
+)
+
+
+def check(make: Any, options: dict[str, Any]) -> None:
+    try:
+        make(**options)
+    except InvalidRequest as exc:
+        message = str(exc)
+        assert len(message) < 200 and "\n" not in message, message
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@settings(deadline=None, max_examples=60)
+@given(value=ANYTHING)
+def test_any_value_of_an_option_is_accepted_or_refused_with_a_short_typed_error(option: str, value: Any) -> None:
+    """``RayBackend(option=value)`` and ``Grid("ray", option=value)`` succeed or raise ``InvalidRequest`` in one
+    short line, whatever the value."""
+    check(RayBackend, {option: value})
+    check(lambda **options: gb.Grid("ray", **options), {option: value})
+
+
+@settings(deadline=None, max_examples=60)
+@given(options=st.dictionaries(st.sampled_from(OPTIONS), ANYTHING, max_size=4))
+def test_any_mix_of_options_is_accepted_or_refused_with_a_short_typed_error(options: dict[str, Any]) -> None:
+    """Several options at once, each of any value: success, or ``InvalidRequest`` in one short line."""
+    check(RayBackend, options)
+
+
+BAD = [
+    ("linger", 10**400),
+    ("linger", -(10**400)),
+    ("linger", math.nan),
+    ("linger", "2"),
+    ("linger", True),
+    ("num_cpus", 10**400),
+    ("num_cpus", math.inf),
+    ("grace", 10**5000),
+    ("close_timeout", -1),
+    ("lease_grace", math.nan),
+    ("temp_dir", 3),
+    ("temp_dir", "a\0b"),
+    ("address", "host:" + "9" * 5000),
+    ("address", 10**5000),
+    ("namespace", ""),
+    ("grow", 1),
+]
+
+
+# Ids by position: pytest would str() the values, and Python refuses to for an int of 5000 digits.
+@pytest.mark.parametrize(("option", "value"), BAD, ids=[f"{option}-{i}" for i, (option, _) in enumerate(BAD)])
+def test_a_bad_option_is_refused_at_construction_naming_it(option: str, value: Any) -> None:
+    """Each bad value is refused by the constructor, with the option's name in a one-line message."""
+    with pytest.raises(InvalidRequest) as caught:
+        RayBackend(**{option: value})
+    message = str(caught.value)
+    assert option.split("_")[0] in message and len(message) < 200 and "\n" not in message
