@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -117,9 +119,33 @@ def test_a_plugin_yielding_something_else_raises_plugin_error() -> None:
     assert "BackendSpec" in message
 
 
+def test_install_hint_away_from_a_clone_is_the_cores_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed from an index (or from a folder no longer there), the hint is the core's extra, which it declares."""
+    monkeypatch.setattr(_plugins, "_installed_from", lambda: None)
+    assert _plugins.install_hint("ray") == 'pip install "gridboost[ray]"'
+    requires = importlib.metadata.requires("gridboost") or []
+    for backend in ("ray", "dask"):
+        extra = re.compile(rf"^gridboost-{backend}\b.*; *extra *== *['\"]{backend}['\"]$")
+        assert any(extra.match(r) for r in requires), requires
+
+
+def test_install_hint_from_elsewhere_names_the_clone_by_its_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Run away from the clone it was installed from, the hint names the clone's folders by their paths."""
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).parents[1]
+    assert _plugins.install_hint("dask") == f"pip install {root} {root / 'plugins' / 'gridboost-dask'}"
+
+
 @pytest.mark.parametrize(
     ("name", "hint"),
-    [("ray", "pip install gridboost-ray"), ("dask", "pip install gridboost-dask"), ("nope", None)],
+    # The suite's gridboost is installed from this repository (run from its root): the hint installs the folders.
+    [
+        ("ray", "pip install . ./plugins/gridboost-ray"),
+        ("dask", "pip install . ./plugins/gridboost-dask"),
+        ("nope", None),
+    ],
     ids=["ray", "dask", "unknown"],
 )
 def test_unknown_backend_lists_available_and_hints_at_the_install(name: str, hint: str | None) -> None:

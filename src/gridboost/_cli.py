@@ -336,7 +336,7 @@ def _plugins(args: argparse.Namespace) -> Any:
 
 def _doctor(args: argparse.Namespace) -> Any:
     from . import _nvml
-    from ._plugins import ENTRY_POINT_GROUP, load_entry_point_plugins
+    from ._plugins import ENTRY_POINT_GROUP, install_hint, load_entry_point_plugins
 
     gpus = _nvml.inventory()
     _, failed = load_entry_point_plugins(os.environ.get("GRIDBOOST_LOAD_PLUGINS"))
@@ -347,7 +347,7 @@ def _doctor(args: argparse.Namespace) -> Any:
     advice = []
     for name, info in engines.items():
         if info["plugin"] is None:
-            advice.append(f"for the {name} backend: pip install {_ENGINES[name][0]}")
+            advice.append(f"for the {name} backend: {install_hint(name)}")
     if not gpus:
         advice.append("no GPU seen through NVML (no NVIDIA driver here): GPU pressure reads as 'no GPU'")
     for name, error in failed:

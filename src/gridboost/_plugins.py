@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import logging
 import os
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -32,7 +35,45 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 ENTRY_POINT_GROUP = "gridboost"
 LOAD_ENV = "GRIDBOOST_LOAD_PLUGINS"
 _BUILTINS = ("gridboost._local", "gridboost._policy")
-_INSTALL_HINTS = {"ray": "pip install gridboost-ray", "dask": "pip install gridboost-dask"}
+_PLUGIN_DISTRIBUTIONS = {"ray": "gridboost-ray", "dask": "gridboost-dask"}
+
+
+def install_hint(backend: str) -> str | None:
+    """A command that installs the plugin of ``backend`` from where the user stands.
+
+    From a clone of the repository (the core installed from a folder that has the plugin's folder beside it, as pip
+    records in ``direct_url.json``), the plugin's folder with the core's — a lone plugin folder would look for the
+    core on the package index; elsewhere, the core's extra.
+    """
+    dist = _PLUGIN_DISTRIBUTIONS.get(backend)
+    if dist is None:
+        return None
+    source = _installed_from()
+    if source is not None and (source / "plugins" / dist / "pyproject.toml").is_file():
+        core = _relative(source)
+        return f"pip install {core} {_relative(source / 'plugins' / dist)}"
+    return f'pip install "gridboost[{backend}]"'
+
+
+def _installed_from() -> Path | None:
+    """The local folder pip installed gridboost from, if it was one."""
+    try:
+        record = importlib.metadata.distribution("gridboost").read_text("direct_url.json")
+        url = str(json.loads(record or "{}").get("url", ""))
+    except (importlib.metadata.PackageNotFoundError, ValueError, AttributeError):
+        return None
+    if not url.startswith("file://"):
+        return None
+    folder = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    return folder if folder.is_dir() else None
+
+
+def _relative(path: Path) -> str:
+    try:
+        inside = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return str(path)
+    return "." if inside == Path() else f"./{inside}"
 
 
 class PluginLoadWarning(UserWarning):
@@ -149,7 +190,7 @@ class GridPluginManager(pluggy.PluginManager):
 
     @staticmethod
     def install_hint(name: str) -> str | None:
-        return _INSTALL_HINTS.get(name)
+        return install_hint(name)
 
     def plugin_names(self) -> Sequence[str]:
         return [name for name, _ in self.list_name_plugin()]
