@@ -69,8 +69,15 @@ def noop_item(_item: object) -> None:
 
 
 def sleeper() -> None:
-    # In flight at teardown: the running ones must be interrupted, the queued ones dropped.
+    # In flight at teardown: the running ones must be interrupted, the queued ones dropped. Blocked in C, where
+    # Ray's polite cancel (a KeyboardInterrupt between bytecodes) cannot reach: only the force after grace does.
     time.sleep(600)
+
+
+def napper() -> None:
+    # The same, in Python code: Ray's polite cancel reaches it within one short sleep.
+    while True:
+        time.sleep(0.01)
 
 
 # -- this script's own Ray --------------------------------------------------------------------------------------------
@@ -261,12 +268,12 @@ def leftovers(prefix: str, lease_ids: set[str]) -> dict[str, int]:
     return {"groups": groups, "keeper_records": records, "tasks_not_ended": tasks}
 
 
-async def gb_teardown(address: str, n: int) -> tuple[float, dict[str, int]]:
+async def gb_teardown(address: str, n: int, work: Callable[[], None] = sleeper) -> tuple[float, dict[str, int]]:
     """Exit of ``async with Grid("ray")`` (default options) with ``n`` sleepers in flight and three boosts held."""
     async with gridboost.Grid("ray", address=address) as grid:
         boosts = [await grid.request_boost(TEARDOWN_BOOST, ttl=600) for _ in range(TEARDOWN_BOOSTS)]
         for _ in range(n):
-            grid.submit(sleeper, where="cluster")
+            grid.submit(work, where="cluster")
         await anyio.sleep(TEARDOWN_SETTLE)
         start = time.perf_counter()
     took = time.perf_counter() - start
@@ -329,7 +336,7 @@ BOOST_ROWS = (
 )
 TASK_PROBES = ("raw_throughput", "gb_submit", "gb_offload", "gb_map", "raw_roundtrip", "gb_roundtrip")
 BOOST_PROBES = ("raw_pg_ready", "raw_pg_wait", "gb_boost", "gb_boost_linger0")
-TEARDOWN_PROBES = ("raw_teardown", "gb_teardown")
+TEARDOWN_PROBES = ("raw_teardown", "gb_teardown", "gb_teardown_python")
 PROBES = TASK_PROBES + BOOST_PROBES + TEARDOWN_PROBES
 # Run with --all (or --only): the two add a second or two a repetition each, raw_pg_wait ten seconds.
 DEFAULT_SKIP = ("gb_offload", "gb_map", "raw_pg_wait")
@@ -340,6 +347,7 @@ LABELS = {
     "gb_boost_linger0": "gridboost request_boost, linger=0",
     "raw_teardown": "raw cancel, grace, force, remove 3 groups",
     "gb_teardown": "gridboost exit of async with Grid",
+    "gb_teardown_python": "gridboost exit, tasks in Python code",
 }
 
 
@@ -357,6 +365,7 @@ def make_probes(grid: gridboost.Grid, address: str, remote: Any, waits: Waits) -
         "gb_boost_linger0": Probe(lambda n: gb_boost(address, {"linger": 0}, n), "boost", N_BOOST),
         "raw_teardown": Probe(raw_teardown, "teardown", N_TEARDOWN),
         "gb_teardown": Probe(lambda n: gb_teardown(address, n), "teardown", N_TEARDOWN),
+        "gb_teardown_python": Probe(lambda n: gb_teardown(address, n, napper), "teardown", N_TEARDOWN),
     }
 
 
