@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 import gridboost as gb
+from gridboost import _plugins
 
 pytestmark = pytest.mark.anyio
 
@@ -61,3 +65,21 @@ async def test_priority_is_accepted_by_name_as_the_cli_accepts_it(given: object,
             assert boost.priority is level
         with pytest.raises(gb.InvalidRequest, match="did you mean 'high'"):
             await grid.request_boost("cpu=1", ttl=30, priority="hihg")  # type: ignore[arg-type]
+
+
+def test_the_readmes_install_commands_name_real_folders_and_match_doctors_hints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each README install command installs the core's folder with the plugin's, as ``gridboost doctor`` advises."""
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    readme = (root / "README.md").read_text()
+    section = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"`python -m pip install ([^`]+)`", section)
+    assert commands[0] == "."
+    for backend in ("ray", "dask"):
+        folder = f"./plugins/gridboost-{backend}"
+        assert (root / folder / "pyproject.toml").is_file()
+        assert f". {folder}" in commands
+        assert _plugins.install_hint(backend) == f"pip install . {folder}"
+    assert 'pip install "gridboost[ray]"' in section and 'pip install "gridboost[dask]"' in section
