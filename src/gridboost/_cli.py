@@ -227,7 +227,7 @@ async def _boost_request(grid: Grid, args: argparse.Namespace) -> Any:
     if args.json:
         return _lease_json(lease)
     _console().print(
-        f"lease [bold]{lease.id}[/bold]: {lease.resources} on {', '.join(lease.placements)}, "
+        f"lease [bold]{lease.id}[/bold]: {_human(lease.resources)} on {', '.join(lease.placements)}, "
         f"expires in {_seconds(lease.ttl_left)}"
     )
     return None
