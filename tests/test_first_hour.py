@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import gridboost as gb
 from gridboost import _plugins
+from gridboost._local import LocalBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -83,3 +87,27 @@ def test_the_readmes_install_commands_name_real_folders_and_match_doctors_hints(
         assert f". {folder}" in commands
         assert _plugins.install_hint(backend) == f"pip install . {folder}"
     assert 'pip install "gridboost[ray]"' in section and 'pip install "gridboost[dask]"' in section
+
+
+def test_quiet_engine_logs_quiets_what_each_backend_declares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``quiet_engine_logs()`` raises each declared engine logger to ERROR and sets its quiet env, not overriding."""
+
+    class Chatty:
+        @gb.hookimpl
+        def gridboost_backends(self) -> Iterator[gb.BackendSpec]:
+            yield gb.BackendSpec(
+                name="chatty",
+                factory=LocalBackend,
+                loggers=("chatty.engine",),
+                quiet_env={"CHATTY_LOG_LEVEL": "error", "CHATTY_MODE": "quiet"},
+            )
+
+    monkeypatch.delenv("CHATTY_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("CHATTY_MODE", "loud")  # the user's own setting wins
+    logger = logging.getLogger("chatty.engine")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    gb.quiet_engine_logs(plugins=[Chatty()])
+    assert logger.level == logging.ERROR
+    assert os.environ["CHATTY_LOG_LEVEL"] == "error"
+    assert os.environ["CHATTY_MODE"] == "loud"
+    assert logging.getLogger("gridboost").level == logging.NOTSET

@@ -13,7 +13,7 @@ from . import abc, exceptions, hookspecs
 from ._advisor import OffloadRecommendation, ResourceMatch
 from ._boost import Boost, current_boost
 from ._grid import Grid
-from ._plugins import PluginLoadWarning, hookimpl
+from ._plugins import PluginLoadWarning, hookimpl, quiet_engine_logs
 from ._pressure import DEFAULT_THRESHOLDS, Pressure, PressureChanges, Threshold
 from ._probes import GpuReading, Probe, Reading, SystemProbe
 from ._records import (
@@ -108,4 +108,5 @@ __all__ = [
     "exceptions",
     "hookimpl",
     "hookspecs",
+    "quiet_engine_logs",
 ]

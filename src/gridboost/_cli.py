@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from ._grid import Grid
+from ._plugins import quiet_engine_logs
 from ._pressure import DIMENSIONS, Pressure
 from ._records import ClusterSnapshot, Lease, priority_of
 from ._resources import Resources
@@ -493,6 +494,8 @@ def _quiet_logs() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "plugins":  # `plugins` reports load failures itself
+        quiet_engine_logs()
     try:
         if args.command == "demo":
             from ._demo import run_demo

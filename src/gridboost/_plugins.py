@@ -25,7 +25,7 @@ from ._kit import shown
 from .abc import BackendSpec
 from .exceptions import InvalidRequest, PluginError, PolicyError
 
-__all__ = ["GridPluginManager", "PluginLoadWarning", "hookimpl", "load_entry_point_plugins"]
+__all__ = ["GridPluginManager", "PluginLoadWarning", "hookimpl", "load_entry_point_plugins", "quiet_engine_logs"]
 
 log = logging.getLogger("gridboost")
 
@@ -36,6 +36,26 @@ ENTRY_POINT_GROUP = "gridboost"
 LOAD_ENV = "GRIDBOOST_LOAD_PLUGINS"
 _BUILTINS = ("gridboost._local", "gridboost._policy")
 _PLUGIN_DISTRIBUTIONS = {"ray": "gridboost-ray", "dask": "gridboost-dask"}
+
+
+def quiet_engine_logs(level: int = logging.ERROR, *, plugins: Iterable[object] = ()) -> None:
+    """Keep the engines' log chatter off the terminal, as the ``gridboost`` command and its demo do.
+
+    For every backend an installed plugin provides: its engine's loggers (Ray's
+    ``SIGTERM handler is not set``, Dask's INFO lines) show only records at ``level`` and
+    above, and the environment variables that quiet what the engine prints by other means
+    (Ray's C++ core) are set, where the environment does not set them already. Call it
+    once, before the first grid starts its engine; gridboost's own logger is left as it is.
+    ``plugins`` are the app's own, as given to ``Grid(plugins=...)``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a plugin that fails to load says so when a grid loads it
+        specs = GridPluginManager.for_grid(plugins).backend_specs()
+    for spec in specs.values():
+        for name in spec.loggers:
+            logging.getLogger(name).setLevel(level)
+        for key, value in spec.quiet_env.items():
+            os.environ.setdefault(key, value)
 
 
 def install_hint(backend: str) -> str | None:

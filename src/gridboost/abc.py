@@ -212,9 +212,15 @@ class BackendSpec:
 
     ``options`` names each option the factory accepts, with a one-line description;
     the grid refuses any other option with a message that lists these.
+
+    ``loggers`` and ``quiet_env`` say how to keep the engine's chatter off a terminal,
+    for :func:`gridboost.quiet_engine_logs`: the engine's Python loggers, and environment
+    variables that quiet what it prints by other means (a C++ core), read when it starts.
     """
 
     name: str
     factory: Callable[..., Backend]
     description: str = ""
     options: Mapping[str, str] = field(factory=dict, converter=frozen_map)
+    loggers: tuple[str, ...] = field(default=(), converter=tuple)
+    quiet_env: Mapping[str, str] = field(factory=dict, converter=frozen_map)
