@@ -394,8 +394,9 @@ def _common(*, defaults: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--backend",
-        default=default(os.environ.get("GRIDBOOST_BACKEND", "local")),
-        help="backend name: local, ray, dask (env GRIDBOOST_BACKEND; default local)",
+        default=default(None),
+        help="backend name: local, ray, dask (env GRIDBOOST_BACKEND; default local; for the demo, dask when its "
+        "plugin is installed)",
     )
     common.add_argument(
         "--address",
@@ -492,16 +493,28 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
+def _default_backend(command: str) -> str:
+    """The environment's backend, else local; the demo shows the real thing, on Dask, when its plugin is there."""
+    chosen = os.environ.get("GRIDBOOST_BACKEND")
+    if chosen:
+        return chosen
+    if command == "demo" and _version(_ENGINES["dask"][0]) is not None:
+        return "dask"
+    return "local"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.backend is None:
+        args.backend = _default_backend(args.command)
     if args.command != "plugins":  # `plugins` reports load failures itself
         quiet_engine_logs()
     try:
-        if args.command == "demo":
-            from ._demo import run_demo
-
-            return run_demo(backend=args.backend, tasks=args.tasks, address=args.address)
         with _quiet_logs():
+            if args.command == "demo":
+                from ._demo import run_demo
+
+                return run_demo(backend=args.backend, tasks=args.tasks, address=args.address)
             if args.command == "plugins":
                 result = _plugins(args)
             elif args.command == "doctor":

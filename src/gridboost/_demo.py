@@ -24,9 +24,9 @@ from .exceptions import GridboostError
 
 __all__ = ["run_demo"]
 
-#: Each task: a little CPU (so pressure moves), then waiting (so the demo is gentle on a shared machine).
-_SPIN = 0.02
-_SLEEP = 0.12
+#: Each task: CPU half the time (so the host's pressure rises), then waiting (gentle on a shared machine).
+_SPIN = 0.07
+_SLEEP = 0.07
 
 
 def _work(index: int) -> int:
@@ -79,7 +79,7 @@ async def _demo(console: Any, backend: str, tasks: int, address: str | None) -> 
     async with Grid(backend, plugins=[narrator], **options) as grid:
         snapshot = await grid.snapshot()
         await grid.pressure()  # starts the monitor, and gives the first real reading
-        narrator.say(f"backend [bold]{backend}[/bold]: {len(snapshot.alive)} node(s), total {snapshot.total}")
+        narrator.say(f"engine: {_engine(backend, address, len(snapshot.alive))}; total {_human(snapshot.total)}")
         each = Resources(cpu=1)
         slots = max(1, int(grid.local_available.cpu)) if backend == "local" else 2
         narrator.say(f"a burst of {tasks} tasks of {each} each; this machine runs {slots} at once")
@@ -127,6 +127,25 @@ async def _demo(console: Any, backend: str, tasks: int, address: str | None) -> 
     )
 
 
+def _engine(backend: str, address: str | None, nodes: int) -> str:
+    """Which engine the demo runs on, in words."""
+    if backend == "local":
+        return "[bold]local[/bold] backend: this machine alone (a boost is its capacity set aside)"
+    if address is not None:
+        return f"[bold]{backend}[/bold] cluster at {address}: {nodes} node(s)"
+    stand_in = {
+        "dask": f"an embedded Dask LocalCluster of {nodes} worker process(es)",
+        "ray": f"a private Ray instance ({nodes} node)",
+    }.get(backend, f"the {backend} backend's embedded engine ({nodes} node(s))")
+    return f"[bold]{backend}[/bold]: {stand_in}, standing in for your cluster"
+
+
+def _human(resources: Resources) -> str:
+    from ._cli import _human as human
+
+    return human(resources)
+
+
 async def _burst(
     grid: Grid, tasks: int, each: Resources, size: Resources, narrator: _Narrator, show: Callable[[int], Any]
 ) -> None:
@@ -134,13 +153,30 @@ async def _burst(
     handles = [grid.submit(_work, i, resources=each) for i in range(tasks)]
     waiting = sum(1 for h in handles if h.placement is not None and h.placement.waiting)
     narrator.say(f"submitted: {waiting} wait for room here")
+    asked = False
     async with anyio.create_task_group() as tg:
+
+        def ask(why: str) -> None:
+            nonlocal asked
+            if not asked:
+                asked = True
+                narrator.say(f"{why}: asking for a boost of {size} for the rest of the burst")
+                tg.start_soon(_boosted, grid, size, handles, narrator)
+
+        async def on_pressure() -> None:
+            async for pressure in grid.pressure_changes():
+                if pressure.level == "high":
+                    ask("this machine is under pressure")
+                    return
+
+        watching = anyio.CancelScope()  # entered by the watcher, cancelled when the burst is done
+        tg.start_soon(_until_cancelled, watching, on_pressure)
         for finished, handle in enumerate(handles, 1):
             await handle
             show(finished)
             if finished == max(1, tasks // 8):
-                narrator.say(f"asking for a boost of {size} for the rest of the burst")
-                tg.start_soon(_boosted, grid, size, handles, narrator)
+                ask(f"{finished} of {tasks} done and {tasks - finished} to go")
+        watching.cancel()
 
 
 async def _waves(
@@ -170,6 +206,11 @@ async def _waves(
         "on the local backend a boost is this machine's capacity set aside; with --backend ray or dask, work "
         "waiting for room here moves onto the boost as it becomes active"
     )
+
+
+async def _until_cancelled(scope: anyio.CancelScope, work: Callable[[], Any]) -> None:
+    with scope:
+        await work()
 
 
 async def _boosted(grid: Grid, size: Resources, handles: list[Any], narrator: _Narrator) -> None:
