@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -111,3 +112,14 @@ def test_quiet_engine_logs_quiets_what_each_backend_declares(monkeypatch: pytest
     assert os.environ["CHATTY_LOG_LEVEL"] == "error"
     assert os.environ["CHATTY_MODE"] == "loud"
     assert logging.getLogger("gridboost").level == logging.NOTSET
+
+
+def test_the_tutorial_uses_no_backend_option_so_changing_the_backend_is_all_it_takes() -> None:
+    """Every ``gb.Grid(...)`` in the tutorial takes only the Grid's own arguments, which every backend accepts."""
+    tutorial = (Path(__file__).parents[1] / "docs" / "tutorial.md").read_text()
+    calls = re.findall(r"gb\.Grid\(([^)]*)\)", tutorial)
+    assert len(calls) >= 5
+    own = set(inspect.signature(gb.Grid).parameters) - {"backend", "options"}
+    for call in calls:
+        names = set(re.findall(r"(\w+)=", call))
+        assert names <= own, (call, names - own)
