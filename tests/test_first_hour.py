@@ -123,3 +123,9 @@ def test_the_tutorial_uses_no_backend_option_so_changing_the_backend_is_all_it_t
     for call in calls:
         names = set(re.findall(r"(\w+)=", call))
         assert names <= own, (call, names - own)
+
+
+async def test_task_prefix_is_public_and_none_where_the_engine_names_no_tasks() -> None:
+    """``grid.task_prefix`` is the backend's: ``None`` on the local backend, which names no tasks in an engine."""
+    async with gb.Grid() as grid:
+        assert grid.task_prefix is None

@@ -404,6 +404,16 @@ class Grid:
         return await self.backend.snapshot()
 
     @property
+    def task_prefix(self) -> str | None:
+        """How the engine names this grid's work in its own task table: this, then ``TaskSpec.id``.
+
+        ``None`` where the engine names no tasks (the local backend). With Ray,
+        ``ray.util.state.list_tasks(filters=[("name", "=", grid.task_prefix + task_id)])``
+        finds a task; with Dask, the scheduler's keys start with it.
+        """
+        return self.backend.task_prefix
+
+    @property
     def local_available(self) -> Resources:
         """Capacity free on this machine for work placed here, by gridboost's own books: with a remote
         backend, what placed work (waiting work included) has not claimed; else what work and boosts left."""

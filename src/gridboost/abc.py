@@ -103,6 +103,15 @@ class Backend(abc.ABC):
     def capabilities(self) -> Capabilities:
         """What this backend can do."""
 
+    @property
+    def task_prefix(self) -> str | None:
+        """What the engine's own task table names this backend's work with, followed by the task's id.
+
+        ``None`` (the default) where the engine has no such names. Ray names each task and Dask
+        each key with it, so a tool can find a grid's work in ``ray list tasks`` or the scheduler.
+        """
+        return None
+
     # -- life cycle ---------------------------------------------------------------
 
     @abc.abstractmethod

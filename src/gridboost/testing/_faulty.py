@@ -336,6 +336,10 @@ class FaultyBackend(Backend):
         return self.inner.capabilities
 
     @property
+    def task_prefix(self) -> str | None:
+        return self.inner.task_prefix
+
+    @property
     def available(self) -> Resources:
         """The inner backend's free capacity, where it keeps such books (the local backend does)."""
         return getattr(self.inner, "available", Resources())
