@@ -121,7 +121,7 @@ def test_a_lease_requested_by_one_process_is_listed_renewed_and_released_by_othe
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (("boost", "release", "no-such-lease"), "no lease 'no-such-lease'"),
+        (("boost", "release", "no-such-lease"), "'no-such-lease'"),
         (("boost", "request", "cpu=-1", "--ttl", "5"), "cpu"),
     ],
 )

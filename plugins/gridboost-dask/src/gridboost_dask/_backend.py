@@ -32,7 +32,7 @@ import anyio
 from attrs import evolve, field, frozen
 
 from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
-from gridboost._kit import LRU, seconds
+from gridboost._kit import LRU, finite, seconds, shown
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.exceptions import (
     BackendError,
@@ -67,6 +67,12 @@ _SUBMIT_NAMES = frozenset(
 _EPS = 1e-9
 # Between two asks of the lease registry while a boost waits for capacity: first fast, then at most this.
 _POLL_MAX = 0.5
+# Reaching a scheduler that is up takes milliseconds; a refused or silent address should fail while the user waits.
+_CONNECT_TIMEOUT = 5.0
+# Starting processes (a scheduler, workers that import distributed) on a small, busy machine can take many seconds.
+_START_TIMEOUT = 60.0
+# The most workers (or threads per worker) an option may ask for: past it, a typo, never a cluster on one machine.
+_MOST = 4096
 
 
 @frozen(eq=False)
@@ -84,13 +90,55 @@ class _Lease:
 
 
 def _count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidRequest(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MOST:
+        raise InvalidRequest(f"{name} must be a whole number from {minimum} to {_MOST}, got {shown(value)}")
     return value
 
 
+def _memory_limit(value: object) -> str | float | None:
+    """Dask's ``memory_limit``: ``None``/``"auto"``, bytes (0: none), a fraction of the machine's (<= 1), ``"4GiB"``."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str):
+        if len(value) > 32:
+            raise InvalidRequest(f"memory_limit must be a size like '4GiB', got {shown(value)}")
+        from dask.utils import parse_bytes
+
+        try:
+            size = parse_bytes(value)
+        except Exception:  # ValueError for a unit it does not know, OverflowError for "1e999GB"
+            raise InvalidRequest(f"memory_limit must be a size like '4GiB', got {shown(value)}") from None
+        if not 0 <= size < 2**63:
+            raise InvalidRequest(f"memory_limit must be a size >= 0 like '4GiB', got {shown(value)}")
+        return value
+    number = finite(value)
+    if number is None or number < 0 or number >= 2**63:
+        raise InvalidRequest(
+            f"memory_limit must be None, 'auto', a size like '4GiB' or a number of bytes >= 0, got {shown(value)}"
+        )
+    return value  # type: ignore[return-value]  # a real number: finite() said so
+
+
+def _worker_resources(value: object) -> dict[str, float] | None:
+    if value is None:
+        return None
+    why = "resources must map names to finite amounts >= 0, like {'GPU': 1}"
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"{why}, got {shown(value)}")
+    amounts: dict[str, float] = {}
+    for key, amount in value.items():
+        number = finite(amount)
+        if not isinstance(key, str) or not key or key.startswith(LEASE_PREFIX) or number is None or number < 0:
+            raise InvalidRequest(f"{why}, got {shown(key)}: {shown(amount)}")
+        amounts[key] = number
+    return amounts
+
+
 def _describe(fn: object) -> str:
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(name, str) or not name:
+        return shown(fn)
+    return name if len(name) <= 80 else name[:79] + "\u2026"
 
 
 def _to_dask(resources: Resources, what: str) -> dict[str, float]:
@@ -102,7 +150,7 @@ def _to_dask(resources: Resources, what: str) -> dict[str, float]:
     clash = sorted(_OWN_NAMES.intersection(resources.custom))
     if clash:
         raise InvalidResources(
-            f"{what}: custom resource {clash[0]!r} is one of gridboost's own; use cpu=, gpu=, memory="
+            f"{what}: custom resource {shown(clash[0])} is one of gridboost's own; use cpu=, gpu=, memory="
         )
     amounts = {key: float(value) for key, value in resources.custom.items()}
     if resources.gpu:
@@ -225,6 +273,48 @@ class _Gatherer:
                 self._flush()
 
 
+class _Canceller:
+    """Cancels futures in bulk: every cancellation asked for while one is being gathered goes in one ``client.cancel``.
+
+    A grid that closes cancels all its work at once; one ``client.cancel`` per task would be as many scheduler
+    messages, each awaited. Lives in Dask's loop (plain asyncio), like :class:`_Gatherer`.
+    """
+
+    def __init__(self, client: Any, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._batch: list[Any] = []
+        self._sent: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def cancel(self, future: Any) -> None:
+        """Cancel ``future`` in Dask with the others of its moment; returns once the scheduler has them."""
+        self._batch.append(future)
+        if self._sent is None:
+            self._sent = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._send(self._sent))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # Shielded: a waiter cancelled again must not cancel the send the others wait for.
+        await asyncio.shield(self._sent)
+
+    async def _send(self, sent: asyncio.Future[None]) -> None:
+        try:
+            # Cancellations delivered together reach us over a few ticks: wait until a tick adds none.
+            size = -1
+            while size != len(self._batch):
+                size = len(self._batch)
+                await asyncio.sleep(0)
+            batch, self._batch, self._sent = self._batch, [], None
+            try:
+                await asyncio.wait_for(self._client.cancel(batch, reason="cancelled by gridboost"), self._timeout)
+            except Exception as exc:
+                _log.warning("cancelling %d Dask task(s) failed: %s: %s", len(batch), type(exc).__name__, exc)
+        finally:
+            if not sent.done():
+                sent.set_result(None)
+
+
 class DaskBackend(Backend):
     """A Dask cluster as a gridboost backend; see the module docstring and the plugin's README."""
 
@@ -240,43 +330,42 @@ class DaskBackend(Backend):
         memory_limit: str | float | None = None,
         resources: Mapping[str, float] | None = None,
         max_workers: int | None = None,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = _CONNECT_TIMEOUT,
+        start_timeout: float = _START_TIMEOUT,
         grow_timeout: float = 60.0,
         grace: float = 2.0,
         lease_grace: float = 10.0,
         watch_interval: float = 1.0,
-        close_timeout: float = 30.0,
+        close_timeout: float = 10.0,
     ) -> None:
         self._target = _connect.parse_address(address)
-        embedded = self._target.kind == "embedded"
-        for option, value, default in (
-            ("n_workers", n_workers, 2),
-            ("threads_per_worker", threads_per_worker, 2),
-            ("memory_limit", memory_limit, None),
-            ("resources", resources, None),
-            ("max_workers", max_workers, None),
-        ):
-            if value != default and not embedded:
-                raise InvalidRequest(f"{option} applies only to a LocalCluster that gridboost starts (no address)")
         self._n_workers = _count("n_workers", n_workers, 1)
         self._threads = _count("threads_per_worker", threads_per_worker, 1)
         self._max_workers = _count("max_workers", max_workers, self._n_workers) if max_workers is not None else None
-        if resources is not None and (
-            not isinstance(resources, Mapping)
-            or not all(isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in resources.items())
-        ):
-            raise InvalidRequest(f"resources must map names to amounts >= 0, got {resources!r}")
-        self._resources = dict(resources) if resources else None
-        self._memory_limit = memory_limit
+        self._memory_limit = _memory_limit(memory_limit)
+        self._resources = _worker_resources(resources) or None
         if security is not None and type(security).__name__ != "Security" and not isinstance(security, bool):
-            raise InvalidRequest(f"security must be a distributed.security.Security, got {security!r}")
+            raise InvalidRequest(f"security must be a distributed.security.Security, got {shown(security)}")
         self._security = security
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
+        self._start_timeout = seconds("start_timeout", start_timeout)
         self._grow_timeout = seconds("grow_timeout", grow_timeout)
         self._grace = seconds("grace", grace)
         lease_grace = seconds("lease_grace", lease_grace)
         self._watch_interval = seconds("watch_interval", watch_interval)
         self._close_timeout = seconds("close_timeout", close_timeout)
+        if self._target.kind != "embedded":
+            # Compared once checked: every value here is a plain int, str, float, dict or None by now.
+            for option, value, default in (
+                ("n_workers", self._n_workers, 2),
+                ("threads_per_worker", self._threads, 2),
+                ("memory_limit", self._memory_limit, None),
+                ("resources", self._resources, None),
+                ("max_workers", self._max_workers, None),
+                ("start_timeout", self._start_timeout, _START_TIMEOUT),
+            ):
+                if value != default:
+                    raise InvalidRequest(f"{option} applies only to a LocalCluster that gridboost starts (no address)")
         #: Random per backend: the middle part of every key and lease resource this backend names in Dask.
         self.session = secrets.token_hex(4)
         #: What this backend's task keys start with (then the task's id).
@@ -290,6 +379,7 @@ class DaskBackend(Backend):
         self._options = LRU()
         self._picklable = LRU()
         self._gatherer: _Gatherer = None  # type: ignore[assignment]  # made with the client, at start
+        self._canceller: _Canceller = None  # type: ignore[assignment]  # made with the client, at start
         self._worker: Any = None  # the _worker module, imported at start (it imports distributed)
         self._registry = _leases.Registry(session=self.session, backend=self.name, grace=lease_grace)
         self._growth = _leases.Growth(
@@ -351,9 +441,11 @@ class DaskBackend(Backend):
             memory_limit=self._memory_limit,
             resources=self._resources,
             timeout=self._connect_timeout,
+            start_timeout=self._start_timeout,
             threaded=self._loop.threaded,
         )
         self._gatherer = _Gatherer(self._conn.client)
+        self._canceller = _Canceller(self._conn.client, self._close_timeout)
         self._registry.connect(self._conn.client, self._loop.call)
         self._growth.connect(self._conn, self._loop.call)
         try:
@@ -381,6 +473,13 @@ class DaskBackend(Backend):
                             await self._registry.release(record["name"])
                         except Exception as exc:
                             leftovers.append(f"lease {record['id']}: {exc}")
+            # Closed only once the engine shows nothing of us: a cancelled task still running on a worker thread, a
+            # lease mark that waits for it, a key the scheduler has not let go yet.
+            try:
+                with map_errors("asking the Dask scheduler what it still holds of this grid"):
+                    leftovers += await self._registry.settle(self.prefix, self.lease_prefix, self._close_timeout)
+            except Exception as exc:
+                leftovers.append(f"could not ask the Dask scheduler what it still holds: {type(exc).__name__}: {exc}")
             leftovers += await loop.call(_connect.close, conn, self._close_timeout)
         if loop.threaded and not await anyio.to_thread.run_sync(loop.stop, self._close_timeout):
             leftovers.append(f"the Dask event loop thread did not stop within {self._close_timeout:g}s")
@@ -469,8 +568,16 @@ class DaskBackend(Backend):
             raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
         self._held.discard(reservation.id)
         with map_errors(f"releasing boost {reservation.id}"):
-            await self._registry.release(lease.name)
+            # Returns once no worker shows the lease: a cancelled task of it may still run on a worker thread.
+            marked = await self._registry.release(lease.name, wait=self._close_timeout)
         await self._growth.shrink(reservation.id)
+        if marked:
+            raise TeardownError(
+                [
+                    f"boost {reservation.id}: its mark {lease.name} is still on worker(s) {', '.join(marked)} after "
+                    f"close_timeout={self._close_timeout:g}s (a task of it still runs there)"
+                ]
+            )
 
     async def extend(self, reservation: Reservation, ttl: float) -> None:
         lease = reservation.handle
@@ -504,9 +611,9 @@ class DaskBackend(Backend):
         with map_errors(f"renewing lease {lease_id}"):
             record = await self._registry.renew(lease_id, ttl)
         if record is None:
-            raise InvalidRequest(f"no lease {lease_id!r} on this Dask scheduler")
+            raise InvalidRequest(f"no lease {shown(lease_id)} on this Dask scheduler")
         if record["state"] == "lost":
-            raise InvalidRequest(f"lease {lease_id!r} was lost ({record['lost']}): it cannot be renewed")
+            raise InvalidRequest(f"lease {shown(lease_id)} was lost ({record['lost']}): it cannot be renewed")
         return _leases.lease(record)
 
     async def release_lease(self, lease_id: str) -> None:
@@ -514,10 +621,15 @@ class DaskBackend(Backend):
         with map_errors(f"releasing lease {lease_id}"):
             record = await self._registry.get(lease_id)
             if record is None:
-                raise InvalidRequest(f"no lease {lease_id!r} on this Dask scheduler")
+                raise InvalidRequest(f"no lease {shown(lease_id)} on this Dask scheduler")
             # Its owner, if it is alive and watching, sees the lease gone and fails the boost (BoostLost).
-            await self._registry.release(record["name"], any_owner=True)
+            marked = await self._registry.release(record["name"], any_owner=True, wait=self._close_timeout)
         await self._growth.shrink(lease_id)
+        if marked:
+            raise BackendError(
+                f"lease {shown(lease_id)} is released, but its mark is still on worker(s) {', '.join(marked)} after "
+                f"close_timeout={self._close_timeout:g}s (a task of it still runs there)"
+            )
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
         """Poll the registry: a lease of ours that it marks ``lost`` (a worker left) or no longer has is reported."""
@@ -598,8 +710,10 @@ class DaskBackend(Backend):
             except BaseException as exc:
                 if not isinstance(exc, Exception):  # cancelled here: the task must stop too
                     with anyio.CancelScope(shield=True):
-                        await self._cancel(conn.client, future)
+                        await self._cancel(future)
                 raise
+            finally:
+                future.release()  # see _execute
         if isinstance(task.target, Command):
             status, out, err, node = result
             return CommandResult(returncode=status, stdout=out, stderr=err, node=node)
@@ -613,16 +727,17 @@ class DaskBackend(Backend):
         try:
             return await self._gatherer.result(future)
         except asyncio.CancelledError:
-            await self._cancel(client, future)
+            await self._cancel(future)
             raise
+        finally:
+            # Its result or error is the caller's now: the scheduler may forget the task. (An error's traceback holds
+            # this frame, and with it the future, for as long as the caller keeps the error.)
+            future.release()
 
-    async def _cancel(self, client: Any, future: Any) -> None:
+    async def _cancel(self, future: Any) -> None:
         # Dask drops queued work; work already running on a worker thread runs to its end (a command stops its
-        # process itself, as soon as its worker sees the cancellation).
-        try:
-            await asyncio.wait_for(client.cancel([future], reason="cancelled by gridboost"), self._close_timeout)
-        except Exception as exc:
-            _log.warning("cancelling Dask task %s failed: %s: %s", future.key, type(exc).__name__, exc)
+        # process itself, as soon as its worker sees the cancellation). In bulk: a closing grid cancels everything.
+        await self._canceller.cancel(future)
 
     def _prepare(
         self, task: TaskSpec, reservation: Reservation | None
@@ -673,10 +788,15 @@ _OPTIONS = {
     "memory_limit": "memory limit of each embedded worker (default: Dask's 'auto')",
     "resources": "Dask resources of each embedded worker, e.g. {'GPU': 1}",
     "max_workers": "how far an embedded cluster may grow for boosts (default 2 x n_workers)",
-    "connect_timeout": "seconds to start or reach the scheduler before BackendError (default 30)",
+    "connect_timeout": "seconds to reach a scheduler at an address (a refused or silent one) before BackendError "
+    "(default 5)",
+    "start_timeout": "seconds to start an embedded LocalCluster, processes and all, before BackendError (default 60; "
+    "separate from connect_timeout because starting processes on a busy machine is slow)",
     "grow_timeout": "seconds to wait for new workers when a boost grows the cluster (default 60)",
     "grace": "seconds between SIGTERM and SIGKILL when a command is cancelled (default 2)",
     "lease_grace": "seconds the scheduler keeps a lease past its TTL, or after its owner left (default 10)",
     "watch_interval": "seconds between two looks for leases Dask lost (default 1)",
-    "close_timeout": "seconds to wait for a cancel, a release or the cluster's close (default 30)",
+    "close_timeout": "seconds to wait for a cancel, a release (until no worker shows the lease), the engine to show "
+    "nothing of the grid at close, or the cluster's close (default 10: within the grid's teardown_timeout, so that "
+    "what remains is named)",
 }

@@ -9,8 +9,10 @@ Where a backend points:
 * ``"tcp://host:port"``, ``"tls://host:port"`` (any Dask comm scheme; a bare ``host:port`` means tcp): that scheduler,
   with ``security=`` (a ``distributed.security.Security``) passed through for TLS.
 
-Joining never hangs: ``Client(timeout=connect_timeout)`` gives up on an unreachable scheduler, and the whole start is
-bounded again from outside, so a scheduler that accepts TCP but never answers cannot hold a grid either.
+Joining never hangs: ``Client(timeout=connect_timeout)`` (5 s by default) gives up on a refused or unreachable
+address — Dask itself retries a refused connection until its timeout — and the whole join is bounded again from
+outside, so a scheduler that accepts TCP but never answers cannot hold a grid either. Starting an embedded cluster is
+bounded apart, by ``start_timeout`` (60 s by default): it starts processes, which a busy machine makes slow.
 
 Dask's asynchronous client is asyncio-only. On asyncio it lives in the grid's own loop (nothing is faster); on trio it
 lives in a dedicated asyncio loop in a thread of its own (:class:`DaskLoop`), and every call crosses to it.
@@ -29,7 +31,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 from attrs import define, frozen
 
-from gridboost._kit import until_done_on_trio
+from gridboost._kit import shown, until_done_on_trio
 from gridboost.exceptions import BackendError, InvalidRequest
 
 from ._errors import translate_connect
@@ -53,19 +55,21 @@ class Target:
 
 def parse_address(address: object) -> Target:
     """Check an address's form; resolving it is the client's job."""
-    if address is None or address == "local":
+    if address is None or (isinstance(address, str) and address == "local"):
         return Target("embedded")
     if not isinstance(address, str) or not address.strip():
         raise InvalidRequest(
-            f"address must be None, 'local' or a scheduler address like 'tcp://host:8786', got {address!r}"
+            f"address must be None, 'local' or a scheduler address like 'tcp://host:8786', got {shown(address)}"
         )
     address = address.strip()
     scheme, sep, rest = address.rpartition("://")
     if not sep:
         scheme, rest = "tcp", address
     host, colon, port = rest.rpartition(":")
-    if not scheme.isalpha() or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidRequest(f"address {address!r} is not scheme://host:port (e.g. tcp://10.0.0.5:8786)")
+    # ASCII digits, at most 5 of them: int() of a long or non-ASCII digit string fails, or costs, before the range test.
+    well_formed = scheme.isascii() and scheme.isalpha() and colon and host and port.isascii() and port.isdigit()
+    if not well_formed or len(port) > 5 or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"address {shown(address)} is not scheme://host:port (e.g. tcp://10.0.0.5:8786)")
     return Target("scheduler", f"{scheme}://{rest}")
 
 
@@ -176,15 +180,16 @@ async def open_connection(
     memory_limit: str | float | None,
     resources: Mapping[str, float] | None,
     timeout: float,
+    start_timeout: float,
     threaded: bool,
 ) -> Connection:
-    """Start an embedded cluster or join a scheduler, in Dask's loop; bounded by ``timeout``."""
+    """Start an embedded cluster (bounded by ``start_timeout``) or join a scheduler (by ``timeout``), in Dask's loop."""
     from distributed import Client, LocalCluster
 
     if target.kind == "embedded":
         cluster: Any = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(start_timeout):
                 cluster = LocalCluster(  # type: ignore[no-untyped-call]  # distributed's __init__ is unannotated
                     n_workers=n_workers,
                     threads_per_worker=threads_per_worker,
@@ -201,11 +206,15 @@ async def open_connection(
                     asynchronous=True,
                 )
                 await cluster
-                client = await Client(cluster, asynchronous=True, set_as_default=False, timeout=timeout)  # type: ignore[no-untyped-call]
+                client = await Client(cluster, asynchronous=True, set_as_default=False, timeout=start_timeout)  # type: ignore[no-untyped-call]
         except BaseException as exc:
             if cluster is not None:
                 with _protected(threaded):
-                    await asyncio.wait_for(cluster.close(), timeout)
+                    await asyncio.wait_for(cluster.close(), start_timeout)
+            if isinstance(exc, TimeoutError):
+                raise BackendError(
+                    f"could not start an embedded LocalCluster within start_timeout={start_timeout:g}s"
+                ) from exc
             if isinstance(exc, Exception):
                 raise BackendError(f"could not start an embedded LocalCluster: {type(exc).__name__}: {exc}") from exc
             raise

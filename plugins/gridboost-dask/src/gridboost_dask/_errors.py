@@ -51,8 +51,8 @@ def translate_connect(exc: BaseException, where: str, timeout: float) -> Backend
     """What failed while connecting to the scheduler at ``where``, as a ``BackendError``."""
     if isinstance(exc, TimeoutError) or "Timed out" in str(exc):
         message = (
-            f"cannot reach the Dask scheduler at {where} within {timeout:g}s: is it running, is this its address "
-            "(tcp://host:8786 by default), and does it use TLS (tls:// with security=) or not?"
+            f"cannot reach the Dask scheduler at {where} within connect_timeout={timeout:g}s: is it running, is this "
+            "its address (tcp://host:8786 by default), and does it use TLS (tls:// with security=) or not?"
         )
     else:
         message = f"could not connect to the Dask scheduler at {where}: {type(exc).__name__}: {_first_line(exc)}"

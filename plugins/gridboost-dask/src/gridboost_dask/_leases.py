@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from gridboost import Lease, Priority, Resources
+from gridboost._kit import shown
 from gridboost._records import owner_name
 from gridboost.abc import ReservationRequest
 from gridboost.exceptions import BoostUnavailable
@@ -177,10 +178,25 @@ class Registry:
         answer = await self._call(self.client.scheduler.gridboost_reserve, lease=dict(record), candidates=candidates)
         return dict(answer)
 
-    async def release(self, name: str, *, any_owner: bool = False) -> bool:
-        """Remove a lease and its marks, awaited; by default only one this client took (idempotent)."""
+    async def release(self, name: str, *, any_owner: bool = False, wait: float = 0.0) -> list[str]:
+        """Remove a lease and its marks, awaited; by default only one this client took (idempotent). Waits up to
+        ``wait`` seconds for workers whose tasks still hold some of it to let its mark go; returns those that still
+        show it."""
         client = None if any_owner else str(self.client.id)
-        return bool(await self._call(self.client.scheduler.gridboost_release, name=name, client=client))
+        answer = await self._call(self.client.scheduler.gridboost_release, name=name, client=client, wait=float(wait))
+        return list(answer["marked"])
+
+    async def settle(self, prefix: str, lease_prefix: str, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds until the scheduler and every worker show nothing of this backend: no lease
+        record or mark of its session, no task whose key starts with ``prefix``; what still shows, named."""
+        remains = await self._call(
+            self.client.scheduler.gridboost_settle,
+            prefix=prefix,
+            lease_prefix=lease_prefix,
+            session=self.session,
+            timeout=float(timeout),
+        )
+        return list(remains)
 
     async def extend(self, name: str, ttl: float) -> bool:
         return bool(await self._call(self.client.scheduler.gridboost_extend, name=name, ttl=float(ttl)))
@@ -250,7 +266,7 @@ class Growth:
             if not extra.get(key):
                 raise BoostUnavailable(
                     f"boost {request.id} ({request.resources}): missing {missing}, and new workers of this cluster "
-                    f"have no {key!r}"
+                    f"have no {shown(key)}"
                 )
             need = max(need, math.ceil(value / extra[key] - _EPS))
         before = await self._names()

@@ -37,6 +37,7 @@ __all__ = [
     "LeaseRegistry",
     "call",
     "drop_lease_resource",
+    "ours_on_worker",
     "run_command",
     "set_lease_resource",
 ]
@@ -50,7 +51,11 @@ REGISTRY = "gridboost-leases"
 _EPS = 1e-9
 # How often a running command looks whether its task was cancelled: a Dask worker thread cannot be interrupted.
 _POLL = 0.05
+# Between two looks at workers that still show a lease or a task being let go: first fast, then at most this.
+_SETTLE_POLL = 0.1
 _PR_SET_PDEATHSIG = 1
+# Worker task states in which a task will never again ask for its resources here.
+_SETTLED = frozenset({"memory", "error", "released", "forgotten"})
 
 Amounts = dict[str, float]
 
@@ -66,22 +71,36 @@ async def set_lease_resource(name: str, amount: float, dask_worker: Worker | Non
 
 
 async def drop_lease_resource(name: str, dask_worker: Worker | None = None) -> bool:
-    """Remove the lease's resource from this worker; ``False`` if a task still holds some (it is set to 0 then).
+    """Remove the lease's resource from this worker; ``False`` if a task still holds or waits for some (it is set to 0
+    then, and removed by a later call).
 
     Dask can set a resource but not remove one. Removing it while a task holds it would break the worker's books
-    when that task ends, so then the amount goes to 0 and the registry's sweep removes it later.
+    when that task ends, and while a task here still asks for it (queued, its cancellation not arrived yet) the
+    worker fails hard at its next look for ready work (a ``KeyError``), so then the amount goes to 0 instead.
     """
     assert dask_worker is not None
     state = dask_worker.state
     total = state.total_resources.get(name)
     if total is None:
         return True
-    if state.available_resources.get(name, 0.0) + _EPS >= total:
+    wanted = any(name in (ts.resource_restrictions or {}) for ts in state.tasks.values() if ts.state not in _SETTLED)
+    if not wanted and state.available_resources.get(name, 0.0) + _EPS >= total:
         del state.total_resources[name]
         state.available_resources.pop(name, None)
         return True
     await dask_worker.set_resources(**{name: 0.0})
     return False
+
+
+def ours_on_worker(prefix: str, lease_prefix: str, dask_worker: Worker | None = None) -> dict[str, list[str]]:
+    """What this worker's own state shows of one backend: its tasks (cancelled ones still running included), its
+    lease marks."""
+    assert dask_worker is not None
+    state = dask_worker.state
+    return {
+        "tasks": sorted(str(key) for key in state.tasks if str(key).startswith(prefix)),
+        "marks": sorted(name for name in state.total_resources if name.startswith(lease_prefix)),
+    }
 
 
 def call(fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -131,6 +150,11 @@ def _cancelled(worker: Worker, key: Any) -> bool:
     return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
 
+def _cut(text: str, limit: int = 120) -> str:
+    # gridboost._kit.shown's job, but this module runs where gridboost may not be installed.
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 class CommandCancelled(Exception):
     """The command's task was cancelled while it ran; its process was stopped."""
 
@@ -164,7 +188,7 @@ def run_command(
                 break
             except subprocess.TimeoutExpired:
                 if _cancelled(worker, key):
-                    raise CommandCancelled(f"{list(argv)!r} was cancelled") from None
+                    raise CommandCancelled(f"{_cut(repr(list(argv)))} was cancelled") from None
     except BaseException:
         _stop(process, grace)
         raise
@@ -259,6 +283,7 @@ class LeaseRegistry(SchedulerPlugin):
                 "gridboost_renew": self.renew,
                 "gridboost_get": self.get,
                 "gridboost_leases": self.list,
+                "gridboost_settle": self.settle,
             }
         )
         callback = PeriodicCallback(self.reap, self.interval * 1000)
@@ -358,18 +383,82 @@ class LeaseRegistry(SchedulerPlugin):
         record["state"] = "active"
         return {"status": "granted", "placements": chosen, "slots": record["slots"]}
 
-    async def release(self, name: str, client: str | None = None) -> bool:
-        """Remove a lease and its marks; idempotent (``False`` when there was none). With ``client``: only if that
-        client took it (a backend undoing its own request never removes another owner's lease of the same name)."""
+    async def release(self, name: str, client: str | None = None, wait: float = 0.0) -> dict[str, Any]:
+        """Remove a lease and its marks; idempotent (``released`` is false when there was none). With ``client``: only
+        if that client took it (a backend undoing its own request never removes another owner's lease of the same
+        name). A worker whose task still holds some of the lease keeps its mark until that task ends: with ``wait``,
+        this waits up to that many seconds for it; ``marked`` lists the workers that still show it."""
         marking = self._marking.get(name)
         if marking is not None:
             await marking.wait()
         record = self.leases.get(name)
-        if record is None or (client is not None and record["client"] != client):
-            return False
+        if record is not None and client is not None and record["client"] != client:
+            return {"released": False, "marked": []}  # another owner's: not ours to touch
+        if record is None:  # released already; a mark may still wait for its last task
+            left = await self._unmark(name, self._marked(name)) if wait else self._marked(name)
+            return {"released": False, "marked": await self._until_unmarked(name, left, wait)}
         del self.leases[name]
-        await self._unmark(name, list(record["slots"]))
-        return True
+        left = await self._unmark(name, list(record["slots"]))
+        return {"released": True, "marked": await self._until_unmarked(name, left, wait)}
+
+    async def _until_unmarked(self, name: str, addrs: list[str], wait: float) -> list[str]:
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while addrs and time.monotonic() < deadline:
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(2 * pause, _SETTLE_POLL)
+            addrs = await self._unmark(name, addrs)
+        return addrs
+
+    def _marked(self, name: str) -> list[str]:
+        """The workers the scheduler's books say hold resource ``name``."""
+        assert self.scheduler is not None
+        return [addr for addr, ws in self.scheduler.workers.items() if name in ws.resources]
+
+    async def settle(self, prefix: str, lease_prefix: str, session: str, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds until neither this scheduler nor any worker shows anything of one backend —
+        no lease record, no lease mark, no task; what still shows then, named (empty: nothing)."""
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            remains = await self._remains(prefix, lease_prefix, session)
+            if not remains or time.monotonic() >= deadline:
+                return remains
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(2 * pause, _SETTLE_POLL)
+
+    async def _remains(self, prefix: str, lease_prefix: str, session: str) -> list[str]:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        remains = [
+            f"lease {r['id']} is still in the scheduler's registry ({r['state']})"
+            for r in self.leases.values()
+            if r["session"] == session
+        ]
+        tasks = [(str(key), ts.state) for key, ts in scheduler.tasks.items() if str(key).startswith(prefix)]
+        if tasks:
+            remains.append(f"the scheduler still has {len(tasks)} task(s), e.g. {tasks[0][0]} ({tasks[0][1]})")
+        marks: dict[str, list[str]] = {}
+        for addr, ws in scheduler.workers.items():
+            for name in ws.resources:
+                if name.startswith(lease_prefix):
+                    marks.setdefault(name, []).append(addr)
+        on_workers = await self._run_on(list(scheduler.workers), ours_on_worker, prefix, lease_prefix)
+        for addr, (ok, found) in on_workers.items():
+            if not ok:
+                remains.append(f"worker {addr} could not say what it holds: {_cut(str(found))}")
+                continue
+            for name in found["marks"]:
+                if addr not in marks.setdefault(name, []):
+                    marks[name].append(addr)
+            if found["tasks"]:
+                remains.append(f"worker {addr} still has {len(found['tasks'])} task(s), e.g. {found['tasks'][0]}")
+        for name, addrs in marks.items():
+            if name not in self.leases and name not in self._marking:  # released: its mark waits for a task to end
+                addrs = await self._unmark(name, addrs)
+            if addrs:
+                remains.append(f"lease mark {name} is still on worker(s) {', '.join(sorted(addrs))}")
+        return remains
 
     def extend(self, name: str, ttl: float) -> bool:
         record = self.leases.get(name)
@@ -433,14 +522,20 @@ class LeaseRegistry(SchedulerPlugin):
                 return f"could not mark the lease on worker {addr}: {detail}"
         return ""
 
-    async def _unmark(self, name: str, addrs: Sequence[str]) -> None:
+    async def _unmark(self, name: str, addrs: Sequence[str]) -> list[str]:
+        """Drop the lease's resource on ``addrs``; the workers that still show it (to the scheduler or themselves)."""
         answers = await self._run_on(addrs, drop_lease_resource, name)
-        for addr, (ok, dropped) in answers.items():
+        left = []
+        for addr in addrs:
+            ok, dropped = answers.get(addr, (True, True))  # a worker that left holds nothing
             if ok and dropped is True:
                 self._forget(addr, name)
-        for addr in addrs:
-            if self.scheduler is not None and addr not in self.scheduler.workers:
+            ws = self.scheduler.workers.get(addr) if self.scheduler is not None else None
+            if ws is None:
                 self._forget(addr, name)
+            elif not (ok and dropped is True) or name in ws.resources:
+                left.append(addr)
+        return left
 
     def _forget(self, addr: str, name: str) -> None:
         """Remove a dropped lease resource from the scheduler's books too, unless a task there still counts on it."""
