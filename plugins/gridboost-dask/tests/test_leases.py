@@ -213,7 +213,8 @@ async def test_the_lease_of_an_owner_that_died_or_hangs_is_reaped_by_the_schedul
 
         await eventually(reaped, f"the {how} owner's lease is still held", timeout=ttl + grace + SETTLE)
         if how == "killed":
-            assert time.monotonic() - started < grace + 10  # long before its TTL
+            # Long before its TTL; how long after the grace depends on the machine's load, so the bound is the TTL's.
+            assert time.monotonic() - started < ttl / 2
         else:
             assert time.monotonic() - started > ttl - 2  # not before its TTL: the owner is still connected
     finally:
