@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import gridboost as gb
-from gridboost import _plugins
+from gridboost import _cli, _plugins
 from gridboost._local import LocalBackend
 
 pytestmark = pytest.mark.anyio
@@ -129,3 +129,24 @@ async def test_task_prefix_is_public_and_none_where_the_engine_names_no_tasks() 
     """``grid.task_prefix`` is the backend's: ``None`` on the local backend, which names no tasks in an engine."""
     async with gb.Grid() as grid:
         assert grid.task_prefix is None
+
+
+def test_readme_command_1_installs_dask_and_runs_the_demo_and_command_2_is_what_ci_runs() -> None:
+    """README command 1 installs the core with the Dask plugin's folder and runs the demo; CI runs command 2 verbatim."""
+    root = Path(__file__).parents[1]
+    first, second = re.findall(r"```console\n(.+?)\n```", (root / "README.md").read_text())[:2]
+    assert first == "python -m pip install -q . ./plugins/gridboost-dask && python -m gridboost demo"
+    assert (root / "plugins" / "gridboost-dask" / "pyproject.toml").is_file()
+    assert second in (root / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_demo_runs_on_dask_when_its_plugin_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no --backend nor GRIDBOOST_BACKEND, the demo picks Dask when its plugin is installed, else local."""
+    monkeypatch.delenv("GRIDBOOST_BACKEND", raising=False)
+    monkeypatch.setattr(_cli, "_version", lambda dist: "0.1.0" if dist == "gridboost-dask" else None)
+    assert _cli._default_backend("demo") == "dask"
+    assert _cli._default_backend("status") == "local"
+    monkeypatch.setattr(_cli, "_version", lambda dist: None)
+    assert _cli._default_backend("demo") == "local"
+    monkeypatch.setenv("GRIDBOOST_BACKEND", "ray")
+    assert _cli._default_backend("demo") == "ray"
