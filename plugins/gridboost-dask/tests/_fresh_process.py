@@ -2,6 +2,8 @@
 
 ``python _fresh_process.py embedded``: a grid with no address starts an embedded LocalCluster, runs work on it and
 closes it; prints a JSON report (with the pids of the processes it started, to check they are gone).
+``python _fresh_process.py chatter [quiet]``: on an embedded cluster, a task logs a warning on its worker's Dask logger
+and the host one on its Dask client's; with ``quiet``, ``gridboost.quiet_engine_logs()`` is called first.
 ``python _fresh_process.py owner ADDRESS TTL``: joins ADDRESS, takes a one-CPU lease for TTL seconds, prints its id
 and this process's owner name, then sleeps until it is killed (or stopped) by the test.
 ``python _fresh_process.py detached ADDRESS TTL GRACE``: joins ADDRESS, takes a detached one-CPU lease for TTL seconds
@@ -12,6 +14,7 @@ this process's owner name, and the backend's own reservations while it held the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sys
@@ -78,9 +81,28 @@ async def detached(address: str, ttl: float, grace: float) -> dict[str, Any]:
     return report  # the grid is closed: its leak check and its backend's close passed the detached lease by
 
 
+def chatter() -> str:
+    """Run as a task: a warning on a worker process's Dask logger."""
+    import logging
+
+    logging.getLogger("distributed.worker").warning("CHATTER from a worker process")
+    return "said"
+
+
+async def chatty() -> dict[str, Any]:
+    async with gb.Grid("dask", n_workers=1, threads_per_worker=1) as grid:
+        said = await grid.offload(chatter, where="cluster")
+        logging.getLogger("distributed.client").warning("CHATTER from the host's Dask client")
+    return {"said": said}
+
+
 def main() -> None:
     what = sys.argv[1]
-    if what == "embedded":
+    if what == "chatter":
+        if sys.argv[2:] == ["quiet"]:
+            gb.quiet_engine_logs()
+        print("REPORT " + json.dumps(anyio.run(chatty)), flush=True)
+    elif what == "embedded":
         print("REPORT " + json.dumps(anyio.run(embedded)), flush=True)
     elif what == "detached":
         print(

@@ -53,15 +53,16 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
-def _alive(pids: set[int]) -> list[int]:
-    alive = []
+def alive(pids: set[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie has ended)."""
+    running = []
     for pid in pids:
         try:
             if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
+                running.append(pid)
         except psutil.NoSuchProcess:
             pass
-    return alive
+    return running
 
 
 @pytest.fixture(scope="session")
@@ -85,9 +86,9 @@ def cluster() -> Iterator[SpecCluster]:
     finally:
         cluster.close(timeout=60)
         deadline = time.monotonic() + 15
-        while _alive(started) and time.monotonic() < deadline:
+        while alive(started) and time.monotonic() < deadline:
             time.sleep(0.1)
-        survivors = _alive(started)
+        survivors = alive(started)
         assert not survivors, f"processes the test cluster started survived it: {survivors}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,7 +19,16 @@ from distributed.security import Security
 from gridboost_dask import DaskBackend
 
 import gridboost as gb
-from conftest import SETTLE, WORKER_THREADS, WORKERS, DaskProbe, whereami, worker_named
+from conftest import (
+    SETTLE,
+    WORKER_THREADS,
+    WORKERS,
+    DaskProbe,
+    eventually,
+    held_anywhere,
+    whereami,
+    worker_named,
+)
 from gridboost import Grid
 from gridboost.testing._suite import nap
 
@@ -31,6 +41,22 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def echo_key(*, key: int) -> int:
     return key
+
+
+def wait_for(path: str) -> str:
+    """Run as a task: hold a worker thread until ``path`` exists (bounded), then say where it ran."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return whereami()
+
+
+def _tasks_on_scheduler(dask_scheduler: Any = None) -> dict[str, dict[str, float]]:
+    """On the scheduler: every task's key, with the resources the scheduler restricts it to."""
+    return {str(key): dict(ts.resource_restrictions or {}) for key, ts in dask_scheduler.tasks.items()}
 
 
 @pytest.mark.anyio
@@ -82,6 +108,29 @@ class TestOnTheCluster:
         async with grid.boost("cpu=1", ttl=60) as boost:
             with pytest.raises(gb.CapacityUnavailable, match="most boost"):
                 await grid.offload(nap, 0.1, resources="cpu=2", where=boost)
+
+    async def test_a_tasks_key_on_the_scheduler_starts_with_the_grids_task_prefix(
+        self, grid: Grid, dask_client: Client, tmp_path: Path
+    ) -> None:
+        """While a task runs, the scheduler has a key that is ``grid.task_prefix`` then the task's id, and it asks
+        Dask for no ``memory`` counter: memory in a task's resources is accepted, and not a Dask resource."""
+        assert grid.task_prefix is not None and grid.task_prefix.startswith("gridboost:")
+        go = tmp_path / "go"
+        handle = grid.submit(wait_for, str(go), resources="cpu=1,memory=1GiB", where="cluster")
+
+        async def listed() -> bool:
+            return grid.task_prefix + handle.id in await anyio.to_thread.run_sync(
+                dask_client.run_on_scheduler, _tasks_on_scheduler
+            )
+
+        try:
+            await eventually(listed, f"the scheduler never had the key {grid.task_prefix + handle.id}")
+            tasks = await anyio.to_thread.run_sync(dask_client.run_on_scheduler, _tasks_on_scheduler)
+            assert tasks[grid.task_prefix + handle.id] == {}
+            assert [key for key in tasks if key.endswith(handle.id)] == [grid.task_prefix + handle.id]
+        finally:
+            go.touch()
+        assert await handle in {worker_named(dask_client, name) for name in WORKERS}
 
     async def test_keywords_named_like_submits_own_reach_the_function(self, grid: Grid) -> None:
         """A keyword argument called ``key`` (a Client.submit parameter) reaches the user's function."""
@@ -150,6 +199,41 @@ class TestBadInput:
         assert where in str(info.value)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("asked", "error", "named"),
+    [
+        ({"resources": gb.Resources(gpu=1, gpu_memory=2**30)}, gb.InvalidResources, ["gpu_memory=1073741824"]),
+        (
+            {"resources": gb.Resources(cpu=1), "labels": {"name": "moon"}},
+            gb.BoostUnavailable,
+            ["labels={'name': 'moon'}", "labels there: ", "name=a|b", "resource:accel=1"],
+        ),
+    ],
+    ids=["gpu_memory", "labels"],
+)
+async def test_a_lease_dask_cannot_place_is_refused_in_one_short_line(
+    cluster_address: str, dask_client: Client, asked: dict[str, Any], error: type[Exception], named: list[str]
+) -> None:
+    """The backend refuses gpu_memory (Dask has no counter for it) with InvalidResources, and labels no worker carries
+    with BoostUnavailable listing each label key the workers have and its values; the scheduler holds nothing."""
+    # The backend's own answer: a grid asks the backend only once its own check (the cluster's total, the nodes the
+    # labels match) has passed, which on a cluster that cannot grow refuses both first.
+    backend = DaskBackend(address=cluster_address)
+    await backend.start()
+    try:
+        request = gb.abc.ReservationRequest(id="boost-unplaceable", **asked)
+        with anyio.fail_after(SETTLE), pytest.raises(error) as info:
+            await backend.reserve(request)
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 300, message
+        assert all(part in message for part in named), message
+        assert not await anyio.to_thread.run_sync(held_anywhere, dask_client, "boost-unplaceable")
+    finally:
+        await backend.aclose()
+
+
 # -- a cluster of its own: TLS -----------------------------------------------------------------------------------------
 
 
@@ -199,3 +283,27 @@ def test_the_embedded_default_is_a_local_cluster_that_leaves_nothing(tmp_path: P
     assert report["nodes"] == 1 and report["local"] == [True] and report["grow"]
     assert report["ran"] == socket.gethostname()
     assert report["pids"] and report["alive_after"] == []
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["as-dask-leaves-it", "quiet_engine_logs"])
+def test_quiet_engine_logs_keeps_dask_warnings_of_host_and_workers_off_stderr(quiet: bool, tmp_path: Path) -> None:
+    """A warning on a worker process's Dask logger and one on the host's Dask client reach stderr as Dask leaves
+    them, and neither does after ``gridboost.quiet_engine_logs()``, from what the plugin's BackendSpec declares."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_LOGGING")}
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_fresh_process.py"), "chatter", *(["quiet"] if quiet else [])],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0 and 'REPORT {"said": "said"}' in done.stdout, (
+        f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    said = [line for line in done.stderr.splitlines() if "CHATTER" in line]
+    if quiet:
+        assert said == [], done.stderr[-3000:]
+    else:  # the check can see them: both reach stderr when nothing quiets them
+        assert len(said) == 2 and any("worker process" in x for x in said) and any("client" in x for x in said), said

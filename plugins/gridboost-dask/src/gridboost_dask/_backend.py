@@ -71,6 +71,8 @@ _POLL_MAX = 0.5
 _CONNECT_TIMEOUT = 5.0
 # Starting processes (a scheduler, workers that import distributed) on a small, busy machine can take many seconds.
 _START_TIMEOUT = 60.0
+# The loggers distributed's config gives a level of their own (its defaults), apart from "distributed".
+_SET_APART = ("distributed.client", "distributed.gc")
 # The most workers (or threads per worker) an option may ask for: past it, a typo, never a cluster on one machine.
 _MOST = 4096
 
@@ -156,6 +158,36 @@ def _to_dask(resources: Resources, what: str) -> dict[str, float]:
     if resources.gpu:
         amounts[_GPU] = resources.gpu
     return amounts
+
+
+def _labels_there(nodes: Sequence[NodeSnapshot], most: int = 4) -> str:
+    """The labels the workers carry, each key with its values, in one short line: ``name=a|b, host=127.0.0.1``."""
+    values: dict[str, set[str]] = {}
+    for node in nodes:
+        for key, value in node.labels.items():
+            values.setdefault(key, set()).add(value)
+    if not values:
+        return "none (no live worker)"
+    parts = []
+    for key in sorted(values):
+        seen = sorted(values[key])
+        more = f"|\u2026 ({len(seen)} values)" if len(seen) > most else ""
+        parts.append(f"{key}={'|'.join(v if len(v) <= 24 else v[:23] + chr(0x2026) for v in seen[:most])}{more}")
+    return ", ".join(parts)
+
+
+def _follow_distributed_level() -> None:
+    """The loggers distributed's own config sets apart from ``distributed`` (at WARNING) go no lower than it.
+
+    So a host that quieted Dask (``gridboost.quiet_engine_logs()``, or ``logging: {distributed: error}`` in its Dask
+    config) hears nothing from the client either: importing distributed sets ``distributed.client`` and
+    ``distributed.gc`` to WARNING whatever their parent's level.
+    """
+    parent = logging.getLogger("distributed").level
+    for name in _SET_APART:
+        child = logging.getLogger(name)
+        if child.level and child.level < parent:
+            child.setLevel(parent)
 
 
 def _local_hosts() -> frozenset[str]:
@@ -409,6 +441,11 @@ class DaskBackend(Backend):
         )
 
     @property
+    def task_prefix(self) -> str:
+        """What this backend's task keys on the scheduler start with (``gridboost:<session>:``), then the task's id."""
+        return self.prefix
+
+    @property
     def client(self) -> Any:
         """The ``distributed.Client`` this backend uses (asynchronous; in a thread's loop on trio)."""
         return self._require().client
@@ -426,6 +463,7 @@ class DaskBackend(Backend):
 
         from . import _worker
 
+        _follow_distributed_level()
         # Scheduler and workers need not have gridboost-dask installed: what runs there of it travels by value.
         cloudpickle.register_pickle_by_value(_worker)
         self._worker = _worker
@@ -519,10 +557,12 @@ class DaskBackend(Backend):
         lease = self._registry.record(request, name)
         candidates: list[str] | None = None
         if request.nodes is not None or request.labels:
-            matching = (await self.snapshot()).matching(request.nodes, request.labels)
+            snapshot = await self.snapshot()
+            matching = snapshot.matching(request.nodes, request.labels)
             if not matching:
                 raise BoostUnavailable(
-                    f"{what}: no live Dask worker matches nodes={request.nodes} labels={dict(request.labels or {})}"
+                    f"{what}: no live Dask worker matches nodes={request.nodes} labels={dict(request.labels or {})}; "
+                    f"labels there: {_labels_there(snapshot.alive)}"
                 )
             candidates = [node.id for node in matching]
         can_grow = conn.can_grow and candidates is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -203,6 +204,9 @@ async def open_connection(
                     worker_dashboard_address=None,
                     host="127.0.0.1",
                     security=security,
+                    # Dask's default drops its processes' INFO lines; a host that quieted Dask more
+                    # (gridboost.quiet_engine_logs) gets its nannies' WARNING lines dropped too.
+                    silence_logs=max(logging.WARNING, logging.getLogger("distributed").getEffectiveLevel()),
                     asynchronous=True,
                 )
                 await cluster

@@ -19,4 +19,10 @@ def gridboost_backends() -> Iterator[BackendSpec]:
         factory=DaskBackend,
         description="a Dask cluster: boosts are leases the scheduler holds on workers, offloads are client.submit",
         options=_OPTIONS,
+        # Every logger of Dask's that prints (scheduler, workers, nannies, comms) is under "distributed"; distributed's
+        # config gives these two levels of their own (the backend keeps them at their parent's, once it imports it).
+        loggers=("distributed", "distributed.client", "distributed.gc"),
+        # Read by dask's config when distributed is imported, here and in every worker process an embedded cluster
+        # spawns (they inherit the environment): their "distributed" loggers start at ERROR too.
+        quiet_env={"DASK_LOGGING__DISTRIBUTED": "error"},
     )
