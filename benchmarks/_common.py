@@ -30,11 +30,19 @@ def version(dist: str) -> str | None:
 
 
 @contextmanager
-def private_ray_cluster(workers: int, worker_cpus: int, *, prefix: str, ships: ModuleType) -> Iterator[str]:
+def private_ray_cluster(
+    workers: int,
+    worker_cpus: int,
+    *,
+    prefix: str,
+    ships: ModuleType,
+    system_config: dict[str, object] | None = None,
+) -> Iterator[str]:
     """A head (0 CPUs) and ``workers`` nodes of ``worker_cpus``, the driver joined; yields the address.
 
     Everything lives in a temporary directory of its own and is removed after; ``ships`` is the script's module,
-    whose functions travel to Ray's workers by value (they cannot import a benchmark script).
+    whose functions travel to Ray's workers by value (they cannot import a benchmark script). ``system_config`` is
+    the head's ``_system_config`` (what ``ray start --system-config`` sets), which every process of the cluster uses.
     """
     session_dir = tempfile.mkdtemp(prefix=prefix)
     # Set before ray is imported (the nodes inherit them):
@@ -63,6 +71,7 @@ def private_ray_cluster(workers: int, worker_cpus: int, *, prefix: str, ships: M
                 "include_dashboard": False,
                 "dashboard_agent_listen_port": None,  # a free port, not the default one another Ray may hold
                 "temp_dir": temp_dir,
+                **({"_system_config": system_config} if system_config else {}),
             },
         )
         for _ in range(workers):

@@ -42,6 +42,7 @@ OPTIONS = (
     "temp_dir",
     "connect_timeout",
     "grace",
+    "cancel_grace",
     "close_timeout",
     "linger",
     "lease_grace",
@@ -83,6 +84,9 @@ BAD = [
     ("num_cpus", 10**400),
     ("num_cpus", math.inf),
     ("grace", 10**5000),
+    ("cancel_grace", -0.1),
+    ("cancel_grace", math.inf),
+    ("cancel_grace", "0.5"),
     ("close_timeout", -1),
     ("lease_grace", math.nan),
     ("temp_dir", 3),
@@ -102,3 +106,12 @@ def test_a_bad_option_is_refused_at_construction_naming_it(option: str, value: A
         RayBackend(**{option: value})
     message = str(caught.value)
     assert option.split("_")[0] in message and len(message) < 200 and "\n" not in message
+
+
+def test_cancel_grace_is_one_of_the_backends_documented_options() -> None:
+    """``cancel_grace`` is accepted (0 included: force at once) and listed with the Ray backend's options."""
+    from gridboost_ray._backend import _OPTIONS
+
+    RayBackend(cancel_grace=0)
+    RayBackend(cancel_grace=0.25)
+    assert "cancel_grace" in _OPTIONS and "grace" in _OPTIONS

@@ -67,3 +67,22 @@ async def test_exit_with_many_tasks_in_flight_and_boosts_leaves_nothing_in_ray(
     }
     assert not any(left.values()), left
     assert all(handle.done() for handle in handles)
+
+
+async def test_a_running_callable_blocked_in_c_is_forced_after_cancel_grace_not_grace(
+    cluster_address: str, probe: RayProbe
+) -> None:
+    """With a commands' ``grace`` of a minute, a task blocked in C still ends within seconds of the grid's exit:
+    callables get ``cancel_grace`` (default 0.5 s) between the polite cancel and the force."""
+    async with Grid("ray", address=cluster_address, grace=60) as grid:
+        prefix: str = grid.backend.prefix  # type: ignore[attr-defined]
+        grid.submit(sleeper, where="cluster")
+        with anyio.move_on_after(SETTLE):
+            while not await probe.running(grid):
+                await anyio.sleep(0.05)
+        assert await probe.running(grid), f"the task did not start running within {SETTLE:g}s"
+        started = time.monotonic()
+    took = time.monotonic() - started
+    assert not unended(prefix)
+    # Far below the minute of grace, whatever the machine's load: the force came after cancel_grace.
+    assert took < 30, took

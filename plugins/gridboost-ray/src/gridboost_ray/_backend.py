@@ -213,6 +213,7 @@ class RayBackend(Backend):
         temp_dir: str | PathLike[str] | None = None,
         connect_timeout: float = 30.0,
         grace: float = 2.0,
+        cancel_grace: float = 0.5,
         close_timeout: float = 30.0,
         linger: float = 2.0,
         lease_grace: float = 5.0,
@@ -240,6 +241,7 @@ class RayBackend(Backend):
             raise InvalidRequest("temp_dir applies only to a Ray that gridboost starts (no address)")
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._grace = seconds("grace", grace)
+        self._cancel_grace = seconds("cancel_grace", cancel_grace, allow_zero=True)
         self._close_timeout = seconds("close_timeout", close_timeout)
         linger_seconds = seconds("linger", linger, allow_zero=True)
         lease_grace_seconds = seconds("lease_grace", lease_grace)
@@ -271,8 +273,10 @@ class RayBackend(Backend):
         self._picklable = LRU()
         self._call_remote: Any = None
         self._command_remote: Any = None
-        #: Refs of cancelled runs not yet stopped (with their polite seconds), and the batch that will take them.
-        self._stopping: dict[ObjectRef[Any], float] = {}
+        #: Refs of cancelled runs not yet stopped (with their submission number and polite seconds), and the batch
+        #: that will take them.
+        self._stopping: dict[ObjectRef[Any], tuple[int, float]] = {}
+        self._submissions = 0
         self._batch: anyio.Event | None = None
         #: Whether this backend submitted any task: then closing waits until Ray's task table shows all ended.
         self._submitted = False
@@ -574,6 +578,23 @@ class RayBackend(Backend):
             and all((node.get("Labels") or {}).get(k) == v for k, v in (request.labels or {}).items())
         ]
 
+    def _labels_seen(self, most: int = 6) -> str:
+        """The labels the cluster's live nodes have, in a few words (Ray's own ``ray.io/`` ones left out)."""
+        ray = self._require()
+        pairs = sorted(
+            {
+                f"{key}={value}"
+                for node in ray.nodes()
+                if node.get("Alive")
+                for key, value in (node.get("Labels") or {}).items()
+                if not key.startswith("ray.io/")
+            }
+        )
+        if not pairs:
+            return "no node has labels of its own (`ray start --labels key=value` gives them)"
+        more = f", and {len(pairs) - most} more" if len(pairs) > most else ""
+        return f"labels on the cluster's nodes: {', '.join(shown(p) if len(p) > 60 else p for p in pairs[:most])}{more}"
+
     def _fits_now(self, request: ReservationRequest) -> bool:
         """Whether Ray could place ``request``'s bundles in what its nodes have free now (first fit, largest first)."""
         assert self._conn is not None
@@ -608,7 +629,13 @@ class RayBackend(Backend):
         amounts = _to_ray(request.resources, what)
         candidates = self._candidates(request)
         if not candidates and (not self._grow or request.nodes is not None):  # the autoscaler may add labelled nodes
-            raise BoostUnavailable(f"{what}: no live Ray node matches nodes={request.nodes} labels={request.labels}")
+            wanted = ", ".join(f"{k}={v}" for k, v in (request.labels or {}).items())
+            asked = " and ".join(
+                part
+                for part in (f"labels {wanted}" if wanted else "", f"nodes={request.nodes}" if request.nodes else "")
+                if part
+            )
+            raise BoostUnavailable(f"{what}: no live Ray node matches {asked}; {self._labels_seen()}")
         selector: dict[str, str] = {}
         for key, value in (request.labels or {}).items():
             if not _LABEL_VALUE.fullmatch(value):
@@ -858,6 +885,8 @@ class RayBackend(Backend):
         what = f"task {task.id} ({task.name})"
         remote, args, kwargs, options = self._prepare(task, reservation)
         self._submitted = True
+        self._submissions += 1
+        number = self._submissions
         # Ray queues work itself and never says when it starts, so nothing we submit may be moved: started now.
         if on_start is not None:
             on_start()
@@ -876,10 +905,11 @@ class RayBackend(Backend):
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled here (or interrupted): the task must stop too
                 # A command stops its process itself within grace (SIGTERM, then SIGKILL): give it that long, and a
-                # little more, before the force that would leave the process to its death signal.
-                polite = self._grace + 1.0 if isinstance(task.target, Command) else self._grace
+                # little more, before the force that would leave the process to its death signal. A callable gets
+                # cancel_grace: a polite cancel reaches Python code within a bytecode, and code blocked in C never.
+                polite = self._grace + 1.0 if isinstance(task.target, Command) else self._cancel_grace
                 with anyio.CancelScope(shield=True):
-                    await self._cancel(ref, polite)
+                    await self._cancel(ref, number, polite)
             raise
         if isinstance(task.target, Command):
             status, out, err, node = result
@@ -957,9 +987,9 @@ class RayBackend(Backend):
         await until_done_on_trio(future)
         return future.result()
 
-    async def _cancel(self, ref: ObjectRef[Any], polite: float) -> None:
+    async def _cancel(self, ref: ObjectRef[Any], number: int, polite: float) -> None:
         """Stop the task (see :meth:`_stop_batch`) together with every other one cancelled at the same moment."""
-        self._stopping[ref] = polite
+        self._stopping[ref] = (number, polite)
         batch = self._batch
         if batch is not None:  # another cancelled run collects this batch: wait for it
             await batch.wait()
@@ -970,14 +1000,18 @@ class RayBackend(Backend):
             # the event loop and join this batch before it is taken.
             await anyio.lowlevel.checkpoint()
             await anyio.lowlevel.checkpoint()
-            refs, self._stopping, self._batch = self._stopping, {}, None
+            taken, self._stopping, self._batch = self._stopping, {}, None
+            # In the order submitted: Ray starts work first in, first out, so the running tasks (the ones a polite
+            # cancel may not reach) are cancelled first, and their cancel_grace starts first.
+            refs = {ref: polite for ref, (_, polite) in sorted(taken.items(), key=lambda item: item[1][0])}
             await anyio.to_thread.run_sync(self._stop_batch, refs)
         finally:
             batch.set()
 
     def _stop_batch(self, refs: Mapping[ObjectRef[Any], float]) -> None:
-        """Ask Ray to stop the tasks; force (kill their workers) those not stopped ``polite`` seconds later, then wait
-        ``grace`` more for those. One bounded wait covers the whole batch: no thread or grace per task.
+        """Ask Ray to stop the tasks; force (kill their workers) those not stopped ``polite`` seconds after their
+        polite cancel, then wait ``grace`` more for those. One bounded wait covers the whole batch: no thread or
+        grace per task.
 
         A polite cancel drops queued work and raises KeyboardInterrupt in a running task (a command then stops its
         process: SIGTERM, and SIGKILL after ``grace``); Python delivers that only between bytecodes, so code blocked
@@ -985,14 +1019,16 @@ class RayBackend(Backend):
         """
         ray = self._ray
         assert ray is not None
-        # Each step on its own: a polite cancel that fails must not keep the force from being tried.
-        for ref in refs:
+        polite: dict[ObjectRef[Any], float] = {}
+        for ref, wait in refs.items():
+            # Each step on its own: a polite cancel that fails must not keep the force from being tried.
             try:
                 ray.cancel(ref)
             except Exception as exc:
                 _log.warning("cancelling Ray task %s failed: %s: %s", ref, type(exc).__name__, exc)
-        now = time.monotonic()
-        polite = {ref: now + seconds for ref, seconds in refs.items()}
+            # Counted from this ref's own cancel, not from the last of the batch: a thousand cancels take a tenth of
+            # a second, and the first refs (the earliest submitted, the ones running) need not wait for the rest.
+            polite[ref] = time.monotonic() + wait
         forced: dict[ObjectRef[Any], float] = {}
         while polite or forced:
             now = time.monotonic()
@@ -1029,7 +1065,9 @@ _OPTIONS = {
     "num_gpus": "GPUs of a private Ray instance (default: all)",
     "temp_dir": "directory of a private Ray instance's sessions and logs (default: a temporary one, removed after)",
     "connect_timeout": "seconds to start or reach Ray before BackendError (default 30)",
-    "grace": "seconds between a polite cancel and killing the worker; SIGTERM to SIGKILL for commands (default 2)",
+    "grace": "seconds a cancelled command's process gets between SIGTERM and SIGKILL (default 2)",
+    "cancel_grace": "seconds a cancelled running callable gets after Ray's polite cancel (KeyboardInterrupt) before "
+    "its worker is killed (default 0.5; 0: at once)",
     "close_timeout": "seconds to wait for a removal or Ray's shutdown (default 30)",
     "linger": "seconds a released boost's placement group is kept for a matching request to reuse (default 2; 0: "
     "remove at once)",
