@@ -7,11 +7,13 @@ so it joins this cluster with its token, and nothing else.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -154,3 +156,83 @@ def test_an_unreachable_address_is_one_line_and_exit_1_in_bounded_time(cluster: 
     line = one_line_error(code, err)
     assert f"127.0.0.1:{port}" in line
     assert time.monotonic() - started < 30
+
+
+def test_a_lease_without_an_address_is_refused_in_one_line_naming_address() -> None:
+    """``boost request`` on the Ray backend with no ``--address`` (a private Ray that would end with the command)
+    is refused: exit 1, one line that says to give ``--address``."""
+    code, _, err, _ = gridboost("--backend", "ray", "boost", "request", "cpu=1", "--ttl", "60")
+    assert "--address" in one_line_error(code, err)
+
+
+def test_renew_and_release_take_a_unique_prefix_and_refuse_an_ambiguous_one(cluster_address: str) -> None:
+    """With two leases on the cluster, ``renew`` and ``release`` act on the one lease a unique prefix names (the
+    keeper's record moves, then goes); a prefix both ids share is refused in one line naming both."""
+    taken = [
+        on_ray(cluster_address, "boost", "request", "cpu=0.25", "--ttl", "60"),
+        on_ray(cluster_address, "boost", "request", "cpu=0.25", "--ttl", "60"),
+    ]
+    ids = [lease["id"] for lease in taken]
+    try:
+        # The longest start both ids have, character by character (ids, not paths).
+        shared = next((ids[0][:i] for i in range(len(ids[0]), 0, -1) if ids[1].startswith(ids[0][:i])), "")
+        assert shared, ids
+        code, _, err, _ = gridboost("--backend", "ray", "--address", cluster_address, "boost", "release", shared)
+        line = one_line_error(code, err)
+        assert all(i in line for i in ids), line
+        assert all(keeper_record(i) is not None for i in ids)  # neither was touched
+
+        unique = ids[0][: len(shared) + 1]
+        renewed = on_ray(cluster_address, "boost", "renew", unique, "--ttl", "600")
+        record = keeper_record(ids[0])
+        assert renewed["id"] == ids[0] and record is not None and record["expires_at"] == renewed["expires_at"]
+        assert on_ray(cluster_address, "boost", "release", unique) == {"released": ids[0]}
+        assert keeper_record(ids[0]) is None and keeper_record(ids[1]) is not None
+    finally:
+        for lease in taken:
+            record = keeper_record(lease["id"])
+            if record is not None:  # a check failed, or the second lease: leave Ray clean
+                on_ray(cluster_address, "boost", "release", lease["id"])
+
+
+class _Web(http.server.BaseHTTPRequestHandler):
+    """Answers every request as a web server such as Ray's dashboard would (it is not a GCS)."""
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass  # nothing on the test's stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("peer", ["web", "silent"])
+def test_an_address_that_is_not_a_gcs_port_says_so_in_one_line_within_connect_timeout(peer: str) -> None:
+    """``--address`` of a port where a web server (like the dashboard) or a silent listener waits ends in one line
+    naming the address and that it is not a Ray GCS port, within ``--connect-timeout`` (plus the command's start)."""
+    if peer == "web":
+        # On every address: Ray resolves 127.0.0.1 to this machine's own address before connecting.
+        server: Any = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Web)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+    else:
+        server = socket.create_server(("0.0.0.0", 0))  # accepts (the backlog), says nothing
+        port = server.getsockname()[1]
+    try:
+        started = time.monotonic()
+        code, _, err, _ = gridboost(
+            "--backend", "ray", "--address", f"127.0.0.1:{port}", "--connect-timeout", "3", "status", timeout=90
+        )
+        took = time.monotonic() - started
+    finally:
+        if peer == "web":
+            server.shutdown()
+            server.server_close()
+        else:
+            server.close()
+    line = one_line_error(code, err)
+    assert f"127.0.0.1:{port}" in line and "not a Ray GCS port" in line and "6379" in line, line
+    # The command's own start (Python, gridboost, Ray's import) takes a few seconds on a loaded machine; the connect
+    # itself is bounded by the 3 s given, far below Ray's own 13 s handshake and the 30 s default.
+    assert took < 3 + 12, took

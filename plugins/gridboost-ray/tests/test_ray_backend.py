@@ -212,6 +212,31 @@ class TestBadInput:
         assert not await probe.reservations(grid)
         assert await grid.offload(whereami, where="cluster")
 
+    async def test_labels_matching_no_node_name_the_labels_the_cluster_has(self, grid: Grid, probe: RayProbe) -> None:
+        """The Ray backend itself refuses a reservation whose labels match no live node in one short line that lists
+        the labels Ray's node table has (zone=a, zone=b), and makes no placement group."""
+        from gridboost.abc import ReservationRequest
+
+        request = ReservationRequest(id="moon-1", resources=Resources(cpu=1), labels={"zone": "moon"})
+        with anyio.fail_after(30), pytest.raises(gb.BoostUnavailable) as caught:
+            await grid.backend.reserve(request)
+        message = str(caught.value)
+        assert "zone=moon" in message and "zone=a" in message and "zone=b" in message, message
+        assert "\n" not in message and len(message) < 300, message
+        assert not await probe.reservations(grid)
+
+    async def test_the_backend_refuses_a_gpu_memory_reservation_with_invalid_resources(
+        self, grid: Grid, probe: RayProbe
+    ) -> None:
+        """A reservation asking for ``gpu_memory``, which Ray cannot reserve, raises InvalidResources naming it, and
+        Ray gets no placement group."""
+        from gridboost.abc import ReservationRequest
+
+        request = ReservationRequest(id="vram-1", resources=Resources(cpu=1, gpu_memory=2**30))
+        with anyio.fail_after(30), pytest.raises(gb.InvalidResources, match="gpu_memory"):
+            await grid.backend.reserve(request)
+        assert not await probe.reservations(grid)
+
     async def test_a_function_ray_cannot_serialise_is_refused_before_submission(
         self, grid: Grid, probe: RayProbe
     ) -> None:
@@ -257,7 +282,7 @@ class TestBadInput:
         [
             ("127.0.0.1:1", "cannot reach Ray"),
             ("no-such-host.invalid:6379", "cannot resolve"),
-            (None, "answered as a Ray GCS"),
+            (None, "not a Ray GCS port"),
         ],
         ids=["refused", "unknown-host", "not-a-gcs"],
     )
@@ -350,14 +375,15 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def test_the_embedded_default_is_private_shared_and_leaves_nothing(tmp_path: Path) -> None:
     """With no address, grids of a process share one private Ray (namespace and runtime_env passed through), which
-    uses token auth by Ray's default and is gone, processes and directory, once the last grid closes."""
+    uses token auth with a token of the process's own (never written to ~/.ray) and is gone, processes and
+    directory, once the last grid closes."""
     report = _fresh(tmp_path, "embedded", env=_clean_env(tmp_path))
     assert report["nodes"] == 1 and report["shared"]
     assert report["env_var"] == "yes" and report["namespace"] == "gbtest"
     assert not report["initialized_after"]
     assert report["pids"] and report["alive_after"] == []
     assert not report["temp_dir_after"]
-    assert (tmp_path / ".ray" / "auth_token").is_file()  # Ray's default: token auth, the token in ~/.ray
+    assert not (tmp_path / ".ray" / "auth_token").exists()  # Ray alone would write one there
     assert _processes_mentioning(report["temp_dir"]) == []
 
 

@@ -22,17 +22,28 @@ Two Ray facts shape this module:
 * The processes an embedded ``ray.init`` starts are bound to the *thread* that started them (``PR_SET_PDEATHSIG``):
   they are SIGKILLed when it exits. So a dedicated thread calls ``ray.init``, lives as long as the instance, and
   calls ``ray.shutdown``; an ``anyio`` worker thread, which exits when idle, would take Ray down with it.
-* Ray ≥ 2.60 uses token authentication by default. See the README for what a user sets.
+* Ray ≥ 2.60 uses token authentication by default. For a private instance, ``ray.init`` turns token mode on (it sets
+  ``RAY_AUTH_MODE=token`` in this process's environment for good) and, when this machine has no token, writes one
+  to ``~/.ray/auth_token`` — after which every later ``ray start --head`` on the machine finds it and turns token
+  mode on too. gridboost keeps both from happening: a private instance it starts gets a random token of this
+  process, given through the environment of the processes it starts, and the environment is restored once
+  ``ray.init`` returns (see :func:`_private_token`). A token the user set up (``RAY_AUTH_TOKEN``,
+  ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), and ``RAY_AUTH_MODE=disabled``, are used as Ray uses them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from attrs import define, field, frozen
@@ -40,9 +51,13 @@ from attrs import define, field, frozen
 from gridboost._kit import shown
 from gridboost.exceptions import BackendError, InvalidRequest
 
-__all__ = ["Connection", "Target", "connect", "current", "parse_address", "release"]
+__all__ = ["QUIET_ENV", "Connection", "Target", "connect", "current", "parse_address", "release"]
 
 Kind = Literal["embedded", "gcs", "client"]
+
+#: Set (to anything but "" or "0") by :func:`gridboost.quiet_engine_logs`: every ``ray.init`` gridboost calls then
+#: logs errors only ("Started a local Ray instance", "SIGTERM handler is not set ..." are dropped).
+QUIET_ENV = "GRIDBOOST_RAY_QUIET"
 
 _NO_TOKEN = (
     "RAY_AUTH_MODE=token is set, but this process has no token for the cluster: give it in RAY_AUTH_TOKEN, in a file "
@@ -147,9 +162,11 @@ class _Owner:
     def _main(self) -> None:
         import ray
 
+        private = self._init_kwargs.get("address") == "local"
         try:
             try:
-                ray.init(**self._init_kwargs)
+                with _private_token() if private else contextlib.nullcontext():
+                    ray.init(**self._init_kwargs)
             except BaseException as exc:
                 self.error = exc
                 # A start that failed half-way may have left processes; they are this thread's to end.
@@ -208,6 +225,8 @@ def connect(
         if target.kind != "embedded":
             _check_reachable(target, timeout)
         kwargs: dict[str, Any] = {"namespace": namespace, "runtime_env": dict(runtime_env) if runtime_env else None}
+        if os.environ.get(QUIET_ENV, "") not in {"", "0"}:
+            kwargs["logging_level"] = logging.ERROR  # ray.init sets the "ray" logger's level to this, INFO otherwise
         own_dir = None
         if target.kind == "embedded":
             own_dir = None if temp_dir is not None else tempfile.mkdtemp(prefix="gridboost-ray-")
@@ -344,8 +363,9 @@ def _resolve(target: Target) -> Target:
 
 def _check_reachable(target: Target, timeout: float) -> None:
     host, port = _host_port(target.address.removeprefix("ray://"), target.address)
+    deadline = time.monotonic() + timeout
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        sock = socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as exc:
         raise BackendError(f"cannot resolve the host of Ray address {target}: {exc}") from None
     except OSError as exc:
@@ -353,8 +373,66 @@ def _check_reachable(target: Target, timeout: float) -> None:
             f"cannot reach Ray at {target} ({exc or type(exc).__name__}): is the cluster running, and is this "
             "its GCS address (port 6379 by default; ray://host:10001 for a Ray Client server)?"
         ) from None
+    with sock:
+        answer = _speaks_grpc(sock, deadline) if _TLS not in os.environ else None
+    if answer is not None:
+        raise BackendError(
+            f"{target} is not a Ray {_GRPC_SERVER[target.kind]} port ({answer}){_port_hint(port, target.kind)}"
+        )
     if target.kind == "gcs":
-        _handshake(target, timeout)
+        _handshake(target, max(0.001, deadline - time.monotonic()))
+
+
+# What a GCS and a Ray Client server are: gRPC servers, which speak HTTP/2 without TLS unless RAY_USE_TLS is set.
+_GRPC_SERVER = {"gcs": "GCS", "client": "Client server"}
+_TLS = "RAY_USE_TLS"
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server answers with a SETTINGS frame of its own.
+_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4
+# Ray's default ports, to say which one the user probably gave.
+_RAY_PORTS = {
+    8265: "the dashboard",
+    10001: "the Ray Client server (use ray://host:10001 for it)",
+    52365: "the dashboard agent",
+    6379: "the GCS",
+}
+
+
+def _speaks_grpc(sock: socket.socket, deadline: float) -> str | None:
+    """``None`` when the peer answers HTTP/2 as a gRPC server does, else what it did instead, in words.
+
+    A GCS is a gRPC server: without this, Ray's own handshake with, say, the dashboard's web server retries for 13 s
+    and says only that it timed out.
+    """
+    received = b""
+    try:
+        sock.sendall(_H2_HELLO)
+        while len(received) < 9:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = sock.recv(9 - len(received))
+            if not chunk:
+                break
+            received += chunk
+    except TimeoutError:
+        return f"it accepted a connection but answered nothing within the connect timeout{_seen(received)}"
+    except OSError as exc:
+        return f"the connection failed ({exc or type(exc).__name__}){_seen(received)}"
+    if len(received) == 9 and received[3] == _SETTINGS:
+        return None
+    if received.startswith(b"HTTP/"):
+        return "an HTTP/1 web server answered"
+    return f"it closed the connection{_seen(received)}"
+
+
+def _seen(received: bytes) -> str:
+    return f" (after {len(received)} byte(s) that are not HTTP/2)" if received else ""
+
+
+def _port_hint(port: int, kind: Kind) -> str:
+    known = _RAY_PORTS.get(port)
+    guess = f"; is {port} {known}?" if known and known != "the GCS" else ""
+    usual = "the GCS port is usually 6379" if kind == "gcs" else "a Ray Client server's port is usually 10001"
+    return f"{guess}; {usual}"
 
 
 def _handshake(target: Target, timeout: float) -> None:
@@ -396,6 +474,56 @@ def _init_failed(target: Target, exc: BaseException) -> BackendError:
     error = BackendError(f"could not connect to {target}: {type(exc).__name__}: {first}")
     error.__cause__ = exc
     return error
+
+
+#: The token of every private Ray this process starts: one per process, since Ray's token loader keeps the first
+#: token it reads for the life of the process (a second private instance with another token would refuse it).
+_token: str | None = None
+
+
+@contextlib.contextmanager
+def _private_token() -> Iterator[None]:
+    """While a private Ray starts: token mode with this process's own token, given in the environment, when the user
+    set up none; the environment as it was afterwards.
+
+    The processes ``ray.init`` starts (GCS, raylet, and the workers the raylet starts later) inherit the token from
+    the environment; this process's Ray has read it by the time ``ray.init`` returns. Restoring the environment keeps
+    ``RAY_AUTH_MODE=token`` (which ``ray.init`` would set for good) out of every process this one starts afterwards,
+    a ``ray start`` among them.
+    """
+    global _token
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if (mode is not None and mode.lower() != "token") or _has_users_token():
+        yield  # token auth off, or the user's own token: Ray writes nothing
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in its .pyi
+
+    if _token is None:
+        _token = secrets.token_hex(32)
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = _token
+    try:
+        # What Ray does when it turns token mode on itself: this process's config and token loader read them anew.
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _has_users_token() -> bool:
+    """Whether Ray would find a token the user gave (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip() or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    try:
+        return (Path.home() / ".ray" / "auth_token").is_file()
+    except (OSError, RuntimeError):  # no home directory to look in
+        return False
 
 
 def _wait_for_stragglers(timeout: float) -> None:
