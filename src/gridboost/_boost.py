@@ -28,7 +28,17 @@ from attrs import evolve
 
 from ._dispatch import Ledger
 from ._kit import seconds, shown
-from ._records import STRATEGIES, BoostState, Lease, Priority, Strategy, new_id, owner_name, priority_of
+from ._records import (
+    STRATEGIES,
+    BoostState,
+    Lease,
+    NodeSnapshot,
+    Priority,
+    Strategy,
+    new_id,
+    owner_name,
+    priority_of,
+)
 from ._resources import Resources
 from .abc import Reservation, ReservationRequest
 from .exceptions import BoostExpired, BoostLost, BoostUnavailable, InvalidRequest, TaskCancelled
@@ -243,7 +253,7 @@ class BoostBook:
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
         ):
             raise InvalidRequest(f"labels must map strings to strings, got {shown(labels)}")
-        return Boost(
+        boost = Boost(
             self._grid,
             amount,
             ttl=seconds("ttl", ttl),
@@ -253,6 +263,8 @@ class BoostBook:
             nodes=nodes,
             labels=None if labels is None else dict(labels),
         )
+        self._grid.backend.check_reservation(boost.request())  # what the engine cannot express, refused here
+        return boost
 
     async def grant(self, boost: Boost) -> Boost:
         """Wait (at most ``boost.wait``) until the backend holds the boost; fail with what was missing."""
@@ -320,8 +332,8 @@ class BoostBook:
         snapshot = await self._grid.backend.snapshot()
         room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
         return BoostUnavailable(
-            f"boost {boost.id} ({boost.resources}) was not granted within {boost.wait:g}s: "
-            f"missing {boost.resources.shortfall(room)} (free now: {room})"
+            f"boost {boost.id} ({boost.resources.human()}) was not granted within {boost.wait:g}s: "
+            f"missing {boost.resources.shortfall(room).human()} (free now: {room.human()})"
         )
 
     async def _refuse_impossible(self, boost: Boost) -> None:
@@ -332,23 +344,26 @@ class BoostBook:
         nodes = snapshot.matching(boost.nodes, boost.labels)
         growable = backend.capabilities.grow and boost.nodes is None  # new nodes may carry the labels
         if not nodes and (boost.nodes is not None or boost.labels) and not growable:
-            raise BoostUnavailable(
-                f"no live node matches nodes={list(boost.nodes) if boost.nodes else None} labels={boost.labels}; "
-                f"nodes are {', '.join(n.id for n in snapshot.alive) or 'none'}"
+            there = (
+                f"labels there: {labels_there(snapshot.alive)}"
+                if boost.labels
+                else f"nodes are {', '.join(n.id for n in snapshot.alive[:4]) or 'none'}"
             )
+            asked = f"labels={dict(boost.labels)}" if boost.labels else f"nodes={list(boost.nodes or ())}"
+            raise BoostUnavailable(f"no live node matches {shown(asked, 120)}; {there}")
         if backend.capabilities.grow:
             return  # the backend may add nodes; only it can say no
         if boost.strategy == "strict_pack":
             biggest = max(nodes, key=lambda n: boost.resources.fits_in(n.total), default=None)
             if biggest is None or not boost.resources.fits_in(biggest.total):
                 raise BoostUnavailable(
-                    f"boost {boost.id} ({boost.resources}) fits on no single node (strategy strict_pack)"
+                    f"boost {boost.id} ({boost.resources.human()}) fits on no single node (strategy strict_pack)"
                 )
         total = sum((n.total for n in nodes), Resources())
         if not boost.resources.fits_in(total):
             raise BoostUnavailable(
-                f"boost {boost.id} asks for {boost.resources}, more than the whole cluster has ({total}); "
-                f"missing {boost.resources.shortfall(total)}"
+                f"boost {boost.id} asks for {boost.resources.human()}, more than the whole cluster has "
+                f"({total.human()}); missing {boost.resources.shortfall(total).human()}"
             )
 
     async def _reserve_in_turn(self, boost: Boost, key: tuple[int, int], *, detached: bool = False) -> Reservation:
@@ -469,3 +484,23 @@ class BoostBlock:
     ) -> None:
         assert self._boost is not None
         await self._boost.__aexit__(exc_type, exc, tb)
+
+
+def labels_there(nodes: Sequence[NodeSnapshot], most: int = 4) -> str:
+    """The labels live nodes carry, each key with its values, in one short line: ``name=a|b, zone=x``.
+
+    Engine-internal labels (Ray's ``ray.io/...``) are left out; at most ``most`` values a key and 8 keys.
+    """
+    values: dict[str, set[str]] = {}
+    for node in nodes:
+        for key, value in node.labels.items():
+            if not key.startswith("ray.io/"):
+                values.setdefault(key, set()).add(value)
+    if not values:
+        return "none"
+    parts = []
+    for key in sorted(values)[:8]:
+        seen = sorted(values[key])
+        more = f"|\u2026 ({len(seen)} values)" if len(seen) > most else ""
+        parts.append(f"{key}={'|'.join(v if len(v) <= 24 else v[:23] + chr(0x2026) for v in seen[:most])}{more}")
+    return ", ".join(parts) + (", \u2026" if len(values) > 8 else "")

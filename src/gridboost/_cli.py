@@ -70,21 +70,8 @@ def _seconds(value: float) -> str:
     return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
 
 
-def _bytes(n: float) -> str:
-    """``23.5 GiB``: for people (``Resources`` prints exact units, for parsing back)."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
-    return f"{n:.0f} B"
-
-
 def _human(resources: Resources) -> str:
-    """``cpu=4, memory=23.5 GiB, accel=2``: every amount, memory in binary units rounded for reading."""
-    parts = []
-    for key, value in resources.as_dict().items():
-        text = _bytes(value) if key in ("memory", "gpu_memory") else f"{value:g}"
-        parts.append(f"{key}={text}")
-    return ", ".join(parts) or "nothing"
+    return resources.human()
 
 
 # -- what the commands show ----------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ async def _demo(console: Any, backend: str, tasks: int, address: str | None) -> 
     async with Grid(backend, plugins=[narrator], **options) as grid:
         snapshot = await grid.snapshot()
         await grid.pressure()  # starts the monitor, and gives the first real reading
-        narrator.say(f"engine: {_engine(backend, address, len(snapshot.alive))}; total {_human(snapshot.total)}")
+        narrator.say(f"engine: {_engine(backend, address, len(snapshot.alive))}; total {snapshot.total.human()}")
         each = Resources(cpu=1)
         slots = max(1, int(grid.local_available.cpu)) if backend == "local" else 2
         narrator.say(f"a burst of {tasks} tasks of {each} each; this machine runs {slots} at once")
@@ -138,12 +138,6 @@ def _engine(backend: str, address: str | None, nodes: int) -> str:
         "ray": f"a private Ray instance ({nodes} node)",
     }.get(backend, f"the {backend} backend's embedded engine ({nodes} node(s))")
     return f"[bold]{backend}[/bold]: {stand_in}, standing in for your cluster"
-
-
-def _human(resources: Resources) -> str:
-    from ._cli import _human as human
-
-    return human(resources)
 
 
 async def _burst(

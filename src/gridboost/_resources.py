@@ -123,6 +123,13 @@ def _format_bytes(n: int) -> str:
     return str(n)
 
 
+def _readable_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n:.0f} B"
+
+
 def _format_number(x: float) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
@@ -299,6 +306,18 @@ class Resources:
         """Each amount, but no more than the same amount in ``limit``."""
         theirs = limit.as_dict()
         return Resources.coerce({k: min(v, theirs.get(k, 0)) for k, v in self._items() if v})
+
+    def human(self) -> str:
+        """For people: ``cpu=4, memory=23.5 GiB``, memory rounded in binary units (``str`` is exact, for parsing).
+
+        >>> Resources.parse("cpu=4,memory=25232000000").human()
+        'cpu=4, memory=23.5 GiB'
+        """
+        parts = []
+        for key, value in self._items():
+            if value:
+                parts.append(f"{key}={_readable_bytes(value) if key in _BYTE_FIELDS else _format_number(value)}")
+        return ", ".join(parts) or _EMPTY
 
     def __str__(self) -> str:
         parts = []

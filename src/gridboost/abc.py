@@ -214,6 +214,14 @@ class Backend(abc.ABC):
     def check_task(self, task: TaskSpec) -> None:  # noqa: B027 - optional hook
         """Refuse, before anything is submitted, a task this backend cannot run (not picklable, say)."""
 
+    def check_reservation(self, request: ReservationRequest) -> None:  # noqa: B027 - optional hook
+        """Refuse, before the cluster is even looked at, a boost this engine cannot express.
+
+        Raise :class:`~gridboost.exceptions.InvalidResources` for an amount it has no
+        counter for (``gpu_memory`` on Ray or Dask): a typed error at the call, never a
+        ``BoostUnavailable`` that blames the cluster's size.
+        """
+
 
 @frozen
 class BackendSpec:

@@ -168,6 +168,18 @@ class TestBadInput:
         with pytest.raises(gb.InvalidResources, match=match):
             await grid.offload(whereami, resources=resources, where="cluster")
 
+    async def test_a_boost_the_grid_cannot_place_is_refused_naming_why(self, grid: Grid, probe: DaskProbe) -> None:
+        """Through the grid: gpu_memory raises InvalidResources at the call, and labels no worker carries raise
+        BoostUnavailable listing the labels there, each in one line; nothing is held."""
+        with pytest.raises(gb.InvalidResources, match="gpu_memory"):
+            await grid.request_boost("gpu_memory=1GiB", ttl=30)
+        with anyio.fail_after(SETTLE), pytest.raises(gb.BoostUnavailable) as info:
+            await grid.request_boost("cpu=1", ttl=30, labels={"name": "moon"})
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 300, message
+        assert "labels there: " in message and "name=a|b" in message, message
+        assert not await probe.reservations(grid)
+
     async def test_an_async_function_is_refused_as_offload_is_called(self, grid: Grid) -> None:
         """An async function is refused with InvalidTask before anything is submitted: a Dask task runs plain ones."""
 

@@ -339,6 +339,9 @@ class FaultyBackend(Backend):
     def task_prefix(self) -> str | None:
         return self.inner.task_prefix
 
+    def check_reservation(self, request: ReservationRequest) -> None:
+        self.inner.check_reservation(request)
+
     @property
     def available(self) -> Resources:
         """The inner backend's free capacity, where it keeps such books (the local backend does)."""

@@ -700,6 +700,9 @@ class DaskBackend(Backend):
 
     # -- running -------------------------------------------------------------------------------------------------------
 
+    def check_reservation(self, request: ReservationRequest) -> None:
+        _to_dask(request.resources, f"boost {request.id}")  # gpu_memory, or a name of gridboost's own
+
     def check_task(self, task: TaskSpec) -> None:
         resources = task.resources
         if resources.gpu_memory or (resources.custom and not _OWN_NAMES.isdisjoint(resources.custom)):
