@@ -353,10 +353,8 @@ class RayBackend(Backend):
         assert self._conn is not None
         if self._conn.client_mode:
             return set()  # a Ray Client reads no task table
-        from ray._private.state import state
-
         latest: dict[bytes, tuple[int, str, set[int]]] = {}
-        for event in state._get_all_task_events():  # type: ignore[no-untyped-call]
+        for event in self._our_task_events():
             name = event.task_info.name
             if not name.startswith(self.prefix):
                 continue
@@ -367,6 +365,23 @@ class RayBackend(Backend):
             elif event.attempt_number == seen[0]:
                 seen[2].update(states)
         return {name.removeprefix(self.prefix) for _, name, states in latest.values() if not states & _ENDED}
+
+    def _our_task_events(self) -> list[Any]:
+        """The task events of Ray's table that name this backend's tasks.
+
+        Ray hands the whole table over (up to 100,000 tasks by default; no filter short of a gRPC client): with 25,000
+        tasks in it, fetching takes 0.4 s and parsing every event 0.2 s more on a small machine. Only the events whose
+        bytes carry this backend's prefix are parsed.
+        """
+        from ray._private import state as ray_state
+
+        if ray_state._READ_TASK_EVENTS_FROM_DASHBOARD_HEAD:  # Ray's migration path: events come parsed
+            return list(ray_state.state._get_all_task_events())  # type: ignore[no-untyped-call]
+        from ray.core.generated.gcs_pb2 import TaskEvents
+
+        marker = self.prefix.encode()
+        raw = ray_state.state._connect_and_get_accessor().get_task_events()  # type: ignore[no-untyped-call]
+        return [TaskEvents.FromString(event) for event in raw if marker in event]
 
     def _connect_now(self) -> None:
         import ray
