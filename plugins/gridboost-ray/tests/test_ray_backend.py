@@ -225,13 +225,16 @@ class TestBadInput:
         assert "\n" not in message and len(message) < 300, message
         assert not await probe.reservations(grid)
 
-    async def test_the_backend_refuses_a_gpu_memory_reservation_with_invalid_resources(
+    async def test_a_gpu_memory_boost_is_refused_with_invalid_resources_naming_it(
         self, grid: Grid, probe: RayProbe
     ) -> None:
-        """A reservation asking for ``gpu_memory``, which Ray cannot reserve, raises InvalidResources naming it, and
-        Ray gets no placement group."""
+        """A boost asking for ``gpu_memory``, which Ray cannot reserve, raises InvalidResources naming it (not a
+        BoostUnavailable that blames the cluster's size), from the grid and from the backend, and Ray gets no
+        placement group."""
         from gridboost.abc import ReservationRequest
 
+        with anyio.fail_after(30), pytest.raises(gb.InvalidResources, match="gpu_memory"):
+            await grid.request_boost(Resources(cpu=1, gpu_memory=2**30), ttl=60, wait=5)
         request = ReservationRequest(id="vram-1", resources=Resources(cpu=1, gpu_memory=2**30))
         with anyio.fail_after(30), pytest.raises(gb.InvalidResources, match="gpu_memory"):
             await grid.backend.reserve(request)

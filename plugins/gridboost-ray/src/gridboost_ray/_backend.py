@@ -476,6 +476,9 @@ class RayBackend(Backend):
 
     # -- reserving ----------------------------------------------------------------------------------------------------
 
+    def check_reservation(self, request: ReservationRequest) -> None:
+        _to_ray(request.resources, f"boost {request.id}")  # gpu_memory, and Ray's own names as custom ones
+
     async def reserve(self, request: ReservationRequest) -> Reservation:
         self._require()
         what = f"boost {request.id}"
