@@ -178,3 +178,22 @@ def test_a_fragment_marker_applies_to_the_next_block_only(tmp_path: Path) -> Non
         (10, True),
         (13, False),
     ]
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [*sorted(DOCS.glob("*.md")), DOCS.parent / "README.md", *sorted(DOCS.parent.glob("plugins/*/README.md"))],
+    ids=lambda p: str(p.relative_to(DOCS.parent)),
+)
+def test_no_dead_link(page: Path) -> None:
+    """Every relative link leads to a file that exists; a site page's links stay inside the site (docs/)."""
+    for target in _LINK.findall(page.read_text()):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        assert path.exists(), f"{page.name} links to {target}, which does not exist"
+        if page.parent == DOCS:
+            assert path.is_relative_to(DOCS.resolve()), f"{page.name} links outside the site: {target}"
