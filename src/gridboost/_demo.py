@@ -76,6 +76,9 @@ async def _demo(console: Any, backend: str, tasks: int, address: str | None) -> 
     options: dict[str, Any] = {} if address is None else {"address": address}
     if backend != "local":
         options["local_capacity"] = "cpu=2"  # this machine's share of the burst; the rest goes out
+        # Work beyond the cluster's room waits here, where it can move, rather than in the engine's own queue,
+        # which would take every freed slot before the boost's reservation could form.
+        options["cluster_queue"] = 0
     async with Grid(backend, plugins=[narrator], **options) as grid:
         snapshot = await grid.snapshot()
         await grid.pressure()  # starts the monitor, and gives the first real reading

@@ -39,7 +39,7 @@ import anyio
 
 from ._kit import finite, shown
 from ._plugins import call_decision
-from ._records import Placement, TaskSpec
+from ._records import BoostState, Placement, TaskSpec
 from ._resources import BYTE_FIELDS, Resources, format_bytes, format_number
 from .exceptions import GridboostError, InvalidRequest, PolicyError
 
@@ -107,6 +107,11 @@ class Ledger:
     @property
     def known(self) -> bool:
         return self._capacity is not None
+
+    def could_hold(self, amount: Resources) -> bool:
+        """Whether ``amount`` fits in the whole capacity, whatever is claimed now."""
+        limit = self._limit
+        return limit is None or all(v <= limit.get(k, 0.0) + _EPS for k, v in amount._items() if v)
 
     def room_for(self, amount: Resources) -> bool:
         limit = self._limit
@@ -231,10 +236,15 @@ class Dispatch:
     def remote_room(self, task: TaskSpec, why: str) -> Placement | None:
         """A boost of this grid with room for ``task``, else the cluster if it has room; ``None`` if neither."""
         amount = task.resources
+        pending = Resources()
         for boost in self._grid._boosts.boosts.values():
             if boost.is_active and boost._ledger.room_for(amount):
                 return Placement("boost", f"{why}; boost {boost.id} has room", boost)
-        if self.cluster.room_for(amount):
+            if boost.state is BoostState.PENDING and self.cluster.could_hold(boost.resources):
+                pending = pending + boost.resources  # (one that waits for growth is not kept room here)
+        # Room a pending boost needs is kept for it: an engine places a reservation only once that much is free at
+        # once, which never happens on a busy cluster if every freed slot goes to waiting work.
+        if self.cluster.room_for(amount + pending if pending else amount):
             return Placement("cluster", f"{why}; the cluster has room")
         return None
 
