@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
 import gridboost as gb
-from conftest import WORKER_CPUS, WORKERS, RayProbe, whereami, zone_node
+from conftest import WORKER_CPUS, WORKERS, RayProbe, _task_states, whereami, zone_node
 from gridboost import Command, Grid, Resources
 from gridboost.testing._suite import nap
 
@@ -80,6 +80,20 @@ class TestOnTheCluster:
             assert node.id == zone_node(zone) and node.labels["ray.io/node-id"] == node.id
             assert node.total.cpu == WORKER_CPUS and isinstance(node.total.memory, int) and node.total.memory > 2**20
             assert not node.is_local
+
+    async def test_a_task_is_named_in_rays_task_table_with_the_grids_task_prefix(self, grid: Grid) -> None:
+        """Ray's own task table lists an offloaded task as ``grid.task_prefix`` then the task's id."""
+        assert grid.task_prefix is not None and grid.task_prefix.startswith("gridboost:")
+        handle = grid.submit(whereami, where="cluster")
+        await handle
+
+        def named() -> bool:  # Ray's task events arrive a report interval late
+            return handle.id in {task for task, _ in _task_states(grid.task_prefix or "")}
+
+        async def listed() -> bool:
+            return await anyio.to_thread.run_sync(named)
+
+        await eventually(listed, f"Ray's task table never named {grid.task_prefix}{handle.id}")
 
     async def test_a_boost_aimed_at_a_label_is_placed_there_and_its_work_runs_there(
         self, grid: Grid, probe: RayProbe

@@ -289,6 +289,11 @@ class RayBackend(Backend):
         return self._capabilities
 
     @property
+    def task_prefix(self) -> str:
+        """Ray's task table names each of this backend's tasks with this, then the task's id."""
+        return self.prefix
+
+    @property
     def connection(self) -> _connect.Connection | None:
         """This process's Ray connection while this backend uses it."""
         return self._conn
