@@ -16,8 +16,10 @@ from test_private_ray import RUN_TIMEOUT, left_running, new_user_env, run_watche
 def test_the_demo_moves_work_onto_a_boost_on_a_private_ray_and_leaves_nothing(tmp_path: Path) -> None:
     """Exit 0, on a private Ray (it says so), waiting work moved onto the boost while the burst ran, the table of where
     it ran, no boost held at the end, nothing on stderr, no token file, and every process it started gone."""
+    # A burst long enough to outlast the boost's placement group on a loaded machine: with the default 48 tasks a
+    # busy host can run the whole rest of the burst itself in the ~2 s Ray then takes, and nothing is left to move.
     status, out, err, processes = run_watched(
-        [sys.executable, "-m", "gridboost", "demo", "--backend", "ray"], new_user_env(tmp_path)
+        [sys.executable, "-m", "gridboost", "demo", "--backend", "ray", "--tasks", "160"], new_user_env(tmp_path)
     )
     assert status == 0, f"exit {status}\n{out[-3000:]}\n{err[-3000:]}"
     assert err == "", err[-3000:]
