@@ -47,7 +47,7 @@ async def test_a_command_gridboost_runs_is_medium_and_is_left_running() -> None:
     """A command this grid runs here is recommended with medium complexity, measured; the scan does not stop it."""
     async with lab_grid("cpu=8", "cpu=2") as grid:
         handle = grid.submit(gb.Command([sys.executable, "-c", BUSY]), resources="cpu=1", where="local")
-        await settle(lambda: grid._host.running_commands(), "the command did not start")  # type: ignore[attr-defined]
+        await settle(lambda: grid._runtime.host.running_commands(), "the command did not start")  # type: ignore[attr-defined]
         advice = await grid.scan_processes(window=0.2, limit=50)
         [rec] = [r for r in advice if r.kind == "command"]
         assert rec.migration_complexity == "medium" and rec.task_id == handle.id and rec.pid is not None

@@ -256,7 +256,7 @@ async def test_cancelling_a_map_consumer_cancels_its_work(form: str) -> None:
                     if bodies == 3:
                         scope.cancel()
         assert bodies == 3  # no ready result is handed out past the cancel
-        await _until(lambda: not grid._runs)  # every task of the map ended: it is not left to run on
+        await _until(lambda: not grid._runtime.runs)  # every task of the map ended: it is not left to run on
         await _until(lambda: tally.started == tally.finished)  # a thread runs on past its cancel
         # Two run at a time (cpu=2): besides the three taken, at most the two running
         # and two being handed a thread at the cancel ran; the queued ones were dropped.

@@ -625,6 +625,59 @@ async def test_observer_errors_are_logged_and_counted_and_break_nothing(caplog: 
         assert any(hook in m and text in m for m in messages), (hook, messages)
 
 
+# -- wrappers ----------------------------------------------------------------------------
+
+
+class NewStyleWrapper:
+    @gb.hookimpl(wrapper=True)
+    def gridboost_task_finished(self) -> Iterator[None]:
+        return (yield)
+
+
+class OldStyleWrapper:
+    @gb.hookimpl(hookwrapper=True)
+    def gridboost_boost_activated(self) -> Iterator[None]:
+        yield
+
+
+class BackendsWrapper:
+    @gb.hookimpl(wrapper=True)
+    def gridboost_backends(self) -> Iterator[None]:
+        return (yield)
+
+
+@pytest.mark.parametrize("plugin", [NewStyleWrapper(), OldStyleWrapper(), BackendsWrapper()], ids=type)
+async def test_a_wrapper_of_a_hook_called_one_by_one_is_refused(plugin: object) -> None:
+    """Observers (and ``gridboost_backends``) are called one implementation at a time: a wrapper is a ``PluginError``."""
+    with pytest.raises(gb.exceptions.PluginError, match="implement it as a plain hook"):
+        gb.Grid(plugins=[plugin], capacity=CAPACITY)
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        with pytest.raises(gb.exceptions.PluginError, match="calls one implementation at a time"):
+            grid.plugins.register(plugin)
+        assert not grid.plugins.is_registered(plugin)  # refused whole: the grid goes on as it was
+        assert await grid.offload(double, 4) == 8
+
+
+async def test_a_wrapper_of_a_decision_hook_runs_around_the_default_policy() -> None:
+    """Decision hooks are called through pluggy: a wrapper sees the default's placement, and tracing sees the call."""
+    seen: list[gb.Placement] = []
+    traced: list[str] = []
+
+    class Wrapper:
+        @gb.hookimpl(wrapper=True)
+        def gridboost_choose_placement(self) -> Any:
+            placement = yield
+            seen.append(placement)
+            return placement
+
+    async with gb.Grid(plugins=[Wrapper()], capacity=CAPACITY) as grid:
+        grid.plugins.trace.root.setwriter(traced.append)
+        grid.plugins.enable_tracing()
+        assert await grid.offload(double, 4) == 8
+    assert [p.reason for p in seen] == ["the backend is this machine"]
+    assert any("gridboost_choose_placement" in line for line in traced)
+
+
 # -- entry points ------------------------------------------------------------------------
 
 GOOD = "gridboost_test_ep_good"

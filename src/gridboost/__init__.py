@@ -23,12 +23,11 @@ from ._records import (
     CommandResult,
     Lease,
     NodeSnapshot,
-    Placement,
     Priority,
     TaskOutcome,
-    TaskSpec,
 )
 from ._resources import Resources
+from ._spec import Placement, TaskSpec
 from ._task import TaskHandle, TaskMap
 from .abc import BackendSpec
 from .exceptions import (

@@ -32,13 +32,14 @@ import psutil
 from attrs import field, frozen
 
 from . import _nvml
-from ._kit import shown
-from ._records import TaskSpec
+from ._checks import bounded, whole
 from ._resources import Resources
-from .exceptions import InvalidRequest
+from ._spec import TaskSpec
 
 if TYPE_CHECKING:
-    from ._grid import Grid
+    from ._book import BoostBook
+    from ._dispatch import Dispatch
+    from ._runtime import Runtime
 
 __all__ = ["OffloadRecommendation", "ResourceMatch", "scan_processes"]
 
@@ -163,14 +164,14 @@ def _needed(measured: _Measured, declared: Resources = _NOTHING) -> Resources:
     )
 
 
-def _destinations(grid: Grid) -> list[tuple[str, Resources | None]]:
+def _destinations(runtime: Runtime, book: BoostBook, dispatch: Dispatch) -> list[tuple[str, Resources | None]]:
     """Where work could go, best first: active boosts of the grid, then the cluster."""
-    if grid._host is grid.backend:
+    if not runtime.remote:
         return []  # the backend is this machine: there is no elsewhere
     places: list[tuple[str, Resources | None]] = [
-        (f"boost {b.id}", b.available) for b in grid._boosts.boosts.values() if b.is_active
+        (f"boost {b.id}", b.available) for b in book.boosts.values() if b.is_active
     ]
-    places.append(("cluster", grid.cluster_available))
+    places.append(("cluster", dispatch.cluster.free))
     return places
 
 
@@ -221,16 +222,16 @@ def _recommend(
     )
 
 
-async def scan_processes(grid: Grid, *, limit: int, window: float) -> list[OffloadRecommendation]:
+async def scan_processes(
+    runtime: Runtime, book: BoostBook, dispatch: Dispatch, *, limit: int, window: float
+) -> list[OffloadRecommendation]:
     """See :meth:`Grid.scan_processes`."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidRequest(f"limit must be a whole number >= 1, got {shown(limit)}")
-    if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window <= 60:
-        raise InvalidRequest(f"window must be a number of seconds within 0..60, got {shown(window)}")
-    places = _destinations(grid)
+    whole("limit", limit, 1)
+    window = bounded("window", window, "seconds", 60)
+    places = _destinations(runtime, book, dispatch)
     now = time.monotonic()
     advice: list[OffloadRecommendation] = []
-    for run in list(grid._runs):
+    for run in list(runtime.runs):
         if run.is_waiting_locally:
             spec = run.spec
             advice.append(
@@ -245,7 +246,7 @@ async def scan_processes(grid: Grid, *, limit: int, window: float) -> list[Offlo
                 )
             )
     commands: dict[str, tuple[TaskSpec, int]] = {}
-    running_commands: Any = getattr(grid._host, "running_commands", None)
+    running_commands: Any = getattr(runtime.host, "running_commands", None)
     if callable(running_commands):
         commands = running_commands()
     others, trees = await anyio.to_thread.run_sync(

@@ -1,55 +1,54 @@
-"""Boosts: time-bounded leases on capacity that the backend really holds.
+"""``Boost``: the handle of one lease, and the block that requests, enters and releases one.
 
-The life cycle is the same for every backend and lives here: validation, the
-at-once refusal of a request larger than the cluster, priority order among pending
-requests, the ``wait`` bound, TTL expiry, renewal and release. The backend only
-reserves and releases.
-
-Priority order is enforced by a gate that lets one request at a time ask the
-backend. A request of higher priority that arrives while a lower one is still
-waiting for capacity *preempts* it: the lower one's reservation attempt is cancelled
-(the backend undoes it) and it queues again, keeping its place among equals.
+Its life cycle (grant, renewal, expiry, release) is the book's, in ``_book``; a boost
+points at its book, through the small protocol below, and never at the grid.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Protocol, Required, TypedDict
 
 import anyio
-from attrs import evolve
 
-from ._dispatch import Ledger
-from ._kit import seconds, shown
-from ._records import (
-    STRATEGIES,
-    BoostState,
-    Lease,
-    NodeSnapshot,
-    Priority,
-    Strategy,
-    new_id,
-    owner_name,
-    priority_of,
-)
+from ._kit import Tracked
+from ._ledger import Ledger
+from ._records import BoostState, Priority, Reservation, ReservationRequest, Strategy, new_id
 from ._resources import Resources
-from .abc import Reservation, ReservationRequest
-from .exceptions import BoostExpired, BoostLost, BoostUnavailable, InvalidRequest, TaskCancelled
+from .exceptions import BoostExpired
 
-if TYPE_CHECKING:
-    from ._grid import Grid
-    from ._task import Run
-
-__all__ = ["Boost", "BoostBlock", "current_boost"]
+__all__ = ["Boost", "BoostBlock", "BoostOptions", "current_boost"]
 
 _current: ContextVar[Boost | None] = ContextVar("gridboost_current_boost", default=None)
+
+
+class _Work(Protocol):
+    """Work running inside a boost, as the boost's end sees it."""
+
+    def cancel(self, cause: BaseException) -> None: ...
+
+
+class _Book(Protocol):
+    """What a boost asks of the book that granted it."""
+
+    async def renew(self, boost: Boost, ttl: float) -> None: ...
+
+    async def finish(self, boost: Boost, state: BoostState) -> None: ...
+
+
+class BoostOptions(TypedDict, total=False):
+    """The keywords of a boost request beside its resources (see :meth:`gridboost.Grid.request_boost`)."""
+
+    ttl: Required[float]
+    priority: Priority
+    wait: float
+    strategy: Strategy
+    nodes: Sequence[str] | None
+    labels: Mapping[str, str] | None
 
 
 def current_boost() -> Boost | None:
@@ -67,7 +66,7 @@ class Boost:
 
     def __init__(
         self,
-        grid: Grid,
+        book: _Book,
         resources: Resources,
         *,
         ttl: float,
@@ -78,7 +77,7 @@ class Boost:
         labels: Mapping[str, str] | None,
     ) -> None:
         self.id = new_id("boost")
-        self.grid = grid
+        self._book = book
         self.resources = resources
         self.ttl = ttl
         self.priority = priority
@@ -93,8 +92,7 @@ class Boost:
         self.error: BaseException | None = None
         self.reservation: Reservation | None = None
         self._deadline = math.inf  # anyio clock
-        self._runs: set[Run] = set()
-        self._runs_idle: anyio.Event | None = None
+        self._runs: Tracked[_Work] = Tracked()  # the work running inside it, cancelled when it ends
         self._tokens: list[Token[Boost | None]] = []
         self._ledger = Ledger(f"boost {self.id}", resources)  # what the grid placed in it, claimed at placement
 
@@ -135,11 +133,11 @@ class Boost:
 
     async def renew(self, ttl: float | None = None) -> None:
         """Extend the lease to ``ttl`` seconds from now (default: its original TTL)."""
-        await self.grid._boosts.renew(self, self.ttl if ttl is None else ttl)
+        await self._book.renew(self, self.ttl if ttl is None else ttl)
 
     async def release(self) -> None:
         """Cancel the work running inside, give the capacity back, awaited. Idempotent."""
-        await self.grid._boosts.finish(self, BoostState.RELEASED)
+        await self._book.finish(self, BoostState.RELEASED)
 
     async def __aenter__(self) -> Boost:
         self._tokens.append(_current.set(self))
@@ -151,332 +149,35 @@ class Boost:
         _current.reset(self._tokens.pop())
         await self.release()
 
+    @property
+    def ledger(self) -> Ledger:
+        """What the grid placed in it, claimed at placement (dispatch's books)."""
+        return self._ledger
+
+    @property
+    def work(self) -> Tracked[_Work]:
+        """The work running inside it now: cancelled, and awaited, when it ends."""
+        return self._runs
+
+    def admit(self, work: _Work) -> None:
+        """Count ``work`` as running inside; ``BoostExpired`` if the boost is no longer active."""
+        self.require_active()
+        self._runs.add(work)
+
     def require_active(self) -> None:
         if not self.is_active:
             raise BoostExpired(f"boost {self.id} is {self.state}; work cannot run inside it")
 
 
-class _Waiter:
-    __slots__ = ("event", "granted", "key", "left", "scope")
-
-    def __init__(self, key: tuple[int, int]) -> None:
-        self.key = key
-        self.event = anyio.Event()
-        self.granted = False
-        self.left = False
-        self.scope: anyio.CancelScope | None = None
-
-    def __lt__(self, other: _Waiter) -> bool:
-        return self.key < other.key
-
-
-class _PriorityGate:
-    """One request at a time asks the backend; the highest priority (then the oldest) goes first."""
-
-    def __init__(self) -> None:
-        self._heap: list[_Waiter] = []
-        self._holder: _Waiter | None = None
-
-    @asynccontextmanager
-    async def hold(self, key: tuple[int, int]) -> AsyncIterator[_Waiter]:
-        me = _Waiter(key)
-        if self._holder is not None:
-            heapq.heappush(self._heap, me)
-            holder = self._holder
-            if holder.scope is not None and me.key < holder.key:
-                holder.scope.cancel()  # preempt: a lower-priority request is only waiting
-            try:
-                await me.event.wait()
-            except BaseException:
-                me.left = True
-                if me.granted:
-                    self._pass()
-                raise
-        self._holder = me
-        me.scope = anyio.CancelScope()
-        if self._heap and self._heap[0].key < me.key and not self._heap[0].left:
-            me.scope.cancel()  # a better request arrived while we were being woken
-        try:
-            yield me
-        finally:
-            self._pass()
-
-    def _pass(self) -> None:
-        self._holder = None
-        while self._heap:
-            nxt = heapq.heappop(self._heap)
-            if not nxt.left:
-                nxt.granted = True
-                self._holder = nxt  # reserved for it before it wakes, so no one jumps the queue
-                nxt.event.set()
-                return
-
-
-class BoostBook:
-    """The boosts of one grid: requests, TTL expiry, renewal and release."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self._gate = _PriorityGate()
-        self._seq = itertools.count()
-        self.boosts: dict[str, Boost] = {}
-        self._wake: anyio.Event | None = None
-        self.outcomes: dict[str, int] = {
-            s.value: 0 for s in BoostState if s not in (BoostState.PENDING, BoostState.ACTIVE)
-        }
-        self.granted = 0
-
-    def make(
-        self,
-        resources: Any,
-        *,
-        ttl: Any,
-        priority: Any,
-        wait: Any,
-        strategy: Any,
-        nodes: Any,
-        labels: Any,
-    ) -> Boost:
-        """Validate every argument at the API boundary, before anything reaches the engine."""
-        amount = Resources.coerce(resources)
-        if not amount:
-            raise InvalidRequest("a boost must ask for some resources, got none")
-        if strategy not in STRATEGIES:
-            raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {shown(strategy)}")
-        level = priority_of(priority)
-        if nodes is not None:
-            if isinstance(nodes, str) or not isinstance(nodes, Sequence) or not all(isinstance(n, str) for n in nodes):
-                raise InvalidRequest(f"nodes must be a list of node ids or addresses, got {shown(nodes)}")
-            nodes = tuple(nodes)
-        if labels is not None and (
-            not isinstance(labels, Mapping)
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
-        ):
-            raise InvalidRequest(f"labels must map strings to strings, got {shown(labels)}")
-        boost = Boost(
-            self._grid,
-            amount,
-            ttl=seconds("ttl", ttl),
-            priority=level,
-            wait=seconds("wait", wait, allow_zero=True),
-            strategy=strategy,
-            nodes=nodes,
-            labels=None if labels is None else dict(labels),
-        )
-        self._grid.backend.check_reservation(boost.request())  # what the engine cannot express, refused here
-        return boost
-
-    async def grant(self, boost: Boost) -> Boost:
-        """Wait (at most ``boost.wait``) until the backend holds the boost; fail with what was missing."""
-        grid = self._grid
-        self.boosts[boost.id] = boost
-        try:
-            await self._refuse_impossible(boost)
-            key = (-boost.priority, next(self._seq))
-            # move_on_after, not fail_after: an engine's own TimeoutError (Ray's
-            # GetTimeoutError is one) must not pass for our `wait` running out.
-            with anyio.move_on_after(boost.wait) as waited:
-                reservation = await self._reserve_in_turn(boost, key)
-            if waited.cancelled_caught:
-                raise await self._not_granted(boost) from None
-        except BaseException as exc:
-            del self.boosts[boost.id]
-            boost.state = BoostState.FAILED
-            self.outcomes["failed"] += 1
-            if isinstance(exc, Exception):
-                boost.error = exc
-                grid._notify("gridboost_boost_failed", boost=boost, error=exc)
-            raise
-        boost.reservation = reservation
-        boost.placements = reservation.placements
-        boost.state = BoostState.ACTIVE
-        boost.activated_at = time.time()
-        boost.expires_at = boost.activated_at + boost.ttl
-        boost._deadline = anyio.current_time() + boost.ttl
-        self._poke()
-        self.granted += 1
-        grid._notify("gridboost_boost_activated", boost=boost)
-        grid._dispatch.boost_activated(boost)
-        return boost
-
-    async def lease(self, boost: Boost) -> Lease:
-        """Reserve ``boost``'s request as a *detached* lease: the engine's registry, not this grid, ends it.
-
-        The same validation, refusal of the impossible, priority order and ``wait`` bound as
-        :meth:`grant`; the grid keeps no record of it afterwards (no expiry, no release at teardown).
-        """
-        backend = self._grid.backend
-        if not backend.capabilities.shared_leases:
-            raise InvalidRequest(
-                f"the {backend.name} backend keeps leases inside one process; a lease that outlives it needs a "
-                "backend with a lease registry on the cluster (ray, dask)"
-            )
-        await self._refuse_impossible(boost)
-        key = (-boost.priority, next(self._seq))
-        with anyio.move_on_after(boost.wait) as waited:
-            reservation = await self._reserve_in_turn(boost, key, detached=True)
-        if waited.cancelled_caught:
-            raise await self._not_granted(boost) from None
-        return Lease(
-            id=boost.id,
-            backend=backend.name,
-            resources=boost.resources,
-            owner=owner_name(),
-            state="active",
-            priority=boost.priority,
-            expires_at=time.time() + boost.ttl,
-            placements=reservation.placements,
-        )
-
-    async def _not_granted(self, boost: Boost) -> BoostUnavailable:
-        snapshot = await self._grid.backend.snapshot()
-        room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
-        return BoostUnavailable(
-            f"boost {boost.id} ({boost.resources.human()}) was not granted within {boost.wait:g}s: "
-            f"missing {boost.resources.shortfall(room).human()} (free now: {room.human()})"
-        )
-
-    async def _refuse_impossible(self, boost: Boost) -> None:
-        backend = self._grid.backend
-        if not backend.capabilities.reserve:
-            raise BoostUnavailable(f"the {backend.name} backend cannot reserve capacity")
-        snapshot = await backend.snapshot()
-        nodes = snapshot.matching(boost.nodes, boost.labels)
-        growable = backend.capabilities.grow and boost.nodes is None  # new nodes may carry the labels
-        if not nodes and (boost.nodes is not None or boost.labels) and not growable:
-            there = (
-                f"labels there: {labels_there(snapshot.alive)}"
-                if boost.labels
-                else f"nodes are {', '.join(n.id for n in snapshot.alive[:4]) or 'none'}"
-            )
-            asked = f"labels={dict(boost.labels)}" if boost.labels else f"nodes={list(boost.nodes or ())}"
-            raise BoostUnavailable(f"no live node matches {shown(asked, 120)}; {there}")
-        if backend.capabilities.grow:
-            return  # the backend may add nodes; only it can say no
-        if boost.strategy == "strict_pack":
-            biggest = max(nodes, key=lambda n: boost.resources.fits_in(n.total), default=None)
-            if biggest is None or not boost.resources.fits_in(biggest.total):
-                raise BoostUnavailable(
-                    f"boost {boost.id} ({boost.resources.human()}) fits on no single node (strategy strict_pack)"
-                )
-        total = sum((n.total for n in nodes), Resources())
-        if not boost.resources.fits_in(total):
-            raise BoostUnavailable(
-                f"boost {boost.id} asks for {boost.resources.human()}, more than the whole cluster has "
-                f"({total.human()}); missing {boost.resources.shortfall(total).human()}"
-            )
-
-    async def _reserve_in_turn(self, boost: Boost, key: tuple[int, int], *, detached: bool = False) -> Reservation:
-        request = evolve(boost.request(), detached=True) if detached else boost.request()
-        while True:
-            async with self._gate.hold(key) as turn:
-                assert turn.scope is not None
-                with turn.scope:
-                    return await self._grid.backend.reserve(request)
-            # preempted by a request of higher priority: queue again, keeping our key
-
-    async def renew(self, boost: Boost, ttl: float) -> None:
-        ttl = seconds("ttl", ttl)
-        boost.require_active()
-        assert boost.reservation is not None
-        await self._grid.backend.extend(boost.reservation, ttl)
-        boost.ttl = ttl
-        boost.expires_at = time.time() + ttl
-        boost._deadline = anyio.current_time() + ttl
-        self._poke()
-
-    async def finish(self, boost: Boost, state: BoostState, error: BoostLost | None = None) -> None:
-        """End an active boost: cancel its work, release its reservation; awaited and shielded.
-
-        ``state`` is ``released``, ``expired``, or ``failed`` with the ``error`` that
-        says what the engine lost.
-        """
-        if boost.state is not BoostState.ACTIVE:
-            return
-        boost.state = state  # first, so a second caller returns at once
-        boost.expires_at = None
-        if state is BoostState.FAILED:
-            assert error is not None
-            reason: Exception = error
-            boost.error = error
-        elif state is BoostState.EXPIRED:
-            reason = BoostExpired(f"boost {boost.id} expired")
-        else:
-            reason = TaskCancelled(f"boost {boost.id} was released")
-        grid = self._grid
-        with anyio.CancelScope(shield=True):
-            for run in list(boost._runs):
-                run.cancel(reason)
-            with anyio.move_on_after(grid.teardown_timeout):
-                while boost._runs:
-                    boost._runs_idle = anyio.Event()
-                    await boost._runs_idle.wait()
-            assert boost.reservation is not None
-            try:
-                with anyio.fail_after(grid.teardown_timeout):
-                    await grid.backend.release(boost.reservation)
-            except BaseException as exc:
-                if state is not BoostState.FAILED:
-                    boost.state = BoostState.FAILED
-                    boost.error = exc
-                    self.outcomes["failed"] += 1
-                    if isinstance(exc, Exception):
-                        grid._notify("gridboost_boost_failed", boost=boost, error=exc)
-                raise
-            finally:
-                self.boosts.pop(boost.id, None)
-                self._poke()
-                grid._dispatch.boost_ended()
-        self.outcomes[state.value] += 1
-        if state is BoostState.FAILED:
-            assert error is not None
-            grid._notify("gridboost_boost_failed", boost=boost, error=error)
-        else:
-            hook = "gridboost_boost_expired" if state is BoostState.EXPIRED else "gridboost_boost_released"
-            grid._notify(hook, boost=boost)
-
-    async def lost(self, reservation_id: str, error: BaseException) -> None:
-        """The backend says the engine lost this reservation: fail the boost and stop its work."""
-        boost = self.boosts.get(reservation_id)
-        if boost is None or not boost.is_active:
-            return  # already ended, or not ours: engines may report a loss twice
-        lost = BoostLost(f"boost {boost.id} lost its reservation: {error}")
-        lost.__cause__ = error
-        try:
-            await self.finish(boost, BoostState.FAILED, lost)
-        except Exception as exc:  # what is left of it could not be released; the boost is failed anyway
-            self._grid._log_error(f"releasing what is left of lost boost {boost.id} failed", exc)
-            self.outcomes["failed"] += 1
-            self._grid._notify("gridboost_boost_failed", boost=boost, error=lost)
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    async def expire_loop(self) -> None:
-        """Release each boost at its deadline. Runs in the grid's task group until teardown."""
-        while True:
-            now = anyio.current_time()
-            for boost in [b for b in self.boosts.values() if b.is_active and b._deadline <= now]:
-                try:
-                    await self.finish(boost, BoostState.EXPIRED)
-                except Exception as exc:  # the loop must outlive one bad release
-                    self._grid._log_error(f"releasing expired boost {boost.id} failed", exc)
-            deadline = min((b._deadline for b in self.boosts.values() if b.is_active), default=math.inf)
-            self._wake = anyio.Event()
-            with anyio.move_on_after(deadline - anyio.current_time()):
-                await self._wake.wait()
-
-
 class BoostBlock:
     """What ``grid.boost(...)`` returns: an async context manager that requests, enters and releases."""
 
-    def __init__(self, grid: Grid, resources: Any, kwargs: dict[str, Any]) -> None:
-        self._grid, self._resources, self._kwargs = grid, resources, kwargs
+    def __init__(self, request: Callable[[], Awaitable[Boost]]) -> None:
+        self._request = request
         self._boost: Boost | None = None
 
     async def __aenter__(self) -> Boost:
-        self._boost = await self._grid.request_boost(self._resources, **self._kwargs)
+        self._boost = await self._request()
         return await self._boost.__aenter__()
 
     async def __aexit__(
@@ -484,23 +185,3 @@ class BoostBlock:
     ) -> None:
         assert self._boost is not None
         await self._boost.__aexit__(exc_type, exc, tb)
-
-
-def labels_there(nodes: Sequence[NodeSnapshot], most: int = 4) -> str:
-    """The labels live nodes carry, each key with its values, in one short line: ``name=a|b, zone=x``.
-
-    Engine-internal labels (Ray's ``ray.io/...``) are left out; at most ``most`` values a key and 8 keys.
-    """
-    values: dict[str, set[str]] = {}
-    for node in nodes:
-        for key, value in node.labels.items():
-            if not key.startswith("ray.io/"):
-                values.setdefault(key, set()).add(value)
-    if not values:
-        return "none"
-    parts = []
-    for key in sorted(values)[:8]:
-        seen = sorted(values[key])
-        more = f"|\u2026 ({len(seen)} values)" if len(seen) > most else ""
-        parts.append(f"{key}={'|'.join(v if len(v) <= 24 else v[:23] + chr(0x2026) for v in seen[:most])}{more}")
-    return ", ".join(parts) + (", \u2026" if len(values) > 8 else "")

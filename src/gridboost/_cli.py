@@ -300,16 +300,17 @@ def _plugins(args: argparse.Namespace) -> Any:
     import warnings
 
     from ._plugins import GridPluginManager, builtin
+    from ._policy import DefaultPolicy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load failures are part of the report below
-        pm = GridPluginManager.for_grid()
+        pm = GridPluginManager.for_grid(policy=DefaultPolicy())
     owners = pm.backend_owners()
     plugins = []
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
         backends = sorted(backend for backend, owner in owners.items() if owner == name)
-        kind = "built-in" if isinstance(plugin, type(sys)) and builtin(plugin) else "entry point"
+        kind = "built-in" if builtin(name) else "entry point"
         plugins.append({"name": name, "kind": kind, "hooks": hooks, "backends": backends})
     failed = [{"name": name, "error": error} for name, error in pm.load_errors]
     if args.json:

@@ -18,8 +18,9 @@ import anyio
 from ._boost import Boost
 from ._grid import Grid
 from ._plugins import hookimpl
-from ._records import Placement, Priority, TaskOutcome, TaskSpec
+from ._records import Priority, TaskOutcome
 from ._resources import Resources
+from ._spec import Placement, TaskSpec
 from .exceptions import GridboostError
 
 __all__ = ["run_demo"]

@@ -37,18 +37,20 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._kit import finite, shown
+from ._book import BoostBook
+from ._boost import Boost
+from ._ledger import Ledger
 from ._plugins import call_decision
-from ._records import BoostState, Placement, TaskSpec
-from ._resources import BYTE_FIELDS, Resources, format_bytes, format_number
-from .exceptions import GridboostError, InvalidRequest, PolicyError
+from ._records import BoostState
+from ._resources import Resources
+from ._runtime import Runtime
+from ._spec import Placement, TaskSpec
+from .exceptions import GridboostError, PolicyError
 
 if TYPE_CHECKING:
-    from ._boost import Boost
-    from ._grid import Grid
     from ._task import Run
 
-__all__ = ["FITS_HERE", "Dispatch", "Ledger", "Move", "bounded"]
+__all__ = ["FITS_HERE", "Dispatch", "Move"]
 
 log = logging.getLogger("gridboost")
 
@@ -57,7 +59,6 @@ VIEW_REFRESH = 5.0
 # A refill looks this far down the queue for a task that fits the freed room, then stops:
 # a long queue of tasks too large for it must not make every completion cost O(queue).
 _REFILL_LOOKAHEAD = 64
-_EPS = 1e-9
 
 
 #: The default policy's placement of work that fits here. Such work may still wait a moment for a slot (tasks
@@ -66,96 +67,12 @@ _EPS = 1e-9
 FITS_HERE = Placement("local", "fits in free local capacity")
 
 
-def bounded(name: str, value: object, unit: str, most: float) -> float:
-    """``value`` as a float in 0..``most``; else an ``InvalidRequest`` naming ``name``."""
-    number = finite(value)
-    if number is None or not 0 <= number <= most:
-        raise InvalidRequest(f"{name} must be a finite number ({unit}) within 0..{most:g}, got {shown(value)}")
-    return number
-
-
 class Move(Exception):
     """Not an error: the cause a queued run is cancelled with when it moves to another placement."""
 
     def __init__(self, placement: Placement) -> None:
         super().__init__(placement.kind)
         self.placement = placement
-
-
-class Ledger:
-    """Capacity promised away at one place: what tasks placed there claimed, against its capacity.
-
-    ``capacity`` ``None`` is unknown: everything fits (the engine will queue what does not).
-    ``queue`` lets claims run that fraction of the capacity beyond it (work the engine
-    holds queued, ready for the next slot that frees); ``free`` never counts it.
-    """
-
-    __slots__ = ("_capacity", "_limit", "name", "queue", "used")
-
-    def __init__(self, name: str, capacity: Resources | None = None, *, queue: float = 0.0) -> None:
-        self.name = name
-        self.queue = queue
-        self._capacity: dict[str, float] | None = None
-        self._limit: dict[str, float] | None = None
-        self.used: dict[str, float] = {}
-        self.set_capacity(capacity)
-
-    def set_capacity(self, capacity: Resources | None) -> None:
-        self._capacity = None if capacity is None else capacity.as_dict()
-        self._limit = None if self._capacity is None else {k: v * (1 + self.queue) for k, v in self._capacity.items()}
-
-    @property
-    def known(self) -> bool:
-        return self._capacity is not None
-
-    def could_hold(self, amount: Resources) -> bool:
-        """Whether ``amount`` fits in the whole capacity, whatever is claimed now."""
-        limit = self._limit
-        return limit is None or all(v <= limit.get(k, 0.0) + _EPS for k, v in amount._items() if v)
-
-    def room_for(self, amount: Resources) -> bool:
-        limit = self._limit
-        if limit is None:
-            return True
-        used = self.used
-        for key, value in amount._items():
-            if value and used.get(key, 0.0) + value > limit.get(key, 0.0) + _EPS:
-                return False
-        return True
-
-    def take(self, amount: Resources) -> None:
-        used = self.used
-        for key, value in amount._items():
-            if value:
-                used[key] = used.get(key, 0.0) + value
-
-    def give(self, amount: Resources) -> None:
-        used = self.used
-        for key, value in amount._items():
-            if value:
-                left = used.get(key, 0.0) - value
-                used[key] = left if left > _EPS else 0.0
-
-    def shortfall(self, amount: Resources) -> str:
-        """What this place lacks to hold ``amount`` on top of its claims, as text (``cpu=1``): cheap, for reasons."""
-        capacity = self._limit
-        if capacity is None:
-            return "nothing"
-        used = self.used
-        parts = []
-        for key, value in amount._items():
-            missing = used.get(key, 0.0) + value - capacity.get(key, 0.0) if value else 0.0
-            if missing > _EPS:
-                text = format_bytes(math.ceil(missing)) if key in BYTE_FIELDS else format_number(missing)
-                parts.append(f"{key}={text}")
-        return ",".join(parts) or "nothing"
-
-    @property
-    def free(self) -> Resources | None:
-        """Capacity not claimed (``None`` when the capacity is unknown)."""
-        if self._capacity is None:
-            return None
-        return Resources.coerce({k: max(0.0, v - self.used.get(k, 0.0)) for k, v in self._capacity.items()})
 
 
 def _minus(total: Resources, held: Iterable[Resources]) -> Resources:
@@ -169,10 +86,13 @@ def _minus(total: Resources, held: Iterable[Resources]) -> Resources:
 class Dispatch:
     """The ledgers of one grid, the work waiting for local capacity, and the moves out of that queue."""
 
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+    def __init__(self, runtime: Runtime, book: BoostBook) -> None:
+        self._runtime = runtime
+        self._book = book
+        book.on_activated = self.boost_activated
+        book.on_ended = self.boost_ended
         self.local = Ledger("local")
-        self.cluster = Ledger("cluster", queue=grid.cluster_queue)
+        self.cluster = Ledger("cluster", queue=runtime.settings.cluster_queue)
         self._cluster_total: Resources | None = None
         self.waiting: dict[Run, None] = {}  # insertion order: oldest first
         self._level = 0
@@ -182,7 +102,7 @@ class Dispatch:
 
     def ledger_of(self, placement: Placement) -> Ledger:
         if placement.boost is not None:
-            return placement.boost._ledger
+            return placement.boost.ledger
         return self.local if placement.kind == "local" else self.cluster
 
     def claim(self, run: Run) -> None:
@@ -214,7 +134,7 @@ class Dispatch:
         run.cancel(Move(placement))
         run.placement = placement  # what its handle says from now on; the run re-enters it as it wakes
         self.claim_moved(run, placement)
-        counts = self._grid._counts
+        counts = self._runtime.counts
         counts["moves"] += 1
         counts[f"moves.{placement.kind}"] += 1
 
@@ -228,7 +148,7 @@ class Dispatch:
 
     def remote_can_run(self, task: TaskSpec) -> bool:
         try:
-            self._grid.backend.check_task(task)
+            self._runtime.backend.check_task(task)
         except GridboostError:
             return False
         return True
@@ -237,8 +157,8 @@ class Dispatch:
         """A boost of this grid with room for ``task``, else the cluster if it has room; ``None`` if neither."""
         amount = task.resources
         pending = Resources()
-        for boost in self._grid._boosts.boosts.values():
-            if boost.is_active and boost._ledger.room_for(amount):
+        for boost in self._book.boosts.values():
+            if boost.is_active and boost.ledger.room_for(amount):
                 return Placement("boost", f"{why}; boost {boost.id} has room", boost)
             if boost.state is BoostState.PENDING and self.cluster.could_hold(boost.resources):
                 pending = pending + boost.resources  # (one that waits for growth is not kept room here)
@@ -250,8 +170,8 @@ class Dispatch:
 
     def refill(self) -> None:
         """Move the oldest waiting work into remote room that freed, one task per slot."""
-        grid = self._grid
-        if not grid.auto_offload or grid._state != "open":
+        runtime = self._runtime
+        if not runtime.settings.auto_offload or runtime.state != "open":
             return
         misses = 0
         for run in list(self.waiting):
@@ -274,32 +194,33 @@ class Dispatch:
     def boost_activated(self, boost: Boost) -> None:
         """A boost became active: take its capacity off the cluster's, and move queued work onto it."""
         self._update_cluster()
-        grid = self._grid
-        if not grid.auto_offload or grid._state != "open":
+        runtime = self._runtime
+        settings = runtime.settings
+        if not settings.auto_offload or runtime.state != "open":
             return
-        ledger = boost._ledger
+        ledger = boost.ledger
         queued = {
             run.spec.id: run
-            for run in grid._runs
+            for run in runtime.runs
             if run.is_waiting_locally and run.spec.where == "auto" and ledger.room_for(run.spec.resources)
         }
         if not queued:
             return
         now = anyio.current_time()
-        self._level = self._level + 1 if now - self._last_moved < grid.auto_offload_backoff else 0
-        limit = grid.auto_offload_limit
+        self._level = self._level + 1 if now - self._last_moved < settings.auto_offload_backoff else 0
+        limit = settings.auto_offload_limit
         budget = max(1, limit >> self._level) if limit else 0
         try:
             chosen = call_decision(
-                grid.plugins.hook.gridboost_offload_candidates,
+                runtime.plugins.hook.gridboost_offload_candidates,
                 "gridboost_offload_candidates",
-                grid=grid,
+                grid=runtime.view,
                 boost=boost,
                 queued=[run.spec for run in queued.values()],
                 limit=budget,
             )
         except PolicyError as exc:  # the boost is granted either way; only the move is off
-            grid._log_error(f"choosing work to move onto boost {boost.id} failed", exc)
+            runtime.log_error(f"choosing work to move onto boost {boost.id} failed", exc)
             return
         moved = 0
         for spec in list(chosen or ())[:budget]:
@@ -321,17 +242,17 @@ class Dispatch:
     def _update_cluster(self) -> None:
         if self._cluster_total is None:
             return
-        held = [b.resources for b in self._grid._boosts.boosts.values() if b.is_active]
+        held = [b.resources for b in self._book.boosts.values() if b.is_active]
         self.cluster.set_capacity(_minus(self._cluster_total, held) if held else self._cluster_total)
 
     async def read_cluster(self) -> None:
         """Ask the engine what its live nodes have; keep the last answer when it cannot say."""
-        grid = self._grid
+        backend = self._runtime.backend
         try:
-            with anyio.fail_after(min(grid.teardown_timeout, 30.0)):
-                snapshot = await grid.backend.snapshot()
+            with anyio.fail_after(min(self._runtime.settings.teardown_timeout, 30.0)):
+                snapshot = await backend.snapshot()
         except Exception as exc:
-            log.warning("reading the %s cluster's capacity failed: %s: %s", grid.backend.name, type(exc).__name__, exc)
+            log.warning("reading the %s cluster's capacity failed: %s: %s", backend.name, type(exc).__name__, exc)
             return
         grew = self._cluster_total is None or not snapshot.total.fits_in(self._cluster_total)
         self._cluster_total = snapshot.total

@@ -1,77 +1,48 @@
-"""Small pieces the core and its first-party backends (gridboost-ray, gridboost-dask) share.
+"""Small pieces the core and its backends share: the error map, a bounded cache, the trio bridge.
 
-Private: the plugins are released with the core, so they may import it; a third-party backend should not.
+Backends use them through :mod:`gridboost.backend_kit`, their public face. The text and argument
+helpers live in ``_text`` and ``_checks``; they are re-exported here for the kit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from .exceptions import GridboostError, InvalidRequest
+import anyio
 
-__all__ = ["LRU", "ErrorMap", "did_you_mean", "finite", "seconds", "shown", "until_done_on_trio"]
+from ._checks import finite, seconds
+from ._text import did_you_mean, shown
+from .exceptions import GridboostError
 
-_SHOWN = 60  # characters of a value an error message quotes: one short line, whatever the value
+__all__ = ["LRU", "ErrorMap", "Tracked", "did_you_mean", "finite", "seconds", "shown", "until_done_on_trio"]
 
-
-def shown(value: object, limit: int = _SHOWN) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages: never long, never raises.
-
-    An int of thousands of digits has no ``repr`` (Python refuses to convert it) and a
-    hostile object's ``__repr__`` may raise; both are described instead.
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
-        sign = "-" if value < 0 else ""
-        return f"{sign}an integer of about {int(value.bit_length() * 0.30103)} digits"
-    try:
-        text = repr(value)
-    except Exception:  # a __repr__ that raises (or returns a non-string, which repr turns into TypeError)
-        text = f"<{type(value).__name__} object>"
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+T = TypeVar("T")
 
 
-def did_you_mean(word: str, choices: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
-    """``"; did you mean 'cpu'?"`` for a likely typo of one of ``choices``, or ``""``.
+class Tracked(set[T], Generic[T]):
+    """A set whose emptying can be awaited: teardown's "wait until none is left", written once."""
 
-    Case is ignored; ``aliases`` maps words people write for a choice (``mem``) to it.
-    """
-    options = list(choices)
-    folded = word.casefold()
-    found = [c for c in options if c.casefold() == folded] or (
-        [aliases[folded]] if aliases and folded in aliases else []
-    )
-    if not found and len(word) <= 40:
-        lowered = {c.casefold(): c for c in options}
-        found = [lowered[c] for c in difflib.get_close_matches(folded, list(lowered), n=1, cutoff=0.75)]
-    return f"; did you mean {found[0]!r}?" if found else ""
+    __slots__ = ("_idle",)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._idle: anyio.Event | None = None
 
-def finite(value: object) -> float | None:
-    """``value`` as a float if it is a real number (not a bool) that a float holds finitely, else ``None``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond a float's range is as unusable as inf
-        return None
-    return None if math.isnan(number) or math.isinf(number) else number
+    def discard(self, item: object) -> None:
+        super().discard(item)
+        if not self and self._idle is not None:
+            self._idle.set()
 
-
-def seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """``value`` as a finite number of seconds, > 0 (or >= 0 with ``allow_zero``); else ``InvalidRequest``."""
-    number = finite(value)
-    if number is None:
-        raise InvalidRequest(f"{name} must be a finite number of seconds, got {shown(value)}")
-    if number < 0 or (number == 0 and not allow_zero):
-        raise InvalidRequest(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {shown(value)}")
-    return number
+    async def emptied(self) -> None:
+        """Return once the set is empty (bound it with a cancel scope)."""
+        while self:
+            self._idle = anyio.Event()
+            await self._idle.wait()
 
 
 class LRU(OrderedDict[Hashable, Any]):

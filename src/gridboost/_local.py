@@ -28,12 +28,14 @@ import anyio
 import psutil
 
 from . import _nvml
+from ._checks import seconds, whole
 from ._command import run_command
-from ._kit import seconds, shown
 from ._plugins import hookimpl
 from ._procpool import ProcessPool, check_picklable
-from ._records import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, TaskSpec, owner_name
+from ._records import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, owner_name
 from ._resources import Resources
+from ._spec import TaskSpec
+from ._text import shown
 from .abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from .exceptions import BoostUnavailable, CapacityUnavailable, GridClosed, InvalidRequest, TeardownError
 
@@ -98,10 +100,8 @@ class LocalBackend(Backend):
     ) -> None:
         if executor not in ("thread", "process"):
             raise InvalidRequest(f"executor must be 'thread' or 'process', got {shown(executor)}")
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
-        ):
-            raise InvalidRequest(f"max_workers must be a whole number >= 1, got {shown(max_workers)}")
+        if max_workers is not None:
+            whole("max_workers", max_workers, 1)
         self.executor = executor
         self._capacity = None if capacity is None else Resources.coerce(capacity)
         self._max_workers = max_workers

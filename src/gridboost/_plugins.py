@@ -21,9 +21,10 @@ from typing import Any, cast
 import pluggy
 
 from . import hookspecs
-from ._kit import shown
-from .abc import BackendSpec
-from .exceptions import InvalidRequest, PluginError, PolicyError
+from ._text import did_you_mean, shown
+from .abc import Backend, BackendSpec
+from .exceptions import InvalidRequest, PluginError, PolicyError, UnknownBackend
+from .hookspecs import OBSERVERS
 
 __all__ = ["GridPluginManager", "PluginLoadWarning", "hookimpl", "load_entry_point_plugins", "quiet_engine_logs"]
 
@@ -34,7 +35,9 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 
 ENTRY_POINT_GROUP = "gridboost"
 LOAD_ENV = "GRIDBOOST_LOAD_PLUGINS"
-_BUILTINS = ("gridboost._local", "gridboost._policy")
+_BUILTINS = ("gridboost._local", "gridboost._policy")  # the policy: one bound instance per grid
+# Called one implementation at a time (each isolated, see _observers), so a wrapper of one would wrap nothing.
+_CALLED_ONE_BY_ONE = frozenset({"gridboost_backends", *OBSERVERS})
 _PLUGIN_DISTRIBUTIONS = {"ray": "gridboost-ray", "dask": "gridboost-dask"}
 
 
@@ -144,6 +147,18 @@ class GridPluginManager(pluggy.PluginManager):
                 name = f"{name}@{id(plugin):x}"
         result = super().register(plugin, name)
         self.version += 1
+        refused = [
+            caller.name
+            for caller in self.get_hookcallers(plugin) or ()
+            if caller.name in _CALLED_ONE_BY_ONE
+            and any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper) for impl in caller.get_hookimpls())
+        ]
+        if refused:
+            self.unregister(plugin)
+            raise PluginError(
+                f"plugin {shown(plugin)} wraps {refused[0]}, which gridboost calls one implementation at a time "
+                "(an observer that fails must not stop the others): implement it as a plain hook"
+            )
         return result
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
@@ -152,12 +167,13 @@ class GridPluginManager(pluggy.PluginManager):
         return result
 
     @classmethod
-    def for_grid(cls, extra: Iterable[object] = ()) -> GridPluginManager:
-        """Built-ins, then entry-point plugins (warning on failures), then the app's own."""
+    def for_grid(cls, extra: Iterable[object] = (), *, policy: object = None) -> GridPluginManager:
+        """Built-ins (the local backend; ``policy``, the grid's default policy, if given), then entry-point
+        plugins (warning on failures), then the app's own."""
         pm = cls()
-        for module_name in _BUILTINS:
-            module = __import__(module_name, fromlist=["_"])
-            pm.register(module, name=module_name)
+        pm.register(__import__("gridboost._local", fromlist=["_"]), name="gridboost._local")
+        if policy is not None:
+            pm.register(policy, name="gridboost._policy")
         loaded, failed = load_entry_point_plugins(os.environ.get(LOAD_ENV))
         for name, plugin in loaded:
             if pm.is_registered(plugin):
@@ -173,6 +189,8 @@ class GridPluginManager(pluggy.PluginManager):
                 raise InvalidRequest(f"a plugin is an object or module with hook implementations, got {shown(plugin)}")
             try:
                 pm.register(plugin)
+            except PluginError:
+                raise
             except (ValueError, pluggy.PluginValidationError) as exc:  # registered twice, a bad hookimpl
                 raise PluginError(f"plugin {shown(plugin)} cannot be registered: {str(exc)[:100]}") from exc
         return pm
@@ -212,8 +230,54 @@ class GridPluginManager(pluggy.PluginManager):
     def install_hint(name: str) -> str | None:
         return install_hint(name)
 
+    def make_backend(self, name: object, options: Mapping[str, Any], grid_options: Sequence[str]) -> Backend:
+        """The backend ``name`` built with ``options``, each checked against the ones its plugin declares.
+
+        ``grid_options`` are the grid's own keyword names, for the hint when an option was meant for it.
+        """
+        specs = self.backend_specs()
+        if not isinstance(name, str):
+            raise InvalidRequest(f"backend must be a backend's name (a string), got {shown(name)}")
+        if name not in specs:
+            raise UnknownBackend(name, sorted(specs), install_hint(name))
+        spec = specs[name]
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            raise InvalidRequest(_unknown_options(name, unknown, spec.options, specs, grid_options))
+        return spec.factory(**options)
+
     def plugin_names(self) -> Sequence[str]:
         return [name for name, _ in self.list_name_plugin()]
+
+    def observer_impls(self, hook: str) -> list[tuple[Callable[..., Any], tuple[str, ...], str]]:
+        """Each implementation of an observer ``hook`` as (function, argument names, plugin name), in pluggy's order."""
+        impls = getattr(self.hook, hook).get_hookimpls()
+        return [(impl.function, tuple(impl.argnames), impl.plugin_name) for impl in reversed(impls)]
+
+    def decision_is_default(self, hook: str) -> bool:
+        """Whether the grid's default policy is the only implementation of decision ``hook``."""
+        impls = getattr(self.hook, hook).get_hookimpls()
+        return len(impls) == 1 and impls[0].plugin_name == "gridboost._policy"
+
+
+def _unknown_options(
+    backend: str,
+    unknown: Sequence[str],
+    accepted: Iterable[str],
+    specs: Mapping[str, BackendSpec],
+    grid_options: Sequence[str],
+) -> str:
+    """One line: the first unknown option, what was likely meant, and the names accepted (never their descriptions)."""
+    first = unknown[0]
+    named = first if first.isidentifier() and len(first) < 40 else shown(first, 40)
+    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+    listing = f"it accepts: {', '.join(accepted) or 'none'}"
+    others = [name for name, spec in specs.items() if first in spec.options]
+    if others:  # Grid(address=...) meant for a cluster backend
+        return f"the {backend} backend has no option {named}{more}; {listing} ({named} is for: {', '.join(others)})"
+    everyone = {option for spec in specs.values() for option in spec.options}
+    hint = did_you_mean(first, [*accepted, *grid_options, *sorted(everyone - set(accepted))])
+    return f"the {backend} backend has no option {named}{more}" + (f"{hint} ({listing})" if hint else f"; {listing}")
 
 
 def call_decision(hook: pluggy.HookCaller, what: str, /, **kwargs: Any) -> Any:
@@ -224,10 +288,6 @@ def call_decision(hook: pluggy.HookCaller, what: str, /, **kwargs: Any) -> Any:
         raise PolicyError(f"{what} hook failed: {type(exc).__name__}: {exc}") from exc
 
 
-def observer_impls(hook: pluggy.HookCaller) -> list[tuple[Callable[..., Any], tuple[str, ...], str]]:
-    """Each observer as (function, argument names, plugin name), in pluggy's call order."""
-    return [(impl.function, tuple(impl.argnames), impl.plugin_name) for impl in reversed(hook.get_hookimpls())]
-
-
-def builtin(module: ModuleType) -> bool:
-    return module.__name__ in _BUILTINS
+def builtin(name: str) -> bool:
+    """Whether the plugin registered as ``name`` is one of gridboost's own."""
+    return name in _BUILTINS

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from attrs import field, frozen
 
+from ._checks import unit_fraction, whole
 from ._kit import seconds, shown
-from ._probes import Probe, Reading, SystemProbe, unit_fraction
+from ._probes import Probe, Reading, SystemProbe
 from .exceptions import GridClosed, InvalidRequest, ProbeError
 
 if TYPE_CHECKING:
-    from ._grid import Grid
+    from ._runtime import Runtime
 
 __all__ = ["DEFAULT_THRESHOLDS", "DIMENSIONS", "Monitor", "Pressure", "PressureChanges", "Threshold", "assess"]
 
@@ -166,8 +167,7 @@ class PressureChanges:
     """
 
     def __init__(self, monitor: Monitor, buffer: int) -> None:
-        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise InvalidRequest(f"buffer must be a whole number >= 1, got {shown(buffer)}")
+        whole("buffer", buffer, 1)
         self._monitor = monitor
         self._items: deque[Pressure] = deque(maxlen=buffer)
         self._wake: anyio.Event | None = None
@@ -217,10 +217,10 @@ class PressureChanges:
 class Monitor:
     """The sampling loop of one grid: a probe read every ``interval`` seconds, off the event loop."""
 
-    def __init__(self, grid: Grid, probe: Probe | None, interval: object, thresholds: object) -> None:
+    def __init__(self, runtime: Runtime, probe: Probe | None, interval: object, thresholds: object) -> None:
         if probe is not None and not isinstance(probe, Probe):
             raise InvalidRequest(f"probe must be a gridboost.Probe, got {shown(probe)}")
-        self._grid = grid
+        self._runtime = runtime
         self._probe = probe
         self.interval = seconds("pressure_interval", interval)
         self.thresholds = coerce_thresholds(thresholds)
@@ -237,10 +237,10 @@ class Monitor:
 
     def start(self) -> None:
         """Start the loop if it is not running yet (first need)."""
-        if not self.started and self._grid._state == "open":
+        if not self.started and self._runtime.state == "open":
             self.started = True
             self._attempted = anyio.Event()
-            self._grid._start_loop(self._run)
+            self._runtime.spawn(self._run)
 
     async def current(self) -> Pressure:
         self.start()
@@ -285,7 +285,7 @@ class Monitor:
         except Exception as exc:
             self.errors += 1
             if self.error is None:  # once per run of failures: a broken probe must not flood the log
-                self._grid._log_error("the pressure probe failed", exc)
+                self._runtime.log_error("the pressure probe failed", exc)
             self.error = exc
         else:
             self.error = None
@@ -306,12 +306,15 @@ class Monitor:
             return
         if old.taken_at is None and not new.high_dimensions:
             return  # the first reading is a change only when it is already high
-        self._grid._pressure_changed(old, new)
+        runtime = self._runtime
+        runtime.counts["pressure.changes"] += 1
+        if runtime.state == "open":
+            runtime.observers.notify("gridboost_pressure_changed", old=old, new=new)
         for changes in list(self._subscribers):
             changes._push(new)
 
     async def _close(self, probe: Probe) -> None:
-        timeout = self._grid.teardown_timeout
+        timeout = self._runtime.settings.teardown_timeout
         with anyio.move_on_after(timeout + 1):
             try:
                 closed = await anyio.to_thread.run_sync(self._close_when_idle, probe, timeout, abandon_on_cancel=True)

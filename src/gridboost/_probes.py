@@ -14,25 +14,16 @@ from typing import Any
 import psutil
 from attrs import field, frozen
 
-from ._kit import finite, shown
+from ._checks import unit_fraction
 from ._nvml import GpuReading, NvmlSession
+from ._text import shown
 from .exceptions import InvalidRequest
 
-__all__ = ["GpuReading", "Probe", "Reading", "SystemProbe", "unit_fraction"]
+__all__ = ["GpuReading", "Probe", "Reading", "SystemProbe"]
 
 # psutil's first cpu_percent() says 0.0: it has nothing to compare with. A reading over
 # less than this many seconds is mostly noise, so the first one waits until it is real.
 _MIN_WINDOW = 0.1
-
-
-def unit_fraction(name: str, value: object) -> float | None:
-    """``value`` as a fraction in 0..1, or ``None`` (unknown); else an ``InvalidRequest`` naming ``name``."""
-    if value is None:
-        return None
-    number = finite(value)
-    if number is None or not 0 <= number <= 1:
-        raise InvalidRequest(f"{name} must be a fraction within 0..1 (one scale everywhere), got {shown(value)}")
-    return number
 
 
 def _validated(name: str) -> Any:

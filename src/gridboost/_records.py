@@ -1,4 +1,7 @@
-"""The frozen records that cross gridboost's seams: specs, snapshots, decisions, results."""
+"""The frozen records that cross gridboost's seams: commands, snapshots, leases, reservations, outcomes.
+
+A leaf of the import graph: it imports no service module (the task spec and placement, which name a
+:class:`~gridboost.Boost`, are in ``_spec``)."""
 
 from __future__ import annotations
 
@@ -8,18 +11,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from attrs import field, frozen
 
-from ._kit import did_you_mean, finite, shown
 from ._resources import Resources
+from ._text import did_you_mean, shown
 from .exceptions import InvalidRequest, InvalidTask
-
-if TYPE_CHECKING:
-    from ._boost import Boost
 
 __all__ = [
     "BoostState",
@@ -28,11 +28,11 @@ __all__ = [
     "CommandResult",
     "Lease",
     "NodeSnapshot",
-    "Placement",
     "Priority",
+    "Reservation",
+    "ReservationRequest",
     "Strategy",
     "TaskOutcome",
-    "TaskSpec",
 ]
 
 Strategy = Literal["pack", "spread", "strict_pack", "strict_spread"]
@@ -138,14 +138,6 @@ def priority_of(value: object) -> Priority:
     raise InvalidRequest(f"priority must be a Priority or one of {names}, got {shown(value)}{hint}")
 
 
-def _resources(value: Resources | str | Mapping[str, Any] | None) -> Resources:
-    return Resources.coerce(value)
-
-
-def _tags(value: Iterable[str]) -> frozenset[str]:
-    return value if type(value) is frozenset else frozenset(value)
-
-
 def _nodes(value: Iterable[NodeSnapshot]) -> tuple[NodeSnapshot, ...]:
     return tuple(value)
 
@@ -187,92 +179,6 @@ class CommandResult:
     stdout: bytes
     stderr: bytes
     node: str
-
-
-def _where(value: object) -> object:
-    if value in ("auto", "local", "cluster"):
-        return value
-    from ._boost import Boost  # a Boost is the one non-string placement
-
-    if isinstance(value, Boost):
-        return value
-    raise InvalidRequest(f"where must be 'auto', 'local', 'cluster' or a Boost, got {shown(value)}")
-
-
-def _retries(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequest(f"retries must be a whole number >= 0, got {shown(value)}")
-    return value
-
-
-def _timeout(value: object) -> float | None:
-    if value is None:
-        return None
-    number = finite(value)
-    if number is None or not number > 0:
-        raise InvalidRequest(f"timeout must be a finite number of seconds > 0 or None, got {shown(value)}")
-    return number
-
-
-def _target(value: object) -> object:
-    if isinstance(value, Command) or callable(value):
-        return value
-    raise InvalidTask(f"expected a callable or a Command, got {shown(value)} of type {type(value).__name__}")
-
-
-def _name(target: object) -> str:
-    if isinstance(target, Command):
-        return " ".join(target.argv)[:80]
-    return getattr(target, "__qualname__", None) or type(target).__qualname__
-
-
-@frozen
-class TaskSpec:
-    """One unit of work as the grid received it: what to run, with what, and where."""
-
-    target: Callable[..., Any] | Command = field(validator=lambda _s, _a, v: _target(v))
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = field(factory=dict)
-    resources: Resources = field(default=Resources(), converter=_resources)
-    where: Literal["auto", "local", "cluster"] | Boost = field(default="auto", validator=lambda _s, _a, v: _where(v))
-    retries: int = field(default=0, validator=lambda _s, _a, v: _retries(v))
-    timeout: float | None = field(default=None, converter=_timeout)
-    priority: Priority = field(default=Priority.NORMAL, converter=priority_of)
-    tags: frozenset[str] = field(factory=frozenset, converter=_tags)
-    id: str = field(factory=lambda: new_id("task"))
-    submitted_at: float = field(factory=time.monotonic)
-
-    @property
-    def name(self) -> str:
-        """A human name for the work: the function's qualified name or the command line."""
-        return _name(self.target)
-
-    @property
-    def is_command(self) -> bool:
-        return isinstance(self.target, Command)
-
-
-@frozen
-class Placement:
-    """The decision for one task: run it locally, on the cluster, or inside a boost, and why.
-
-    ``waiting`` marks a local placement made only because there was no room anywhere:
-    the task waits for local capacity, and moves to the first room that frees on the
-    cluster or in a boost before then (while ``grid.auto_offload`` is on).
-    """
-
-    kind: Literal["local", "cluster", "boost"]
-    reason: str
-    boost: Boost | None = None
-    waiting: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        if self.kind not in ("local", "cluster", "boost"):
-            raise InvalidRequest(f"placement kind must be local, cluster or boost, got {shown(self.kind)}")
-        if (self.kind == "boost") != (self.boost is not None):
-            raise InvalidRequest("a placement names a boost exactly when its kind is 'boost'")
-        if self.waiting and self.kind != "local":
-            raise InvalidRequest(f"only a local placement waits for local capacity, not a {self.kind} one")
 
 
 @frozen
@@ -361,3 +267,39 @@ class ClusterSnapshot:
                 continue
             chosen.append(node)
         return tuple(chosen)
+
+
+@frozen
+class ReservationRequest:
+    """What the grid asks the engine to hold for one boost.
+
+    ``detached``: a lease that outlives this process, until its TTL; the engine's lease
+    registry, not the grid, ends it (only asked of backends with ``shared_leases``).
+    """
+
+    id: str
+    resources: Resources
+    strategy: Strategy = "pack"
+    priority: Priority = Priority.NORMAL
+    ttl: float = 60.0
+    nodes: tuple[str, ...] | None = None
+    labels: Mapping[str, str] | None = field(default=None, converter=optional_frozen_map)
+    detached: bool = False
+
+
+@frozen(eq=False)
+class Reservation:
+    """Capacity the engine really holds for a boost.
+
+    ``placements`` are the ids of the nodes it landed on (one per bundle for Ray);
+    ``handle`` is the engine's own object (a placement group, a lease key), opaque to
+    the core.
+    """
+
+    request: ReservationRequest
+    placements: tuple[str, ...]
+    handle: Any = None
+
+    @property
+    def id(self) -> str:
+        return self.request.id

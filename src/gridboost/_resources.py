@@ -11,7 +11,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from ._kit import did_you_mean, shown
+from ._text import did_you_mean, shown
 from .exceptions import InvalidResources
 
 __all__ = ["Resources"]

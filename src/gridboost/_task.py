@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from ._kit import shown
-from ._records import Placement, TaskSpec
+from ._checks import whole
+from ._spec import Placement, TaskSpec
+from ._text import shown
 from .exceptions import InvalidRequest, TaskCancelled
 
 if TYPE_CHECKING:
-    from ._dispatch import Ledger
-    from ._grid import Grid
+    from ._ledger import Ledger
 
 T = TypeVar("T")
 
@@ -156,7 +156,7 @@ class TaskMap(Generic[T]):
 
     def __init__(
         self,
-        grid: Grid,
+        submit: Callable[..., TaskHandle[T]],
         fn: Callable[..., T],
         items: Iterable[Any] | AsyncIterable[Any],
         *,
@@ -164,8 +164,7 @@ class TaskMap(Generic[T]):
         ordered: bool,
         options: dict[str, Any],
     ) -> None:
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise InvalidRequest(f"max_in_flight must be a whole number >= 1, got {shown(max_in_flight)}")
+        whole("max_in_flight", max_in_flight, 1)
         if isinstance(items, AsyncIterable):
             self._aitems: AsyncIterator[Any] | None = aiter(items)
             self._items: Iterator[Any] | None = None
@@ -173,7 +172,7 @@ class TaskMap(Generic[T]):
             self._aitems, self._items = None, iter(items)
         else:
             raise InvalidRequest(f"map needs an iterable or async iterable of arguments, got {shown(items)}")
-        self._grid, self._fn, self._options = grid, fn, options
+        self._submit, self._fn, self._options = submit, fn, options
         self._limit, self._ordered = max_in_flight, ordered
         self._pending: deque[TaskHandle[T]] = deque()
         self._exhausted = False
@@ -190,7 +189,7 @@ class TaskMap(Generic[T]):
             if item is _END:
                 self._exhausted = True
                 break
-            handle = self._grid.submit(self._fn, item, **self._options)
+            handle = self._submit(self._fn, item, **self._options)
             if not self._ordered:
                 handle._callbacks.append(self._on_done)
             self._pending.append(handle)

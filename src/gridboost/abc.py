@@ -25,9 +25,9 @@ from typing import Any
 
 from attrs import field, frozen
 
-from ._kit import shown
-from ._records import ClusterSnapshot, Lease, Priority, Strategy, TaskSpec, frozen_map, optional_frozen_map
-from ._resources import Resources
+from ._records import ClusterSnapshot, Lease, Reservation, ReservationRequest, frozen_map
+from ._spec import TaskSpec
+from ._text import shown
 from .exceptions import InvalidRequest
 
 __all__ = ["Backend", "BackendSpec", "Capabilities", "Reservation", "ReservationRequest"]
@@ -54,42 +54,6 @@ class Capabilities:
     native_retries: bool = False
     remote: bool = True
     shared_leases: bool = False
-
-
-@frozen
-class ReservationRequest:
-    """What the grid asks the engine to hold for one boost.
-
-    ``detached``: a lease that outlives this process, until its TTL; the engine's lease
-    registry, not the grid, ends it (only asked of backends with ``shared_leases``).
-    """
-
-    id: str
-    resources: Resources
-    strategy: Strategy = "pack"
-    priority: Priority = Priority.NORMAL
-    ttl: float = 60.0
-    nodes: tuple[str, ...] | None = None
-    labels: Mapping[str, str] | None = field(default=None, converter=optional_frozen_map)
-    detached: bool = False
-
-
-@frozen(eq=False)
-class Reservation:
-    """Capacity the engine really holds for a boost.
-
-    ``placements`` are the ids of the nodes it landed on (one per bundle for Ray);
-    ``handle`` is the engine's own object (a placement group, a lease key), opaque to
-    the core.
-    """
-
-    request: ReservationRequest
-    placements: tuple[str, ...]
-    handle: Any = None
-
-    @property
-    def id(self) -> str:
-        return self.request.id
 
 
 class Backend(abc.ABC):

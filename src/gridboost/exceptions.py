@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ._text import shown as _shown
+
 __all__ = [
     "BackendError",
     "BoostExpired",
@@ -58,13 +60,11 @@ class UnknownBackend(GridboostError, LookupError):
     """No installed plugin provides a backend of that name."""
 
     def __init__(self, name: str, available: Sequence[str], hint: str | None = None) -> None:
-        from ._kit import shown  # here, not at the top: _kit raises this module's errors
-
         self.name = name
         self.available = tuple(available)
-        message = f"unknown backend {shown(name)}; available: {', '.join(self.available) or 'none'}"
+        message = f"unknown backend {_shown(name)}; available: {', '.join(self.available) or 'none'}"
         if hint:
-            message += f" (to use {shown(name)}: {hint})"
+            message += f" (to use {_shown(name)}: {hint})"
         super().__init__(message)
 
 

@@ -19,24 +19,38 @@ Hooks come in two kinds:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
     from ._boost import Boost
-    from ._grid import Grid
-    from ._pressure import Pressure
-    from ._records import Placement, TaskOutcome, TaskSpec
-    from .abc import BackendSpec
+    from ._pressure import Pressure, Threshold
+    from ._records import TaskOutcome
+    from ._resources import Resources
+    from ._spec import Placement, TaskSpec
+    from .abc import Backend, BackendSpec
 
 PROJECT = "gridboost"
+
+#: The observer hooks: each implementation is called on its own (one that fails does not stop the others).
+OBSERVERS = (
+    "gridboost_boost_activated",
+    "gridboost_boost_released",
+    "gridboost_boost_expired",
+    "gridboost_boost_failed",
+    "gridboost_task_placed",
+    "gridboost_task_finished",
+    "gridboost_pressure_changed",
+)
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
 __all__ = [
+    "OBSERVERS",
     "PROJECT",
+    "GridView",
     "gridboost_backends",
     "gridboost_boost_activated",
     "gridboost_boost_expired",
@@ -49,6 +63,37 @@ __all__ = [
     "gridboost_task_placed",
     "hookspec",
 ]
+
+
+class GridView(Protocol):
+    """The grid as a hook receives it (``grid``): what a decision may read cheaply, on the hot path.
+
+    A :class:`~gridboost.Grid` is one; hooks may also call its other public methods.
+    """
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def boosts(self) -> tuple[Boost, ...]: ...
+
+    @property
+    def local_available(self) -> Resources: ...
+
+    @property
+    def cluster_available(self) -> Resources | None: ...
+
+    @property
+    def latest_pressure(self) -> Pressure: ...
+
+    @property
+    def pressure_thresholds(self) -> Mapping[str, Threshold]: ...
+
+    @property
+    def auto_offload_limit(self) -> int: ...
+
+    def stats(self) -> dict[str, int]: ...
+
 
 # -- registration ---------------------------------------------------------------------
 
@@ -72,7 +117,7 @@ def gridboost_backends() -> Iterable[BackendSpec] | None:
 
 
 @hookspec(firstresult=True)
-def gridboost_choose_placement(grid: Grid, task: TaskSpec) -> Placement | None:
+def gridboost_choose_placement(grid: GridView, task: TaskSpec) -> Placement | None:
     """Decide where a ``where="auto"`` task runs; return ``None`` to let the next plugin decide.
 
     Asked once per task, when it is submitted (or when an ``offload`` coroutine starts),
@@ -95,7 +140,7 @@ def gridboost_choose_placement(grid: Grid, task: TaskSpec) -> Placement | None:
 
 @hookspec(firstresult=True)
 def gridboost_offload_candidates(
-    grid: Grid, boost: Boost, queued: Sequence[TaskSpec], limit: int
+    grid: GridView, boost: Boost, queued: Sequence[TaskSpec], limit: int
 ) -> Sequence[TaskSpec] | None:
     """Choose which queued tasks (not started yet) move onto a boost that just became active.
 
@@ -116,7 +161,7 @@ def gridboost_offload_candidates(
 
 
 @hookspec
-def gridboost_boost_activated(grid: Grid, boost: Boost) -> Any:
+def gridboost_boost_activated(grid: GridView, boost: Boost) -> Any:
     """A boost was granted: the engine now holds its reservation.
 
     Example::
@@ -128,7 +173,7 @@ def gridboost_boost_activated(grid: Grid, boost: Boost) -> Any:
 
 
 @hookspec
-def gridboost_boost_released(grid: Grid, boost: Boost) -> Any:
+def gridboost_boost_released(grid: GridView, boost: Boost) -> Any:
     """A boost was released by its owner (explicitly, by its ``async with`` block, or at teardown).
 
     Example::
@@ -140,7 +185,7 @@ def gridboost_boost_released(grid: Grid, boost: Boost) -> Any:
 
 
 @hookspec
-def gridboost_boost_expired(grid: Grid, boost: Boost) -> Any:
+def gridboost_boost_expired(grid: GridView, boost: Boost) -> Any:
     """A boost reached its TTL; its work was cancelled and its reservation released.
 
     Example::
@@ -152,7 +197,7 @@ def gridboost_boost_expired(grid: Grid, boost: Boost) -> Any:
 
 
 @hookspec
-def gridboost_boost_failed(grid: Grid, boost: Boost, error: BaseException) -> Any:
+def gridboost_boost_failed(grid: GridView, boost: Boost, error: BaseException) -> Any:
     """A boost could not be granted, or the engine lost it (a node died under it).
 
     Example::
@@ -167,7 +212,7 @@ def gridboost_boost_failed(grid: Grid, boost: Boost, error: BaseException) -> An
 
 
 @hookspec
-def gridboost_task_placed(grid: Grid, task: TaskSpec, placement: Placement) -> Any:
+def gridboost_task_placed(grid: GridView, task: TaskSpec, placement: Placement) -> Any:
     """A task's placement was decided, just before it is handed to a backend.
 
     Example::
@@ -179,7 +224,7 @@ def gridboost_task_placed(grid: Grid, task: TaskSpec, placement: Placement) -> A
 
 
 @hookspec
-def gridboost_task_finished(grid: Grid, task: TaskSpec, placement: Placement, outcome: TaskOutcome) -> Any:
+def gridboost_task_finished(grid: GridView, task: TaskSpec, placement: Placement, outcome: TaskOutcome) -> Any:
     """A task ended: succeeded, failed, was cancelled or timed out.
 
     Example::
@@ -194,7 +239,7 @@ def gridboost_task_finished(grid: Grid, task: TaskSpec, placement: Placement, ou
 
 
 @hookspec
-def gridboost_pressure_changed(grid: Grid, old: Pressure, new: Pressure) -> Any:
+def gridboost_pressure_changed(grid: GridView, old: Pressure, new: Pressure) -> Any:
     """Local pressure changed: its level, or which dimensions are high (with hysteresis).
 
     Not called for every reading, only for changes; the first reading counts as one only

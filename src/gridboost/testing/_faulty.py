@@ -89,7 +89,8 @@ from attrs import Factory, field, frozen
 
 from .._kit import shown
 from .._plugins import GridPluginManager, hookimpl
-from .._records import ClusterSnapshot, Lease, TaskSpec
+from .._records import ClusterSnapshot, Lease
+from .._spec import TaskSpec
 from .._resources import Resources
 from ..abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from ..exceptions import BackendError, GridboostError, InvalidRequest, UnknownBackend

@@ -6,7 +6,8 @@ from typing import Any
 
 from .._boost import Boost
 from .._plugins import hookimpl
-from .._records import Placement, TaskOutcome, TaskSpec
+from .._records import TaskOutcome
+from .._spec import Placement, TaskSpec
 
 __all__ = ["HookLog"]
 

@@ -39,8 +39,9 @@ from collections.abc import Collection, Iterable, Iterator
 import attrs
 import psutil
 
-from .._grid import Grid, _open_grids
+from .._grid import Grid
 from .._local import LocalBackend
+from .._teardown import open_grids as _open_grids
 from ..abc import Backend
 
 __all__ = [
@@ -223,7 +224,7 @@ def _unawaited(records: Iterable[warnings.WarningMessage]) -> list[str]:
 def _engines_of(grid: Grid) -> list[LocalBackend]:
     """The local engines a grid uses: its host, and its backend or the one a wrapper (FaultyBackend) delegates to."""
     engines: list[LocalBackend] = []
-    for backend in (grid.backend, grid._host):
+    for backend in (grid.backend, grid._runtime.host):
         for _ in range(8):  # wrappers of wrappers, but never round a cycle forever
             if isinstance(backend, LocalBackend):
                 engines.append(backend)
