@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import secrets
 import socket
@@ -31,9 +30,9 @@ from typing import Any
 import anyio
 from attrs import evolve, field, frozen
 
-from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
-from gridboost._kit import LRU, finite, seconds, shown
+from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec, worker_command
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
+from gridboost.backend_kit import LRU, SendCheck, finite, seconds, shown
 from gridboost.exceptions import (
     BackendError,
     BoostUnavailable,
@@ -41,8 +40,6 @@ from gridboost.exceptions import (
     GridClosed,
     InvalidRequest,
     InvalidResources,
-    InvalidTask,
-    NotSerializable,
     TeardownError,
 )
 
@@ -136,11 +133,10 @@ def _worker_resources(value: object) -> dict[str, float] | None:
     return amounts
 
 
-def _describe(fn: object) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if not isinstance(name, str) or not name:
-        return shown(fn)
-    return name if len(name) <= 80 else name[:79] + "\u2026"
+def _dumps(value: object) -> object:
+    import cloudpickle  # type: ignore[import-untyped]
+
+    return cloudpickle.dumps(value)
 
 
 def _to_dask(resources: Resources, what: str) -> dict[str, float]:
@@ -409,7 +405,7 @@ class DaskBackend(Backend):
         self._closed = False
         self._local_hosts: frozenset[str] = frozenset()
         self._options = LRU()
-        self._picklable = LRU()
+        self._sendable = SendCheck("Dask", _dumps)
         self._gatherer: _Gatherer = None  # type: ignore[assignment]  # made with the client, at start
         self._canceller: _Canceller = None  # type: ignore[assignment]  # made with the client, at start
         self._worker: Any = None  # the _worker module, imported at start (it imports distributed)
@@ -464,8 +460,10 @@ class DaskBackend(Backend):
         from . import _worker
 
         _follow_distributed_level()
-        # Scheduler and workers need not have gridboost-dask installed: what runs there of it travels by value.
+        # Scheduler and workers need not have gridboost-dask (nor gridboost) installed: what runs there of it travels
+        # by value.
         cloudpickle.register_pickle_by_value(_worker)
+        cloudpickle.register_pickle_by_value(worker_command)
         self._worker = _worker
         self._local_hosts = await anyio.to_thread.run_sync(_local_hosts)
         self._loop = _connect.DaskLoop(threaded=_connect.on_trio())
@@ -707,26 +705,7 @@ class DaskBackend(Backend):
         resources = task.resources
         if resources.gpu_memory or (resources.custom and not _OWN_NAMES.isdisjoint(resources.custom)):
             _to_dask(resources, f"task {task.name}")
-        target = task.target
-        if isinstance(target, Command):
-            return
-        try:
-            if target in self._picklable:
-                return
-        except TypeError:  # unhashable: checked every time
-            pass
-        if inspect.iscoroutinefunction(target):
-            raise InvalidTask(f"{_describe(target)} is an async function: a Dask task runs plain functions")
-        import cloudpickle
-
-        try:
-            cloudpickle.dumps(target)
-        except Exception as exc:
-            raise NotSerializable(
-                f"cannot send {_describe(target)} to Dask: it cannot be serialised ({type(exc).__name__}: {exc})"
-            ) from exc
-        with contextlib.suppress(TypeError):  # unhashable
-            self._picklable.remember(target, True)
+        self._sendable(task.target)
 
     async def run(
         self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 from attrs import define, frozen
 
-from gridboost._kit import shown, until_done_on_trio
+from gridboost.backend_kit import shown, until_done_on_trio
 from gridboost.exceptions import BackendError, InvalidRequest
 
 from ._errors import translate_connect

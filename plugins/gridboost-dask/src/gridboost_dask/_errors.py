@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from gridboost._kit import ErrorMap
+from gridboost.backend_kit import ErrorMap
 from gridboost.exceptions import BackendError, NotSerializable, TaskCancelled
 
 __all__ = ["map_errors", "translate"]

@@ -26,10 +26,9 @@ from typing import Any
 
 import anyio
 
-from gridboost import Lease, Priority, Resources
-from gridboost._kit import shown
-from gridboost._records import owner_name
+from gridboost import Lease, Resources
 from gridboost.abc import ReservationRequest
+from gridboost.backend_kit import lease_from_record, owner_name, shown
 from gridboost.exceptions import BoostUnavailable
 
 from ._errors import map_errors
@@ -97,17 +96,8 @@ def from_amounts(amounts: Mapping[str, float]) -> dict[str, Any]:
 
 
 def lease(record: Mapping[str, Any]) -> Lease:
-    """A registry record as a :class:`gridboost.Lease`."""
-    return Lease(
-        id=record["id"],
-        backend=record.get("backend", "dask"),
-        resources=Resources.coerce(record["resources"]),
-        owner=record["owner"],
-        state="active",
-        priority=Priority(record["priority"]),
-        expires_at=float(record["expires_at"]),
-        placements=tuple(dict.fromkeys(record["placements"])),
-    )
+    """A registry record as a :class:`gridboost.Lease` (active, whatever the registry's own state: granting, lost)."""
+    return lease_from_record(record, backend="dask", state="active")
 
 
 def held_on_workers(records: Sequence[Mapping[str, Any]]) -> dict[str, Amounts]:

@@ -1,8 +1,10 @@
 """What runs inside Dask's processes: the lease registry on the scheduler, and lease marks and commands on workers.
 
 This module is shipped *by value* (``cloudpickle.register_pickle_by_value``), so a cluster whose scheduler and workers
-do not have gridboost-dask installed can still run it. It imports only the standard library and ``distributed``
-(which every Dask process has), never gridboost.
+do not have gridboost-dask installed can still run it. It imports only the standard library, ``distributed``
+(which every Dask process has), and the one part of gridboost made to travel the same way,
+:mod:`gridboost.worker_command` (commands: started, waited for, stopped when cancelled), which the backend ships by
+value too.
 
 The registry (:class:`LeaseRegistry`, a ``SchedulerPlugin`` named ``gridboost-leases``) is the one source of truth of
 leases: it places a lease on workers with free capacity, marks it there with a resource of its own
@@ -17,16 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import os
-import signal
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+
+from gridboost.worker_command import run
 
 if TYPE_CHECKING:
     from distributed import Scheduler, Worker
@@ -49,11 +49,8 @@ LEASE_PREFIX = "gridboost-lease:"
 #: The registry's name on the scheduler.
 REGISTRY = "gridboost-leases"
 _EPS = 1e-9
-# How often a running command looks whether its task was cancelled: a Dask worker thread cannot be interrupted.
-_POLL = 0.05
 # Between two looks at workers that still show a lease or a task being let go: first fast, then at most this.
 _SETTLE_POLL = 0.1
-_PR_SET_PDEATHSIG = 1
 # Worker task states in which a task will never again ask for its resources here.
 _SETTLED = frozenset({"memory", "error", "released", "forgotten"})
 
@@ -111,39 +108,6 @@ def call(fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
 # -- on workers: commands -------------------------------------------------------------------------------------------
 
 
-def _kill_with_parent() -> Any:
-    # Resolved here, in the parent: the child runs between fork and exec, where loading a library could deadlock.
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None
-
-    def arm() -> None:
-        # A worker that dies (killed, or its nanny restarts it) takes the command with it.
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return arm
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # The command leads its own session, so its children go with it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
-
-
-def _stop(process: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM, then SIGKILL after ``grace``; returns once the process is reaped."""
-    deadline = time.monotonic() + grace
-    _signal_group(process, signal.SIGTERM)
-    killed = False
-    while process.returncode is None:
-        if not killed and time.monotonic() >= deadline:
-            killed = True
-            _signal_group(process, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(_POLL)
-
-
 def _cancelled(worker: Worker, key: Any) -> bool:
     """Whether the scheduler took this task back (cancelled, or its future released) while it runs here."""
     ts = worker.state.tasks.get(key)
@@ -151,7 +115,7 @@ def _cancelled(worker: Worker, key: Any) -> bool:
 
 
 def _cut(text: str, limit: int = 120) -> str:
-    # gridboost._kit.shown's job, but this module runs where gridboost may not be installed.
+    # gridboost.backend_kit.shown's job, but this module runs where gridboost may not be installed.
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
@@ -162,7 +126,8 @@ class CommandCancelled(Exception):
 def run_command(
     argv: Sequence[str], env: Mapping[str, str] | None, cwd: str | None, grace: float
 ) -> tuple[int, bytes, bytes, str]:
-    """Run ``argv``; return (status, stdout, stderr, worker address). Cancelled: SIGTERM, then SIGKILL after ``grace``.
+    """Run ``argv``; return (status, stdout, stderr, worker address). Cancelled: SIGTERM, then SIGKILL after ``grace``,
+    reaped before the task ends, whatever interrupts meanwhile (:func:`gridboost.worker_command.run`).
 
     A Dask task cannot be interrupted in its thread, so the command watches its own task in the worker's state and
     stops its process as soon as the scheduler cancels the task.
@@ -171,28 +136,13 @@ def run_command(
 
     worker = get_worker()
     key = worker.get_current_task()
-    process = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-        env=None if env is None else {**os.environ, **env},
-        start_new_session=True,
-        preexec_fn=_kill_with_parent() if os.name == "posix" else None,  # only prctl, resolved before the fork
-    )
-    try:
-        while True:
-            try:
-                out, err = process.communicate(timeout=_POLL)
-                break
-            except subprocess.TimeoutExpired:
-                if _cancelled(worker, key):
-                    raise CommandCancelled(f"{_cut(repr(list(argv)))} was cancelled") from None
-    except BaseException:
-        _stop(process, grace)
-        raise
-    return process.returncode, out, err, str(worker.address)
+
+    def check() -> None:
+        if _cancelled(worker, key):
+            raise CommandCancelled(f"{_cut(repr(list(argv)))} was cancelled")
+
+    status, out, err = run(argv, env, cwd, grace, check=check)
+    return status, out, err, str(worker.address)
 
 
 # -- on the scheduler: the lease registry ---------------------------------------------------------------------------

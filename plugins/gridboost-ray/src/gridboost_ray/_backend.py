@@ -18,7 +18,6 @@ in any bundle (``placement_group_bundle_index=-1``) and may combine the bundles 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import re
 import secrets
@@ -32,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import evolve, field, frozen
 
-from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec
-from gridboost._kit import LRU, finite, seconds, shown, until_done_on_trio
+from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec, worker_command
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
+from gridboost.backend_kit import LRU, SendCheck, finite, seconds, shown, until_done_on_trio
 from gridboost.exceptions import (
     BackendError,
     BoostUnavailable,
@@ -42,8 +41,6 @@ from gridboost.exceptions import (
     GridClosed,
     InvalidRequest,
     InvalidResources,
-    InvalidTask,
-    NotSerializable,
     TeardownError,
 )
 
@@ -177,8 +174,11 @@ def _shape(request: ReservationRequest) -> tuple[Resources, str, Sequence[str] |
     return request.resources, request.strategy, request.nodes, request.labels
 
 
-def _describe(fn: object) -> str:
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+def _dumps(value: object) -> object:
+    """Ray's own pickler (imported only when a task is checked: Ray's import costs seconds)."""
+    import ray.cloudpickle
+
+    return ray.cloudpickle.dumps(value)  # type: ignore[no-untyped-call]
 
 
 def _path(value: object) -> str | None:
@@ -270,7 +270,7 @@ class RayBackend(Backend):
         self._closed = False
         self._remotes = LRU()
         self._options = LRU()
-        self._picklable = LRU()
+        self._sendable = SendCheck("Ray", _dumps)
         self._call_remote: Any = None
         self._command_remote: Any = None
         #: Refs of cancelled runs not yet stopped (with their submission number and polite seconds), and the batch
@@ -392,8 +392,9 @@ class RayBackend(Backend):
         import ray
         import ray.cloudpickle
 
-        # Workers need not have gridboost-ray installed: what they run of it travels with the task.
+        # Workers need not have gridboost-ray (nor gridboost) installed: what they run of it travels with the task.
         ray.cloudpickle.register_pickle_by_value(_worker)  # type: ignore[no-untyped-call]
+        ray.cloudpickle.register_pickle_by_value(worker_command)  # type: ignore[no-untyped-call]
         self._conn = _connect.connect(
             self._target,
             namespace=self._namespace,
@@ -878,26 +879,7 @@ class RayBackend(Backend):
         resources = task.resources
         if resources.gpu_memory or (resources.custom and not _RAY_OWN.isdisjoint(resources.custom)):
             _to_ray(resources, f"task {task.name}")
-        target = task.target
-        if isinstance(target, Command):
-            return
-        try:
-            if target in self._picklable:
-                return
-        except TypeError:  # unhashable: checked every time
-            pass
-        import ray.cloudpickle
-
-        if inspect.iscoroutinefunction(target):
-            raise InvalidTask(f"{_describe(target)} is an async function: a Ray task runs plain functions")
-        try:
-            ray.cloudpickle.dumps(target)  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            raise NotSerializable(
-                f"cannot send {_describe(target)} to Ray: it cannot be serialised ({type(exc).__name__}: {exc})"
-            ) from exc
-        with contextlib.suppress(TypeError):  # unhashable
-            self._picklable.remember(target, True)
+        self._sendable(task.target)
 
     async def run(
         self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None

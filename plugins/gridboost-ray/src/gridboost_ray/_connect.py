@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from attrs import define, field, frozen
 
-from gridboost._kit import shown
+from gridboost.backend_kit import shown
 from gridboost.exceptions import BackendError, InvalidRequest
 
 __all__ = ["QUIET_ENV", "Connection", "Target", "connect", "current", "parse_address", "release"]

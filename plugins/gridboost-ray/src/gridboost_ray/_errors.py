@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from gridboost._kit import ErrorMap
+from gridboost.backend_kit import ErrorMap
 from gridboost.exceptions import BackendError, NotSerializable, TaskCancelled
 
 __all__ = ["map_errors", "translate"]

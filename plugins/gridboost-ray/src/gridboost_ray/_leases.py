@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from gridboost import Lease, Priority, Resources
-from gridboost._records import owner_name
+from gridboost.backend_kit import lease_from_record, owner_name
 
 from . import _worker
 
@@ -156,16 +156,7 @@ class Registry:
 
 
 def _lease(record: Mapping[str, Any]) -> Lease:
-    return Lease(
-        id=record["id"],
-        backend="ray",
-        resources=Resources.parse(record["resources"]),
-        owner=record["owner"],
-        state=record["state"],
-        priority=Priority(record["priority"]),
-        expires_at=record["expires_at"],
-        placements=tuple(record["placements"]),
-    )
+    return lease_from_record(record, backend="ray")
 
 
 @define
