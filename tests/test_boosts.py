@@ -10,7 +10,7 @@ import anyio.from_thread
 import pytest
 
 import gridboost as gb
-from gridboost.testing._suite import nap  # sleeps, but stops at a cancel, as thread code should
+from gridboost.testing import nap  # sleeps, but stops at a cancel, as thread code should
 
 pytestmark = pytest.mark.anyio
 

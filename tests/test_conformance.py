@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 
 import gridboost as gb
-from gridboost.testing._probe import EngineProbe, LocalProbe
-from gridboost.testing._suite import BackendSuite
+from gridboost.testing import BackendSuite, EngineProbe, LocalProbe
 
 
 class TestLocalBackend(BackendSuite):

@@ -12,7 +12,7 @@ import pytest
 
 import gridboost as gb
 from gridboost._kit import shown
-from gridboost.testing._suite import SuiteError, add, fail_with, nap
+from gridboost.testing import SuiteError, add, fail_with, nap
 
 pytestmark = pytest.mark.anyio
 

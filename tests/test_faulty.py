@@ -16,8 +16,8 @@ import gridboost as gb
 import test_conformance  # the local backend's suite fixtures (tests/ is on sys.path)
 from gridboost import _plugins
 from gridboost._local import LocalBackend
-from gridboost.testing._faulty import Fault, FaultPlan, FaultyBackend, FaultyPlugin, InjectedFault, Operation
-from gridboost.testing._suite import nap
+from gridboost.testing import Fault, FaultPlan, FaultyBackend, FaultyPlugin, InjectedFault, nap
+from gridboost.testing._faulty import Operation
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,6 @@ example also proves that whatever the previous one sent left it usable.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gridboost as gb
+from gridboost.testing import hostile_values
 
 CAPACITY = "cpu=2,memory=4GiB"
 # What a caller may see for bad input or for a request that can never fit; anything else is a defect.
@@ -27,51 +27,13 @@ EXAMPLES = settings(
 )
 
 
-class Hostile:
-    """An object whose str, truth and comparisons raise, as a careless or malicious caller might pass.
-
-    (Its repr works: hypothesis prints a failing example with it. ``shown`` is tested with one
-    whose repr raises in test_faults.py.)
-    """
-
-    def __str__(self) -> str:
-        raise RuntimeError("no str")
-
-    def __bool__(self) -> bool:
-        raise RuntimeError("no truth")
-
-    def __eq__(self, other: object) -> bool:
-        raise RuntimeError("no eq")
-
-    def __lt__(self, other: object) -> bool:
-        raise RuntimeError("no order")
-
-    __hash__ = object.__hash__
-
-
 def anything() -> st.SearchStrategy[Any]:
-    """Values of every kind a caller could pass by mistake, extremes included."""
-    scalars = st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(),
-        # (10**5000, which has no repr, is in test_faults.py: hypothesis itself cannot print it.)
-        st.sampled_from([10**400, -(10**400), 2**63, -1, 0]),
-        st.floats(allow_nan=True, allow_infinity=True),
-        st.sampled_from([math.nan, math.inf, -math.inf, 1e-320, 1e308, -0.0]),
-        st.text(max_size=30),
-        st.sampled_from(["", "\0", "cpu=1e10000000", "cpu=-1", "auto", "local", "cluster"]),
-        st.text(min_size=5000, max_size=5000, alphabet="x"),
-        st.binary(max_size=10),
-        st.builds(object),
-        st.builds(Hostile),
-    )
-    keys = st.one_of(st.text(max_size=8), st.integers(), st.none(), st.floats(), st.builds(Hostile))
-    return st.recursive(
-        scalars,
-        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=3)),
-        max_leaves=6,
-    )
+    """Values of every kind a caller could pass by mistake, extremes included, and look-alikes of what the grid parses.
+
+    (A value whose repr raises, and 10**5000, which has none, are in test_faults.py: hypothesis
+    itself cannot print them.)
+    """
+    return hostile_values(["cpu=1e10000000", "cpu=-1", "auto", "local", "cluster"])
 
 
 def resources_like() -> st.SearchStrategy[Any]:

@@ -13,9 +13,7 @@ import pytest
 import gridboost as gb
 from gridboost import _plugins
 from gridboost._local import LocalBackend
-from gridboost.testing import HookLog
-from gridboost.testing._faulty import FaultPlan, FaultyBackend, FaultyPlugin
-from gridboost.testing._suite import nap
+from gridboost.testing import FaultPlan, FaultyBackend, FaultyPlugin, HookLog, nap
 
 pytestmark = pytest.mark.anyio
 

@@ -19,6 +19,7 @@ import pytest
 import gridboost._procpool
 from gridboost._procpool import ProcessPool, check_picklable
 from gridboost.exceptions import BackendError, GridClosed, NotSerializable
+from gridboost.testing import add
 
 pytestmark = pytest.mark.anyio
 
@@ -31,10 +32,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 # Functions run in the workers: they must be module-level so that they pickle by reference.
-
-
-def add(a: int, b: int = 0) -> int:
-    return a + b
 
 
 def echo(value: object) -> object:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import gridboost as gb
-from gridboost.testing._suite import nap  # sleeps, but stops at a cancel, as thread code should
+from gridboost.testing import add, nap  # nap sleeps, but stops at a cancel, as thread code should
 
 pytestmark = pytest.mark.anyio
 
@@ -46,10 +46,6 @@ class Custom(Exception):
 
 def raise_custom(code: int) -> None:
     raise Custom(code)
-
-
-def add(a: int, b: int = 0) -> int:
-    return a + b
 
 
 def current_pid() -> int:

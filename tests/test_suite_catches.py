@@ -13,8 +13,7 @@ import pytest
 
 import gridboost as gb
 from gridboost._local import LocalBackend
-from gridboost.testing._probe import LocalProbe
-from gridboost.testing._suite import BackendSuite
+from gridboost.testing import BackendSuite, LocalProbe
 """
 
 HARNESS = """

@@ -12,7 +12,7 @@ import pytest
 
 import gridboost as gb
 from gridboost._local import LocalBackend
-from gridboost.testing._suite import nap  # sleeps, but stops at a cancel, as thread code should
+from gridboost.testing import nap  # sleeps, but stops at a cancel, as thread code should
 
 pytestmark = pytest.mark.anyio
 

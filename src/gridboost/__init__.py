@@ -109,3 +109,19 @@ __all__ = [
     "hookspecs",
     "quiet_engine_logs",
 ]
+
+
+def _show_as_public() -> None:
+    """Show what the public modules export as theirs: ``gridboost.Grid``, not ``gridboost._grid.Grid`` (``_public``).
+
+    A name both ``gridboost`` and a public submodule export shows as the submodule's (``gridboost.abc.X``).
+    """
+    from ._public import publish
+
+    for module in (abc, exceptions, hookspecs):
+        publish(module.__name__)
+    publish(__name__)
+
+
+_show_as_public()
+del _show_as_public

@@ -30,7 +30,7 @@ from conftest import (
     worker_named,
 )
 from gridboost import Grid
-from gridboost.testing._suite import nap
+from gridboost.testing import nap
 
 HERE = Path(__file__).parent
 CONNECT_TIMEOUT = inspect.signature(DaskBackend).parameters["connect_timeout"].default

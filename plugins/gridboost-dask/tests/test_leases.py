@@ -28,7 +28,7 @@ import gridboost as gb
 from conftest import SETTLE, WORKERS, DaskProbe, eventually, held_anywhere, whereami, worker_named
 from gridboost import Grid
 from gridboost.abc import ReservationRequest
-from gridboost.testing._suite import nap
+from gridboost.testing import nap
 
 HERE = Path(__file__).parent
 

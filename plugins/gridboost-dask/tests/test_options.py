@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import gridboost as gb
 from gridboost import Grid
+from gridboost.testing import hostile_values
 
 OPTIONS = set(inspect.signature(DaskBackend).parameters)
 TIMEOUTS = [
@@ -30,27 +31,13 @@ TIMEOUTS = [
 COUNTS = ["n_workers", "threads_per_worker", "max_workers"]
 
 
-def _refuse(*args: object) -> Any:
-    raise RuntimeError("a hostile value")
-
-
-#: A value whose str, truth and comparisons raise, as a careless or malicious caller might pass.
-Hostile = type("Hostile", (), {"__str__": _refuse, "__bool__": _refuse, "__eq__": _refuse, "__hash__": object.__hash__})
-#: Values that broke option checks somewhere: extremes, look-alikes, a 5000-digit port.
-EDGES = [10**400, -(10**400), 2**63, -1, 0, 1, 65536, math.nan, math.inf, -math.inf, 1e-320, 1e308, -0.0]
-EDGES += ["", "\0", "auto", "local", "4GiB", "1e999GB", "tcp://127.0.0.1:1", "tcp://h:99999", "tcp://h:" + "9" * 5000]
+#: Look-alikes of what the options parse, besides the edges every check meets: ports, addresses, sizes.
+EDGES = [65536, "auto", "local", "4GiB", "1e999GB", "tcp://127.0.0.1:1", "tcp://h:99999", "tcp://h:" + "9" * 5000]
 
 
 def anything() -> st.SearchStrategy[Any]:
     """Values of every kind an option could get by mistake, extremes included, alone or nested in lists and dicts."""
-    kinds = [st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30), st.binary(max_size=10)]
-    scalars = st.one_of(*kinds, st.sampled_from(EDGES), st.builds(object), st.builds(Hostile))
-    keys = st.one_of(st.text(max_size=8), st.integers(), st.none(), st.builds(Hostile))
-    return st.recursive(
-        scalars,
-        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=3)),
-        max_leaves=6,
-    )
+    return hostile_values(EDGES)
 
 
 def _constructed(options: dict[str, Any]) -> None:

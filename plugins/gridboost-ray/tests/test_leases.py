@@ -28,8 +28,7 @@ from ray.util.placement_group import placement_group_table
 import gridboost as gb
 from conftest import RayProbe
 from gridboost import Grid
-from gridboost.testing import HookLog
-from gridboost.testing._suite import nap
+from gridboost.testing import HookLog, nap
 
 HERE = Path(__file__).parent
 SETTLE = 20.0

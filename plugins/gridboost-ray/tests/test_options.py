@@ -16,22 +16,13 @@ from hypothesis import strategies as st
 
 import gridboost as gb
 from gridboost.exceptions import InvalidRequest
+from gridboost.testing import hostile_values
 
-# Whatever a caller might pass: wrong types, huge and negative ints, nan and infinities, text with NUL bytes, nesting.
-ANYTHING = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.sampled_from([10**400, -(10**400), 10**5000, 2**63, -1, 0, 1]),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324]),
-    st.text(max_size=50),
-    st.sampled_from(["", " ", "\0", "x" * 10_000, "localhost:0", "host:99999", "host:\u00b2", "host:" + "9" * 5000]),
-    st.binary(max_size=20),
-    st.lists(st.integers(), max_size=3),
-    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
-    st.builds(Path, st.text(max_size=20)),
-    st.builds(object),
+# Whatever a caller might pass (wrong types, huge and negative ints, nan and infinities, text with NUL bytes, hostile
+# objects, nesting), and look-alikes of what the options parse: addresses, ports, paths.
+ANYTHING = hostile_values(
+    ["localhost:0", "host:99999", "host:\u00b2", "host:" + "9" * 5000],
+    also=[st.builds(Path, st.text(max_size=20)), st.builds(pow, st.just(10), st.just(5000))],  # 10**5000: no repr
 )
 OPTIONS = (
     "address",

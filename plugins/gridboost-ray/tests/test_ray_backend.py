@@ -23,7 +23,7 @@ from ray.util.placement_group import placement_group_table
 import gridboost as gb
 from conftest import WORKER_CPUS, WORKERS, RayProbe, _task_states, whereami, zone_node
 from gridboost import Command, Grid, Resources
-from gridboost.testing._suite import nap
+from gridboost.testing import nap
 
 HERE = Path(__file__).parent
 SETTLE = 20.0

@@ -77,7 +77,6 @@ host backend, which is not wrapped.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -87,11 +86,11 @@ import anyio
 import anyio.lowlevel
 from attrs import Factory, field, frozen
 
-from .._kit import shown
+from .._kit import finite, shown
 from .._plugins import GridPluginManager, hookimpl
 from .._records import ClusterSnapshot, Lease
-from .._spec import TaskSpec
 from .._resources import Resources
+from .._spec import TaskSpec
 from ..abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from ..exceptions import BackendError, GridboostError, InvalidRequest, UnknownBackend
 
@@ -143,13 +142,10 @@ def _probability(value: float | None) -> float | None:
 
 
 def _seconds(value: float) -> float:
-    try:
-        seconds = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    except OverflowError:  # an int too large for a float
-        seconds = math.inf
-    if not math.isfinite(seconds) or seconds < 0:
+    number = finite(value)
+    if number is None or number < 0:
         raise InvalidRequest(f"seconds must be a finite number >= 0, got {shown(value)}")
-    return seconds
+    return number
 
 
 def _strings(what: str, value: Iterable[str]) -> frozenset[str]:

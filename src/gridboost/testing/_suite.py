@@ -26,7 +26,6 @@ that reason; everything else must pass.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -54,6 +53,7 @@ from ..exceptions import (
     TaskCancelled,
 )
 from ._probe import EngineProbe
+from ._work import SuiteError, add, fail_until, fail_with, nap
 
 __all__ = ["BackendSuite", "SuiteError"]
 
@@ -63,46 +63,6 @@ __all__ = ["BackendSuite", "SuiteError"]
 SETTLE = 15.0
 # How long a process of the suite's own may take to start and say its pid (a loaded CI box is slow).
 START = 30.0
-
-
-# -- the work the suite sends: module-level, so every engine can ship it ------------------
-
-
-class SuiteError(Exception):
-    """The user's exception of the suite; it must reach the caller as itself."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"suite error {code}")
-        self.code = code
-
-
-def add(a: int, b: int = 0) -> int:
-    return a + b
-
-
-def fail_with(code: int) -> None:
-    raise SuiteError(code)
-
-
-def fail_until(counter: str, failures: int) -> int:
-    """Fail the first ``failures`` calls; the count lives in a file, so it survives process boundaries."""
-    path = Path(counter)
-    calls = int(path.read_text() or 0) + 1 if path.exists() else 1
-    path.write_text(str(calls))
-    if calls <= failures:
-        raise SuiteError(calls)
-    return calls
-
-
-def nap(seconds: float) -> float:
-    """Sleep, stopping early where the engine lets a thread see its cancellation."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        # Outside an anyio worker thread (a Ray or Dask worker) there is nothing to check.
-        with contextlib.suppress(RuntimeError, LookupError, AttributeError):
-            anyio.from_thread.check_cancelled()
-        time.sleep(0.01)
-    return seconds
 
 
 def _script(body: str) -> list[str]:
