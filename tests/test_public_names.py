@@ -36,8 +36,7 @@ PUBLIC_MODULES = [
     gridboost.backend_kit,
 ]
 # A public module shows its names as its own by calling ``gridboost._public.publish(__name__)`` once its
-# ``__all__`` is bound (``gridboost`` does it for itself and the submodules it imports); these do not yet.
-NOT_YET_PUBLISHED = {"gridboost.backend_kit"}
+# ``__all__`` is bound (``gridboost`` does it for itself and the submodules it imports).
 
 
 def _exported(module: types.ModuleType) -> dict[str, Any]:
@@ -52,16 +51,7 @@ def _exported(module: types.ModuleType) -> dict[str, Any]:
 
 EXPORTED = [(module.__name__, name, value) for module in PUBLIC_MODULES for name, value in _exported(module).items()]
 IDS = [f"{where}.{name}" for where, name, _ in EXPORTED]
-SHOWN_AS_EXPORTED = [
-    pytest.param(
-        *export,
-        id=f"{export[0]}.{export[1]}",
-        marks=[pytest.mark.xfail(reason=f"{export[0]} does not publish(__name__) yet", strict=True)]
-        if export[0] in NOT_YET_PUBLISHED and export[2].__module__.startswith("gridboost._")
-        else [],
-    )
-    for export in EXPORTED
-]
+SHOWN_AS_EXPORTED = [pytest.param(*export, id=f"{export[0]}.{export[1]}") for export in EXPORTED]
 
 
 def test_the_check_sees_the_names_it_should() -> None:
@@ -128,23 +118,18 @@ def test_every_export_pickles_by_reference(where: str, name: str, value: Any) ->
 
 
 # Cheap instances of what crosses process boundaries: errors, records, the suite's own exception.
-BUILT_FROM_THEIR_MESSAGE = pytest.mark.xfail(
-    reason="pickle rebuilds an exception from its args (the message), not the __init__ arguments", strict=True
-)
 INSTANCES = [
     gb.GridClosed("closed"),
-    pytest.param(gb.TeardownError(["lease x"]), marks=BUILT_FROM_THEIR_MESSAGE),
-    pytest.param(gb.CommandFailed(["false"], 1, b"", b"no"), marks=BUILT_FROM_THEIR_MESSAGE),
-    pytest.param(gb.UnknownBackend("nope", ["local"]), marks=BUILT_FROM_THEIR_MESSAGE),
+    gb.TeardownError(["lease x"]),
+    gb.CommandFailed(["false"], 1, b"", b"no"),
+    gb.UnknownBackend("nope", ["local"], "pip install nope"),
     gb.Priority.HIGH,
     gb.BoostState.ACTIVE,
     gb.Command(["true"]),
     gb.Threshold(high=0.9, low=0.5),
     gridboost.testing.SuiteError(3),
     gridboost.testing.Fault("latency", seconds=1.0),
-    pytest.param(
-        gb.Resources(cpu=1), marks=pytest.mark.xfail(reason="Resources.custom is a mappingproxy", strict=True)
-    ),
+    gb.Resources(cpu=1, memory=2**30, custom={"accel": 2}),
 ]
 
 

@@ -153,6 +153,9 @@ class Resources:
     gpu_memory: int = field(default=0, converter=_gpu_memory)
     custom: Mapping[str, float] = field(factory=dict, converter=_custom)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # ``custom`` is read-only (a mappingproxy), which pickle cannot copy
+        return (Resources, (self.cpu, self.gpu, self.memory, self.gpu_memory, dict(self.custom)))
+
     @classmethod
     def parse(cls, text: str) -> Resources:
         """Read ``"cpu=4,gpu=1,memory=8GiB"``; names other than the built-ins are custom.

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from ._kit import LRU, ErrorMap, did_you_mean, finite, seconds, shown, until_done_on_trio
+from ._public import publish
 from ._records import Command, Lease, Priority, owner_name
 from ._resources import Resources
 from .exceptions import InvalidTask, NotSerializable
@@ -131,3 +132,6 @@ def lease_from_record(
         expires_at=float(record["expires_at"]),
         placements=tuple(dict.fromkeys(record.get("placements", ()))),
     )
+
+
+publish(__name__)

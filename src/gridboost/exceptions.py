@@ -10,6 +10,7 @@ the caller with its own type.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ._text import shown as _shown
 
@@ -62,10 +63,14 @@ class UnknownBackend(GridboostError, LookupError):
     def __init__(self, name: str, available: Sequence[str], hint: str | None = None) -> None:
         self.name = name
         self.available = tuple(available)
+        self.hint = hint
         message = f"unknown backend {_shown(name)}; available: {', '.join(self.available) or 'none'}"
         if hint:
             message += f" (to use {_shown(name)}: {hint})"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from what it was made of, not from its message
+        return (type(self), (self.name, self.available, self.hint), self.__dict__)
 
 
 class CapacityUnavailable(GridboostError):
@@ -103,6 +108,9 @@ class CommandFailed(GridboostError):
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
         super().__init__(f"command {list(self.argv)!r} exited with status {returncode}: {tail[0]}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from what it was made of, not from its message
+        return (type(self), (self.argv, self.returncode, self.stdout, self.stderr), self.__dict__)
+
 
 class CommandNotFound(GridboostError, FileNotFoundError):
     """A command's program (or its ``cwd``) does not exist where the command was to run.
@@ -135,3 +143,6 @@ class TeardownError(GridboostError):
         self.leftovers = tuple(leftovers)
         self.errors = tuple(errors)
         super().__init__("teardown left behind: " + "; ".join(self.leftovers))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from what it was made of, not from its message
+        return (type(self), (self.leftovers, self.errors), self.__dict__)
