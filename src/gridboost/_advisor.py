@@ -28,7 +28,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-import psutil
 from attrs import field, frozen
 
 from . import _nvml
@@ -109,6 +108,8 @@ class _Measured:
 
 def _measure(command_pids: Mapping[int, str], window: float) -> tuple[list[_Measured], dict[str, _Measured]]:
     """Blocking: every process's use over ``window`` seconds; the commands' process trees added up by task id."""
+    import psutil  # where used: not importing it keeps `import gridboost` cheap (tests/test_import_cost.py)
+
     me = os.getpid()
     processes = [p for p in psutil.process_iter(["name"]) if p.pid not in (0, me)]
     for process in processes:
@@ -269,6 +270,8 @@ async def scan_processes(
                 task_id=task_id,
             )
         )
+    import psutil
+
     memory_total = psutil.virtual_memory().total or 1
     heavy = [m for m in others if m.cpu >= _MIN_CPU or m.memory >= _MIN_MEMORY_SHARE * memory_total or m.gpu_memory > 0]
     heavy.sort(key=lambda m: max(m.cpu / (os.cpu_count() or 1), m.memory / memory_total, float(m.gpu_memory > 0)))

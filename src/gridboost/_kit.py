@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import anyio
 
 from ._checks import finite, seconds
 from ._text import did_you_mean, shown
 from .exceptions import GridboostError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future  # a type only: concurrent.futures (and logging) cost ms at import
 
 __all__ = ["LRU", "ErrorMap", "Tracked", "did_you_mean", "finite", "seconds", "shown", "until_done_on_trio"]
 

@@ -17,27 +17,29 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-import psutil
 
 from . import _nvml
 from ._checks import seconds, whole
-from ._command import run_command
 from ._plugins import hookimpl
-from ._procpool import ProcessPool, check_picklable
 from ._records import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, owner_name
 from ._resources import Resources
 from ._spec import TaskSpec
 from ._text import shown
 from .abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from .exceptions import BoostUnavailable, CapacityUnavailable, GridClosed, InvalidRequest, TeardownError
+
+if TYPE_CHECKING:
+    from ._procpool import ProcessPool
+
+# psutil, socket, the process pool and the command runner (subprocess) are imported where first used, not here:
+# `import gridboost` stays cheap (tests/test_import_cost.py holds it).
 
 __all__ = ["LocalBackend"]
 
@@ -109,7 +111,7 @@ class LocalBackend(Backend):
         # would replace its TimeoutError and leave the process running.
         self._grace = seconds("grace", grace, allow_zero=True)
         self._close_timeout = seconds("close_timeout", close_timeout)
-        self._node_id = f"local:{socket.gethostname()}"
+        self._node_id = f"local:{_hostname()}"
         self._pool: _Pool | None = None
         self._reserved: dict[str, tuple[Reservation, _Pool]] = {}
         self._expires: dict[str, float] = {}
@@ -150,6 +152,8 @@ class LocalBackend(Backend):
         workers = self._max_workers or max(4, 2 * (os.cpu_count() or 1))
         self._limiter = anyio.CapacityLimiter(workers)
         if self.executor == "process":
+            from ._procpool import ProcessPool
+
             self._procs = ProcessPool(self._max_workers or (os.cpu_count() or 1), grace=self._grace)
 
     async def aclose(self) -> None:
@@ -171,10 +175,12 @@ class LocalBackend(Backend):
 
     async def snapshot(self) -> ClusterSnapshot:
         pool = self._require_pool()
+        import psutil
+
         memory = psutil.virtual_memory()
         node = NodeSnapshot(
             id=self._node_id,
-            address=socket.gethostname(),
+            address=_hostname(),
             total=pool.total,
             available=pool.available,
             usage=Resources(memory=memory.total - memory.available),
@@ -187,11 +193,7 @@ class LocalBackend(Backend):
 
     async def reserve(self, request: ReservationRequest) -> Reservation:
         pool = self._require_pool()
-        if (
-            request.nodes is not None
-            and self._node_id not in request.nodes
-            and socket.gethostname() not in request.nodes
-        ):
+        if request.nodes is not None and self._node_id not in request.nodes and _hostname() not in request.nodes:
             raise BoostUnavailable(
                 f"no node matches nodes={list(request.nodes)}; the local backend has {self._node_id!r}"
             )
@@ -241,6 +243,8 @@ class LocalBackend(Backend):
 
     def check_task(self, task: TaskSpec) -> None:
         if self.executor == "process" and not isinstance(task.target, Command):
+            from ._procpool import check_picklable
+
             check_picklable(task.target, task.args, task.kwargs)
 
     async def run(
@@ -265,6 +269,8 @@ class LocalBackend(Backend):
             on_start()
         try:
             if isinstance(task.target, Command):
+                from ._command import run_command
+
                 with self._tracking(task, "command"):
                     try:
                         status, out, err = await run_command(
@@ -323,7 +329,15 @@ class LocalBackend(Backend):
         return self._pool
 
 
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _machine_capacity() -> Resources:
+    import psutil
+
     gpus = _nvml.inventory()
     return Resources(
         cpu=os.cpu_count() or 1,

@@ -7,16 +7,12 @@ hooks as third-party ones; the only difference is that they need no entry point.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import json
 import logging
 import os
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -25,6 +21,12 @@ from ._text import did_you_mean, shown
 from .abc import Backend, BackendSpec
 from .exceptions import InvalidRequest, PluginError, PolicyError, UnknownBackend
 from .hookspecs import OBSERVERS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# importlib.metadata, json, pathlib and urllib are imported where used (a grid's first start, a hint for a missing
+# plugin): importlib.metadata alone is a fifth of what `import gridboost` would cost (tests/test_import_cost.py).
 
 __all__ = ["GridPluginManager", "PluginLoadWarning", "hookimpl", "load_entry_point_plugins", "quiet_engine_logs"]
 
@@ -80,6 +82,11 @@ def install_hint(backend: str) -> str | None:
 
 def _installed_from() -> Path | None:
     """The local folder pip installed gridboost from, if it was one."""
+    import importlib.metadata
+    import json
+    import urllib.parse
+    from pathlib import Path
+
     try:
         record = importlib.metadata.distribution("gridboost").read_text("direct_url.json")
         url = str(json.loads(record or "{}").get("url", ""))
@@ -92,6 +99,8 @@ def _installed_from() -> Path | None:
 
 
 def _relative(path: Path) -> str:
+    from pathlib import Path
+
     try:
         inside = path.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
@@ -113,6 +122,8 @@ def load_entry_point_plugins(
     empty string none, a comma list those named. Returns (name, plugin) pairs and
     (name, error) pairs for plugins that failed to import.
     """
+    import importlib.metadata
+
     wanted = None if selection is None else {s.strip() for s in selection.split(",") if s.strip()}
     loaded: list[tuple[str, object]] = []
     failed: list[tuple[str, str]] = []

@@ -11,7 +11,6 @@ import os
 import time
 from typing import Any
 
-import psutil
 from attrs import field, frozen
 
 from ._checks import unit_fraction
@@ -88,6 +87,8 @@ class Probe(abc.ABC):
 
 def _cpu_times() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine, counted as psutil's ``cpu_percent`` counts them."""
+    import psutil  # where used: not importing it keeps `import gridboost` cheap (tests/test_import_cost.py)
+
     times = psutil.cpu_times()
     total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)  # already in user/nice
     idle = times.idle + getattr(times, "iowait", 0.0)
@@ -103,6 +104,8 @@ class SystemProbe(Probe):
     """
 
     def __init__(self, *, gpus: bool = True) -> None:
+        import psutil
+
         self._nvml = NvmlSession() if gpus else None
         self._me = psutil.Process(os.getpid())
         self._last = _cpu_times()
@@ -115,6 +118,8 @@ class SystemProbe(Probe):
         busy, total = _cpu_times()
         cpu = None if total <= self._last[1] else (busy - self._last[0]) / (total - self._last[1])
         self._last, self._last_at = (busy, total), time.monotonic()
+        import psutil
+
         memory = psutil.virtual_memory()
         swap = psutil.swap_memory()
         return Reading(
@@ -125,6 +130,8 @@ class SystemProbe(Probe):
         )
 
     def _tree(self) -> list[int]:
+        import psutil
+
         try:
             return [self._me.pid, *(child.pid for child in self._me.children(recursive=True))]
         except psutil.Error:

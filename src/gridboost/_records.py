@@ -8,8 +8,6 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-import secrets
-import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -43,7 +41,8 @@ _ids = itertools.count(1)
 
 def _process_tag() -> str:
     # The pid, and 16 random bits: lease ids meet in a cluster-wide registry, where two hosts' pids may clash.
-    return f"{os.getpid():x}{secrets.token_hex(2)}"
+    # os.urandom, which secrets.token_hex reads too: importing secrets (hmac, OpenSSL) costs ms at `import gridboost`.
+    return f"{os.getpid():x}{os.urandom(2).hex()}"
 
 
 _pid = _process_tag()
@@ -59,6 +58,8 @@ os.register_at_fork(after_in_child=_forked)
 
 def owner_name() -> str:
     """Who owns the leases this process takes, as lease registries record it: ``host:pid``."""
+    import socket  # here, not at the top: the first lease pays for it, not `import gridboost`
+
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

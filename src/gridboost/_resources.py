@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping
-from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
 
@@ -187,6 +186,8 @@ class Resources:
                     f"{name} must be a plain number (at most {_MAX_DIGITS} digits, 3 in an exponent), got {shown(raw)}"
                 )
             # Exact arithmetic: 1.07GB is 1070000000 bytes, not float noise rounded up.
+            from fractions import Fraction  # Resources.parse only
+
             exact, unit = Fraction(match.group(1)), match.group(2).lower()
             if unit and name not in _BYTE_FIELDS:
                 raise InvalidResources(f"{name} takes no unit, got {shown(raw)}")

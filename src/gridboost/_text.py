@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 
 __all__ = ["did_you_mean", "shown"]
@@ -38,5 +37,7 @@ def did_you_mean(word: str, choices: Iterable[str], aliases: Mapping[str, str] |
     )
     if not found and len(word) <= 40:
         lowered = {c.casefold(): c for c in options}
+        import difflib  # only when a name is wrong
+
         found = [lowered[c] for c in difflib.get_close_matches(folded, list(lowered), n=1, cutoff=0.75)]
     return f"; did you mean {found[0]!r}?" if found else ""
