@@ -246,6 +246,11 @@ async def open_connection(
 async def close(conn: Connection, timeout: float) -> list[str]:
     """Close the client, then a cluster gridboost started; what could not be closed, named."""
     leftovers = []
+    if conn.cluster is not None:
+        # Workers first, through the scheduler that still listens: a worker whose heartbeat meets a scheduler that is
+        # closing logs "Failed to communicate with scheduler during heartbeat" (an ERROR, on the host's terminal).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.client.retire_workers(close_workers=True), timeout)
     try:
         await asyncio.wait_for(conn.client.close(), timeout)
     except Exception as exc:
