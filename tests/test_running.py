@@ -180,9 +180,9 @@ async def test_map_unordered_and_async_source() -> None:
 
 
 async def test_map_block_cancels_what_is_left_on_early_exit() -> None:
-    """Leaving ``async with grid.map(...)`` early cancels the tasks still in flight."""
+    """Leaving ``async with grid.map(...)`` early cancels the tasks still in flight (one task per item)."""
     async with gb.Grid(capacity=CAPACITY) as grid:
-        async with grid.map(nap, [0.0] + [30.0] * 6, max_in_flight=3) as results:
+        async with grid.map(nap, [0.0] + [30.0] * 6, max_in_flight=3, batch_size=1) as results:
             assert await anext(results) == 0.0
             in_flight = list(results._pending)
         assert in_flight and all(h.cancelled() for h in in_flight)

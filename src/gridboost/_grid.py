@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, Unpack, overload
 
 from . import _teardown
 from ._advisor import OffloadRecommendation, scan_processes
+from ._batch import make_map
 from ._book import BoostBook
 from ._boost import Boost, BoostBlock, BoostOptions
 from ._checks import flag, text
@@ -361,11 +362,15 @@ class Grid:
         where: _Where = "auto",
         retries: int = 0,
         timeout: float | None = None,
+        batch_size: int | Literal["auto"] = "auto",
     ) -> TaskMap[T]:
-        """``fn(item)`` for each item, as an async iterator, with at most ``max_in_flight`` running."""
+        """``fn(item)`` for each item, as an async iterator; ``batch_size`` items run as one engine task (``"auto"``
+        adapts it, ``1`` is a task per item) and ``max_in_flight`` bounds those tasks (see ``docs/concepts.md``)."""
         self._runtime.check_open()
         options = {"resources": resources, "where": where, "retries": retries, "timeout": timeout}
-        return TaskMap(self.submit, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options)
+        return make_map(
+            self.submit, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options, batch_size=batch_size
+        )
 
     def run_command(
         self,

@@ -15,7 +15,7 @@ from ._resources import Resources
 from ._text import shown
 from .exceptions import InvalidRequest, InvalidTask
 
-__all__ = ["Placement", "TaskSpec"]
+__all__ = ["Placement", "TaskSpec", "check_target"]
 
 
 def _where(value: object) -> object:
@@ -36,7 +36,8 @@ def _tags(value: Iterable[str]) -> frozenset[str]:
     return value if type(value) is frozenset else frozenset(value)
 
 
-def _target(value: object) -> object:
+def check_target(value: object) -> object:
+    """``value`` if it can be run (a callable or a ``Command``); else ``InvalidTask``."""
     if isinstance(value, Command) or callable(value):
         return value
     raise InvalidTask(f"expected a callable or a Command, got {shown(value)} of type {type(value).__name__}")
@@ -52,7 +53,7 @@ def _name(target: object) -> str:
 class TaskSpec:
     """One unit of work as the grid received it: what to run, with what, and where."""
 
-    target: Callable[..., Any] | Command = field(validator=lambda _s, _a, v: _target(v))
+    target: Callable[..., Any] | Command = field(validator=lambda _s, _a, v: check_target(v))
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(factory=dict)
     resources: Resources = field(default=Resources(), converter=_resources)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,7 +53,7 @@ from ..exceptions import (
     TaskCancelled,
 )
 from ._probe import EngineProbe
-from ._work import SuiteError, add, fail_until, fail_with, nap
+from ._work import SuiteError, add, fail_if_odd, fail_until, fail_until_item, fail_with, mark_and_nap, nap, where_item
 
 __all__ = ["BackendSuite", "SuiteError"]
 
@@ -398,6 +398,61 @@ class BackendSuite:
 
         await self.eventually(stopped, still)
 
+    # -- maps in chunks -----------------------------------------------------------------
+
+    async def test_a_map_in_chunks_delivers_each_item_with_its_own_outcome(self, grid: Grid) -> None:
+        """Items of one chunk deliver, in order, while one of them raises its own exception."""
+        results = grid.map(fail_if_odd, range(8), batch_size=4, where="cluster")
+        seen: list[object] = []
+        for _ in range(8):
+            try:
+                seen.append(await anext(results))
+            except SuiteError as error:
+                seen.append(("failed", error.code))
+        assert seen == [0, ("failed", 1), 2, ("failed", 3), 4, ("failed", 5), 6, ("failed", 7)]
+        with pytest.raises(StopAsyncIteration):
+            await anext(results)
+        unordered = [r async for r in grid.map(add, range(40), batch_size=8, ordered=False, where="cluster")]
+        assert sorted(unordered) == list(range(40))
+
+    async def test_a_map_in_chunks_retries_only_the_items_that_failed(self, grid: Grid, tmp_path: Path) -> None:
+        """With ``retries``, an item that failed runs again, alone; the items of its chunk that did not, once."""
+        items = [(str(tmp_path / f"item-{i}"), 1 if i in (2, 5) else 0) for i in range(8)]
+        results = [r async for r in grid.map(fail_until_item, items, batch_size=4, retries=1, where="cluster")]
+        assert results == [2 if i in (2, 5) else 1 for i in range(8)]
+        assert [int((tmp_path / f"item-{i}").read_text()) for i in range(8)] == results
+
+    async def test_a_map_in_chunks_runs_inside_a_boost(self, grid: Grid, probe: EngineProbe, unit: Resources) -> None:
+        """Chunks of a map placed in a boost run on the boost's nodes."""
+        self.need(grid, "reserve")
+        async with grid.boost(unit, ttl=60) as boost:
+            nodes = {n async for n in grid.map(where_item, [probe.whereami] * 8, batch_size=2, where=boost)}
+            assert nodes <= set(await probe.reservation_nodes(grid, boost.id))
+
+    async def test_cancelling_a_map_in_chunks_stops_its_chunks_on_the_engine(
+        self, grid: Grid, probe: EngineProbe, tmp_path: Path
+    ) -> None:
+        """Cancelling a map's consumer cancels its chunks: the engine stops running them, and no other chunk starts."""
+        long = 30.0 if grid.backend.capabilities.interrupt_running else 2.0
+        marks = [tmp_path / f"ran-{i}" for i in range(40)]
+        items = [(str(mark), long) for mark in marks]
+
+        async def started() -> bool:
+            return any(mark.exists() for mark in marks)
+
+        async def not_started() -> str:
+            return "no item of the map started"
+
+        with anyio.fail_after(self.SETTLE + long / 2):
+            async with grid.map(mark_and_nap, items, batch_size=2, max_in_flight=2, where="cluster") as results:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(results.__anext__)
+                    await self.eventually(started, not_started)
+                    tg.cancel_scope.cancel()  # the consumer is cancelled while the first chunks run
+        await self.eventually(lambda: _none(probe.running(grid)), lambda: _say("still running", probe.running(grid)))
+        ran = sum(mark.exists() for mark in marks)
+        assert 0 < ran <= 4, f"{ran} items of 40 ran; only the first item of each of the 2 chunks should have"
+
     async def test_commands_return_status_and_output(self, grid: Grid) -> None:
         """A command's status, stdout and stderr come back; env reaches it; check=True raises CommandFailed."""
         self.need(grid, "commands")
@@ -522,3 +577,11 @@ class BackendSuite:
             await call(grid)
         assert not await probe.reservations(grid)
         assert await grid.offload(add, 1, 1, where="cluster") == 2
+
+
+async def _none(found: Awaitable[Collection[str]]) -> bool:
+    return not await found
+
+
+async def _say(what: str, found: Awaitable[Collection[str]]) -> str:
+    return f"{what}: {sorted(await found)}"

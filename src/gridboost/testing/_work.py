@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio.from_thread
 
-__all__ = ["SuiteError", "add", "fail_until", "fail_with", "nap"]
+__all__ = [
+    "SuiteError",
+    "add",
+    "fail_if_odd",
+    "fail_until",
+    "fail_until_item",
+    "fail_with",
+    "mark_and_nap",
+    "nap",
+    "where_item",
+]
 
 
 class SuiteError(Exception):
@@ -47,6 +58,29 @@ def fail_until(counter: str, failures: int) -> int:
     if calls <= failures:
         raise SuiteError(calls)
     return calls
+
+
+def fail_if_odd(number: int) -> int:
+    """``number`` if it is even; ``SuiteError(number)`` if it is odd (a map whose items fail one in two)."""
+    if number % 2:
+        raise SuiteError(number)
+    return number
+
+
+def fail_until_item(item: tuple[str, int]) -> int:
+    """:func:`fail_until` for a map: the item is ``(counter, failures)``."""
+    return fail_until(*item)
+
+
+def mark_and_nap(item: tuple[str, float]) -> float:
+    """Create the file ``item[0]`` (proof that the item ran), then :func:`nap` ``item[1]`` seconds."""
+    Path(item[0]).touch()
+    return nap(item[1])
+
+
+def where_item(whereami: Callable[[], str]) -> str:
+    """Call ``whereami`` (an engine probe's) and return what it says: where a map's item ran."""
+    return whereami()
 
 
 def nap(seconds: float) -> float:

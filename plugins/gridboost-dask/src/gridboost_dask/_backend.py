@@ -30,7 +30,17 @@ from typing import Any
 import anyio
 from attrs import evolve, field, frozen
 
-from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec, worker_command
+from gridboost import (
+    ClusterSnapshot,
+    Command,
+    CommandResult,
+    Lease,
+    NodeSnapshot,
+    Resources,
+    TaskSpec,
+    worker_chunk,
+    worker_command,
+)
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.backend_kit import LRU, SendCheck, finite, seconds, shown
 from gridboost.exceptions import (
@@ -464,6 +474,7 @@ class DaskBackend(Backend):
         # by value.
         cloudpickle.register_pickle_by_value(_worker)
         cloudpickle.register_pickle_by_value(worker_command)
+        cloudpickle.register_pickle_by_value(worker_chunk)
         self._worker = _worker
         self._local_hosts = await anyio.to_thread.run_sync(_local_hosts)
         self._loop = _connect.DaskLoop(threaded=_connect.on_trio())

@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import evolve, field, frozen
 
-from gridboost import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, Resources, TaskSpec, worker_command
+from gridboost import (
+    ClusterSnapshot,
+    Command,
+    CommandResult,
+    Lease,
+    NodeSnapshot,
+    Resources,
+    TaskSpec,
+    worker_chunk,
+    worker_command,
+)
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.backend_kit import LRU, SendCheck, finite, seconds, shown, until_done_on_trio
 from gridboost.exceptions import (
@@ -395,6 +405,7 @@ class RayBackend(Backend):
         # Workers need not have gridboost-ray (nor gridboost) installed: what they run of it travels with the task.
         ray.cloudpickle.register_pickle_by_value(_worker)  # type: ignore[no-untyped-call]
         ray.cloudpickle.register_pickle_by_value(worker_command)  # type: ignore[no-untyped-call]
+        ray.cloudpickle.register_pickle_by_value(worker_chunk)  # type: ignore[no-untyped-call]
         self._conn = _connect.connect(
             self._target,
             namespace=self._namespace,

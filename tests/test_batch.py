@@ -1,0 +1,100 @@
+"""``grid.map`` in chunks: the size that adapts, the bounds it keeps, the input it refuses."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import gridboost as gb
+from gridboost._batch import MOST, SLOW, TARGET, BatchedMap, Sizer
+from gridboost.testing import add, nap
+
+pytestmark = pytest.mark.anyio
+
+CAPACITY = "cpu=4"
+
+
+def test_the_size_grows_at_most_twofold_towards_the_target() -> None:
+    """Fast chunks double the size, never beyond what takes ``TARGET`` seconds nor beyond ``MOST``."""
+    sizer = Sizer()
+    assert sizer.size == 1
+    sizer.observe(1, TARGET / 1000)  # a thousand times too fast: doubles, no more
+    assert sizer.size == 2
+    sizer.observe(2, TARGET / 3)  # three times too fast: 6 would take TARGET, but growth is at most twofold
+    assert sizer.size == 4
+    sizer.observe(4, TARGET / 1.5)  # 6 items would take TARGET
+    assert sizer.size == 6
+    for _ in range(20):
+        sizer.observe(sizer.size, 0.0)
+    assert sizer.size == MOST
+
+
+def test_a_slow_chunk_shrinks_the_size_at_once_and_a_fixed_size_stays() -> None:
+    """A chunk slower than ``SLOW`` brings the size down to what takes ``TARGET``; a fixed size never moves."""
+    sizer = Sizer()
+    sizer.size = 512
+    sizer.observe(512, TARGET * 2)  # slower than the target, not slow: kept
+    assert sizer.size == 512
+    sizer.observe(512, SLOW * 2)
+    assert sizer.size == int(512 * TARGET / (SLOW * 2))
+    fixed = Sizer(8)
+    fixed.observe(8, SLOW * 10)
+    fixed.observe(8, 0.0)
+    assert fixed.size == 8
+
+
+async def test_fine_grained_items_run_in_far_fewer_tasks_than_items() -> None:
+    """2,000 quick items come back in order, item by item, from a small number of engine tasks."""
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        results = [r async for r in grid.map(add, range(2000))]
+        assert results == list(range(2000))
+        tasks = grid.stats()["tasks.succeeded"]
+        assert 0 < tasks < 200, f"{tasks} tasks for 2,000 items"
+
+
+async def test_a_hundred_thousand_items_keep_memory_bounded() -> None:
+    """However long the input, at most ``max_in_flight`` x ``MOST`` items wait in the map at once."""
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        results = grid.map(add, iter(range(100_000)), max_in_flight=4)
+        assert isinstance(results, BatchedMap)
+        total = count = most = 0
+        async for value in results:
+            total += value
+            count += 1
+            most = max(most, results._waiting)
+        assert (count, total) == (100_000, sum(range(100_000)))
+        assert 0 < most <= 4 * MOST
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+        ({"batch_size": "big"}, "batch_size must be 'auto' or a whole number >= 1"),
+        ({"batch_size": 2.5}, "batch_size must be a whole number >= 1"),
+        ({"batch_size": True}, "batch_size must be a whole number >= 1"),
+        ({"batch_size": 4, "timeout": 1.0}, "a timeout bounds one item's run: use batch_size=1"),
+    ],
+)
+async def test_a_bad_batch_size_is_refused_at_the_call(options: dict[str, object], message: str) -> None:
+    """``batch_size`` is ``"auto"`` or a whole number; chunks with a per-item timeout are refused, the grid goes on."""
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        with pytest.raises(gb.exceptions.InvalidRequest, match=message):
+            grid.map(add, range(3), **options)  # type: ignore[arg-type]
+        assert [r async for r in grid.map(add, range(3))] == [0, 1, 2]
+
+
+async def test_auto_is_one_item_per_task_where_a_chunk_cannot_keep_the_item_bounds() -> None:
+    """With a ``timeout``, or an ``async def`` function, ``"auto"`` sends one task per item; bad ``fn`` is refused."""
+
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        assert not isinstance(grid.map(add, range(3), timeout=5.0), BatchedMap)
+        assert not isinstance(grid.map(double, range(3)), BatchedMap)
+        assert isinstance(grid.map(add, range(3)), BatchedMap)
+        with pytest.raises(gb.exceptions.InvalidTask):
+            grid.map(None, range(3))  # type: ignore[arg-type]
+        with anyio.fail_after(10), pytest.raises(TimeoutError):
+            [r async for r in grid.map(nap, [5.0], timeout=0.2)]
