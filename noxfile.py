@@ -67,7 +67,9 @@ def bench(session: nox.Session, package: str) -> None:
 
     The core runs ``bench_local.py`` and ``bench_policy.py`` (placement, monitor; its burst part
     skips, saying why, without Ray). The Ray plugin's session also runs ``bench_policy.py --only
-    burst``: the burst scenario needs a real remote backend.
+    burst``: the burst scenario needs a real remote backend. Each session then runs
+    ``bench_peers.py`` on its engine (local, Ray or Dask): gridboost beside joblib, Ray's Pool,
+    ``client.map``, raw tasks and thread pools; the plugins' ``bench`` groups bring joblib.
     """
     name = "local" if package == "core" else package.removeprefix("gridboost-")
     script = ROOT / "benchmarks" / f"bench_{name}.py"
@@ -81,3 +83,4 @@ def bench(session: nox.Session, package: str) -> None:
         session.run("python", policy, *quick)
     elif package == "gridboost-ray":
         session.run("python", policy, "--only", "burst", *quick)
+    session.run("python", str(ROOT / "benchmarks" / "bench_peers.py"), "--engine", name, *quick)

@@ -1,15 +1,17 @@
-"""What the benchmark scripts share: command-line helpers and a private multi-node Ray cluster."""
+"""What the benchmark scripts share: command-line helpers, interleaved runs and a private multi-node Ray cluster."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import ModuleType
 
@@ -27,6 +29,29 @@ def version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def half_range(values: list[float]) -> float:
+    """Half the min-max range of ``values``, relative to their median: how far to trust the median here."""
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle / 2 if middle else 0.0
+
+
+async def interleaved(
+    measures: Mapping[str, Callable[[int], Awaitable[float]]], calls: int, warm: int, reps: int
+) -> dict[str, list[float]]:
+    """Each measure once with ``warm`` calls, then ``reps`` rounds of all with ``calls``, in an order that rotates
+    each round; the seconds each run took, by key. A burst of noise on a shared machine lands on several sides."""
+    keys = list(measures)
+    for key in keys:
+        await measures[key](warm)
+    samples: dict[str, list[float]] = {key: [] for key in keys}
+    for rep in range(reps):
+        shift = rep % len(keys) if keys else 0
+        for key in keys[shift:] + keys[:shift]:
+            gc.collect()  # start each run from the same heap state; GC during the run still counts
+            samples[key].append(await measures[key](calls))
+    return samples
 
 
 @contextmanager
