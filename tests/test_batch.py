@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 import gridboost as gb
-from gridboost._batch import MOST, SLOW, TARGET, BatchedMap, Sizer
+from gridboost._batch import MOST, PROBES, SLOW, TARGET, BatchedMap, Sizer
 from gridboost.testing import add, nap
 
 pytestmark = pytest.mark.anyio
@@ -14,16 +14,16 @@ pytestmark = pytest.mark.anyio
 CAPACITY = "cpu=4"
 
 
-def test_the_size_grows_at_most_twofold_towards_the_target() -> None:
-    """Fast chunks double the size, never beyond what takes ``TARGET`` seconds nor beyond ``MOST``."""
+def test_the_first_answer_sets_the_size_and_later_ones_grow_it_at_most_twofold() -> None:
+    """The first chunk back sizes chunks to ``TARGET`` at once; later fast chunks double it at most, up to ``MOST``."""
     sizer = Sizer()
-    assert sizer.size == 1
-    sizer.observe(1, TARGET / 1000)  # a thousand times too fast: doubles, no more
-    assert sizer.size == 2
-    sizer.observe(2, TARGET / 3)  # three times too fast: 6 would take TARGET, but growth is at most twofold
-    assert sizer.size == 4
-    sizer.observe(4, TARGET / 1.5)  # 6 items would take TARGET
-    assert sizer.size == 6
+    assert (sizer.size, sizer.probing) == (1, True)
+    sizer.observe(1, TARGET / 50)  # one item takes a fiftieth of the target
+    assert (sizer.size, sizer.probing) == (50, False)
+    sizer.observe(1, TARGET / 1000)  # a probe sent before that answer, much faster: doubles, no more
+    assert sizer.size == 100
+    sizer.observe(100, TARGET / 1.5)  # 150 items would take TARGET
+    assert sizer.size == 150
     for _ in range(20):
         sizer.observe(sizer.size, 0.0)
     assert sizer.size == MOST
@@ -32,7 +32,8 @@ def test_the_size_grows_at_most_twofold_towards_the_target() -> None:
 def test_a_slow_chunk_shrinks_the_size_at_once_and_a_fixed_size_stays() -> None:
     """A chunk slower than ``SLOW`` brings the size down to what takes ``TARGET``; a fixed size never moves."""
     sizer = Sizer()
-    sizer.size = 512
+    sizer.observe(512, TARGET)
+    assert sizer.size == 512
     sizer.observe(512, TARGET * 2)  # slower than the target, not slow: kept
     assert sizer.size == 512
     sizer.observe(512, SLOW * 2)
@@ -50,6 +51,15 @@ async def test_fine_grained_items_run_in_far_fewer_tasks_than_items() -> None:
         assert results == list(range(2000))
         tasks = grid.stats()["tasks.succeeded"]
         assert 0 < tasks < 200, f"{tasks} tasks for 2,000 items"
+
+
+async def test_only_a_few_probes_go_out_before_the_size_is_known() -> None:
+    """Even with room for a thousand chunks in flight, quick items do not go out one per task before the size is known."""
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        results = [r async for r in grid.map(add, range(5000), max_in_flight=1000)]
+        assert results == list(range(5000))
+        tasks = grid.stats()["tasks.succeeded"]
+        assert tasks <= PROBES + 5000 // MOST + 2, f"{tasks} tasks for 5,000 quick items"
 
 
 async def test_a_hundred_thousand_items_keep_memory_bounded() -> None:

@@ -6,9 +6,10 @@ whole cost. A batched map packs items into *chunks*, each one engine task that c
 function on its items in turn (:class:`gridboost.worker_chunk.Chunk`), and hands the
 results back one item at a time.
 
-The chunk size adapts, as joblib's auto-batching does: it starts at one item and, as
-chunks finish, grows (at most doubling) towards what takes :data:`TARGET` seconds of work
-on the worker, and shrinks at once when a chunk took longer than :data:`SLOW`. The time
+The chunk size adapts, as joblib's auto-batching does: a few one-item chunks probe first,
+the first answer sets the size to what takes :data:`TARGET` seconds of work on the worker,
+later ones grow it (at most doubling) or shrink it at once after a chunk slower than
+:data:`SLOW`. The time
 is the worker's own (the calls, not the queue), so a busy engine does not make chunks
 shrink. ``max_in_flight`` bounds the chunks running at once; at most ``max_in_flight``
 times :data:`MOST` items wait in memory, whatever the length of the input.
@@ -37,7 +38,7 @@ from ._text import shown
 from .exceptions import BackendError, GridboostError, InvalidRequest
 from .worker_chunk import Chunk, Outcomes
 
-__all__ = ["MOST", "SLOW", "TARGET", "BatchedMap", "Sizer", "make_map"]
+__all__ = ["MOST", "PROBES", "SLOW", "TARGET", "BatchedMap", "Sizer", "make_map"]
 
 T = TypeVar("T")
 
@@ -48,20 +49,35 @@ TARGET = 0.1
 SLOW = 1.0
 #: The most items a chunk holds.
 MOST = 1024
+#: One-item chunks in flight before the first one is back and the size is known.
+PROBES = 4
 
 
 class Sizer:
-    """The size of the next chunk: fixed, or adapting to how long chunks take on the worker."""
+    """The size of the next chunk: fixed, or adapting to how long chunks take on the worker.
+
+    Until the first chunk is back, nothing is known of the items: a few one-item chunks probe (``probing``), and the
+    first answer sets the size at once. Later answers grow it at most twofold (one slow answer must not make chunks
+    oscillate), and shrink it at once after a chunk slower than :data:`SLOW`.
+    """
 
     def __init__(self, fixed: int | None = None) -> None:
         self.fixed = fixed
         self.size = fixed or 1
+        self.observed = fixed is not None
+
+    @property
+    def probing(self) -> bool:
+        return not self.observed
 
     def observe(self, items: int, seconds: float) -> None:
         if self.fixed is not None or items == 0:
             return
         ideal = MOST if seconds <= 0 else max(1, min(MOST, int(items * TARGET / seconds)))
-        if ideal > self.size:
+        if not self.observed:
+            self.observed = True
+            self.size = ideal
+        elif ideal > self.size:
             self.size = min(ideal, 2 * self.size)
         elif seconds > SLOW:
             self.size = ideal
@@ -110,7 +126,9 @@ class BatchedMap(TaskMap[T]):
     async def _fill(self) -> None:
         while self._again and len(self._running) < self._limit:
             self._send([self._again.popleft()])
-        while not self._exhausted and len(self._running) < self._limit and self._waiting < self._limit * MOST:
+        # While the sizer probes, a few one-item chunks go out; the rest wait to be sized from their answer.
+        limit = min(self._limit, PROBES) if self._sizer.probing else self._limit
+        while not self._exhausted and len(self._running) < limit and self._waiting < self._limit * MOST:
             chunk: list[_Slot] = []
             size = min(self._sizer.size, self._limit * MOST - self._waiting)
             while len(chunk) < size:
