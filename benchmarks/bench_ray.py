@@ -31,6 +31,13 @@ group holds a CPU, which would slow the task probes that happened to run beside 
     python benchmarks/bench_ray.py --quick          # CI smoke: 3 repetitions (about 1.5 min)
     python benchmarks/bench_ray.py --backend both   # then trio as well (twice as long)
     python benchmarks/bench_ray.py --only gb_roundtrip --reps 30   # e.g. under a profiler
+    python benchmarks/bench_ray.py --memory         # host RSS over 100k tasks, raw Ray then gridboost (about 3 min)
+
+``--memory`` runs 100,000 no-op tasks in waves of 1,000 through raw Ray (``remote.remote()``), then through one grid
+(waves alternate ``grid.submit`` and concurrent ``grid.offload``), in this one driver process, and prints its RSS
+(after a garbage collection) at 10,000 and at 100,000 tasks of each: the goal is at most +5 MiB from 10k to 100k for
+gridboost. Ray keeps a metric series per task name in the submitting process, never freed: a name of its own per
+task grew the host ~17 MiB per 10,000 tasks, which is why gridboost names Ray's tasks per function.
 
 The last line of output is ``RESULT {json}`` for machines to read.
 """
@@ -46,6 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import anyio
@@ -608,6 +616,87 @@ def print_task_boost_tables(backend: str, reps: int, result: dict[str, Any]) -> 
             )
 
 
+# -- --memory: the host's RSS over a long run ------------------------------------------------------------------------
+
+N_MEMORY = 100_000
+MEMORY_WAVE = 1000
+MEMORY_MARK = 10_000
+TARGET_MEMORY_GROWTH_MIB = 5.0  # gridboost's RSS from 10k to 100k tasks, at most
+
+
+def rss_mib() -> float:
+    import psutil
+
+    gc.collect()
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
+async def raw_wave(remote: Any, waits: Waits, n: int) -> None:
+    await waits.all([remote.remote() for _ in range(n)])
+
+
+async def gb_wave(grid: gridboost.Grid, n: int, wave: int) -> None:
+    if wave % 2 == 0:
+        handles = [grid.submit(noop, where="cluster") for _ in range(n)]
+        for handle in handles:
+            await handle
+    else:
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(partial(grid.offload, noop, where="cluster"))
+
+
+async def memory_run(name: str, wave: Callable[[int, int], Awaitable[None]], total: int) -> dict[str, Any]:
+    """RSS before, at MEMORY_MARK tasks and at ``total``, running ``wave(n, number)`` until ``total`` have run."""
+    marks = {"start": rss_mib()}
+    started = time.perf_counter()
+    done = 0
+    number = 0
+    while done < total:
+        n = min(MEMORY_WAVE, total - done)
+        await wave(n, number)
+        done += n
+        number += 1
+        if done in (MEMORY_MARK, total):
+            marks[str(done)] = rss_mib()
+            print(
+                f"  {name:<9} {done:>7,} tasks  RSS {marks[str(done)]:7.1f} MiB  ({time.perf_counter() - started:.0f} s)"
+            )
+    return {"rss_mib": marks, "growth_mib": marks[str(total)] - marks.get(str(MEMORY_MARK), marks["start"])}
+
+
+async def run_memory(address: str, total: int) -> dict[str, Any]:
+    import ray
+
+    waits = make_waits("asyncio")
+    remote = ray.remote(noop)
+    await raw_wave(remote, waits, MEMORY_WAVE)  # warm: workers started, the function exported
+    raw = await memory_run("raw Ray", lambda n, _: raw_wave(remote, waits, n), total)
+    async with gridboost.Grid("ray", address=address) as grid:
+        await gb_wave(grid, MEMORY_WAVE, 0)
+        gb = await memory_run("gridboost", partial(gb_wave, grid), total)
+    gb["ok"] = gb["growth_mib"] <= TARGET_MEMORY_GROWTH_MIB
+    return {"raw": raw, "gridboost": gb}
+
+
+def print_memory(result: dict[str, Any], total: int) -> None:
+    mark = f"{MEMORY_MARK:,}" if total > MEMORY_MARK else "start"
+    print(f"\n== host RSS (this driver process), MiB: {total:,} tasks in waves of {MEMORY_WAVE:,} ==")
+    header = f"{'':<10} {'start':>8} {mark:>8} {f'{total:,}':>8} {'growth':>8}  goal"
+    print(header)
+    print("-" * len(header))
+    for name, label in (("raw", "raw Ray"), ("gridboost", "gridboost")):
+        entry = result[name]
+        marks = entry["rss_mib"]
+        goal = ""
+        if "ok" in entry:
+            goal = f"<= +{TARGET_MEMORY_GROWTH_MIB:g} MiB{'' if entry['ok'] else '  MISSED'}"
+        print(
+            f"{label:<10} {marks['start']:>8.1f} {marks.get(str(MEMORY_MARK), marks['start']):>8.1f} "
+            f"{marks[str(total)]:>8.1f} {entry['growth_mib']:>+8.1f}  {goal}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5 (CI smoke)")
@@ -629,7 +718,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PROBE",
         help=f"run only this probe (repeatable), e.g. for profiling; one of: {', '.join(PROBES)}",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help=f"instead of the probes: the host's RSS over {N_MEMORY:,} tasks, raw Ray then gridboost",
+    )
+    parser.add_argument("--memory-tasks", type=positive, default=N_MEMORY, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory:
+        return main_memory(args.workers, args.task_events_ms, args.memory_tasks)
     reps = args.reps or (3 if args.quick else 5)
     backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
     default = set(PROBES) if args.all else set(PROBES) - set(DEFAULT_SKIP)
@@ -695,6 +792,38 @@ def main(argv: list[str] | None = None) -> int:
         "±: half the min-max range of the repetitions, relative to the median; boost p50/p90: per repetition of "
         f"{N_BOOST} cycles, then the median over repetitions\n"
         f"total {report['elapsed_s']:.0f} s, of which {report['startup_s']:.0f} s starting the cluster"
+    )
+    print("RESULT " + json.dumps(report, separators=(",", ":")))
+    return 0
+
+
+def main_memory(workers: int, task_events_ms: int, total: int) -> int:
+    print(
+        f"gridboost {gridboost.__version__}, gridboost-ray {version('gridboost-ray')}, ray {version('ray')}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs; cluster: head (0 CPUs) + {workers} x "
+        f"{WORKER_CPUS}-CPU worker node(s), task events sent every {task_events_ms} ms; "
+        f"memory: {total:,} no-op tasks, raw Ray then gridboost, in this process"
+    )
+    started = time.monotonic()
+    system_config = {"task_events_report_interval_ms": task_events_ms}
+    with private_ray_cluster(
+        workers, WORKER_CPUS, prefix=TEMP_PREFIX, ships=sys.modules[__name__], system_config=system_config
+    ) as address:
+        result = anyio.run(run_memory, address, total)
+    print_memory(result, total)
+    report = {
+        "gridboost": gridboost.__version__,
+        "ray": version("ray"),
+        "tasks": total,
+        "wave": MEMORY_WAVE,
+        "target_growth_mib": TARGET_MEMORY_GROWTH_MIB,
+        "memory": result,
+        "elapsed_s": time.monotonic() - started,
+        "ok": result["gridboost"]["ok"],
+    }
+    print(
+        f"\ngrowth: RSS at {total:,} tasks minus RSS at {MEMORY_MARK:,} (after gc.collect); "
+        f"total {report['elapsed_s']:.0f} s"
     )
     print("RESULT " + json.dumps(report, separators=(",", ":")))
     return 0

@@ -69,10 +69,13 @@ class Backend(abc.ABC):
 
     @property
     def task_prefix(self) -> str | None:
-        """What the engine's own task table names this backend's work with, followed by the task's id.
+        """What the engine's own task table names this backend's work with: every name it gives starts with this.
 
-        ``None`` (the default) where the engine has no such names. Ray names each task and Dask
-        each key with it, so a tool can find a grid's work in ``ray list tasks`` or the scheduler.
+        ``None`` (the default) where the engine has no such names. Dask's keys are this, then the
+        task's id; Ray's task names are this, then the function's name (one name per function:
+        Ray keeps a metric series per name, never freed), and the Ray backend's ``ray_task_ids()``
+        tells which row is which task. So a tool can find a grid's work in ``ray list tasks`` or
+        the scheduler. A backend names nothing per task that the engine keeps per name for good.
         """
         return None
 

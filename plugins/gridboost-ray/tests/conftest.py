@@ -143,31 +143,34 @@ def _groups(prefix: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def _task_states(prefix: str) -> list[tuple[str, set[int]]]:
-    """Each task named with ``prefix``: its id (the name without the prefix) and the states of its latest attempt."""
+def _task_states(backend: Any) -> list[tuple[str, set[int]]]:
+    """Each task of ``backend`` in Ray's table (named with its task prefix, then the function): its gridboost id,
+    found by its Ray task id through ``backend.ray_task_ids()``, and the states of its latest attempt. A task the
+    backend no longer knows shows as ``ray:<Ray task id>``: a check that nothing of the grid runs still sees it."""
     from ray._private.state import state
 
-    latest: dict[bytes, tuple[int, str, set[int]]] = {}
+    prefix = backend.task_prefix
+    ours = {ray_id: task_id for task_id, ray_id in backend.ray_task_ids().items()}
+    latest: dict[bytes, tuple[int, set[int]]] = {}
     for event in state._get_all_task_events():
-        name = event.task_info.name
-        if not name.startswith(prefix):
+        if not event.task_info.name.startswith(prefix):
             continue
         seen = latest.get(event.task_id)
         states = set(event.state_updates.state_ts_ns)
         if seen is None or event.attempt_number > seen[0]:
-            latest[event.task_id] = (event.attempt_number, name, states)
+            latest[event.task_id] = (event.attempt_number, states)
         elif event.attempt_number == seen[0]:
-            seen[2].update(states)
-    return [(name.removeprefix(prefix), states) for _, name, states in latest.values()]
+            seen[1].update(states)
+    return [(ours.get(ray_id.hex(), f"ray:{ray_id.hex()}"), states) for ray_id, (_, states) in latest.items()]
 
 
-def _running(prefix: str) -> set[str]:
-    return {task for task, states in _task_states(prefix) if states & _STARTED and not states & _ENDED}
+def _running_tasks(backend: Any) -> set[str]:
+    return {task for task, states in _task_states(backend) if states & _STARTED and not states & _ENDED}
 
 
-def unended(prefix: str) -> set[str]:
-    """The tasks named with ``prefix`` whose latest attempt Ray's task table does not show ended."""
-    return {task for task, states in _task_states(prefix) if not states & _ENDED}
+def unended(backend: Any) -> set[str]:
+    """The tasks of ``backend`` whose latest attempt Ray's task table does not show ended."""
+    return {task for task, states in _task_states(backend) if not states & _ENDED}
 
 
 class RayProbe(EngineProbe):
@@ -184,7 +187,7 @@ class RayProbe(EngineProbe):
         return set(rows[reservation_id]["bundles_to_node_id"].values()) if reservation_id in rows else set()
 
     async def running(self, grid: Grid) -> Collection[str]:
-        return await anyio.to_thread.run_sync(_running, _prefix(grid))
+        return await anyio.to_thread.run_sync(_running_tasks, grid.backend)
 
     @property
     def whereami(self) -> Callable[[], str]:

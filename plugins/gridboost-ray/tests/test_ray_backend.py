@@ -81,19 +81,31 @@ class TestOnTheCluster:
             assert node.total.cpu == WORKER_CPUS and isinstance(node.total.memory, int) and node.total.memory > 2**20
             assert not node.is_local
 
-    async def test_a_task_is_named_in_rays_task_table_with_the_grids_task_prefix(self, grid: Grid) -> None:
-        """Ray's own task table lists an offloaded task as ``grid.task_prefix`` then the task's id."""
+    async def test_a_task_is_named_in_rays_task_table_with_the_grids_task_prefix_and_its_function(
+        self, grid: Grid
+    ) -> None:
+        """Ray's own task table lists each offloaded task as ``grid.task_prefix`` then the function's name (one name
+        per function: Ray keeps a metric series per name), in the row of the Ray task id the backend gives for it."""
         assert grid.task_prefix is not None and grid.task_prefix.startswith("gridboost:")
-        handle = grid.submit(whereami, where="cluster")
-        await handle
+        handles = [grid.submit(whereami, where="cluster") for _ in range(3)]
+        for handle in handles:
+            await handle
+        ray_ids = grid.backend.ray_task_ids()  # type: ignore[attr-defined]
+        mine = [ray_ids[handle.id] for handle in handles]
+        assert len(set(mine)) == 3
 
-        def named() -> bool:  # Ray's task events arrive a report interval late
-            return handle.id in {task for task, _ in _task_states(grid.task_prefix or "")}
+        def names() -> dict[str, str]:  # Ray's task events arrive a report interval late
+            from ray._private.state import state
+
+            return {event.task_id.hex(): event.task_info.name for event in state._get_all_task_events()}
 
         async def listed() -> bool:
-            return await anyio.to_thread.run_sync(named)
+            return set(mine) <= set(await anyio.to_thread.run_sync(names))
 
-        await eventually(listed, f"Ray's task table never named {grid.task_prefix}{handle.id}")
+        await eventually(listed, f"Ray's task table never listed the tasks {mine} of {grid.task_prefix}")
+        table = await anyio.to_thread.run_sync(names)
+        assert [table[ray_id] for ray_id in mine] == [grid.task_prefix + "whereami"] * 3
+        assert {task for task, _ in _task_states(grid.backend)} >= {handle.id for handle in handles}
 
     async def test_a_boost_aimed_at_a_label_is_placed_there_and_its_work_runs_there(
         self, grid: Grid, probe: RayProbe
@@ -197,6 +209,38 @@ class TestOnTheCluster:
             return handle.id not in await probe.running(grid)
 
         await eventually(stopped, "Ray still runs the force-cancelled sleeper")
+
+    async def test_what_names_and_tells_apart_a_long_runs_tasks_stays_bounded(
+        self, cluster_address: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """However many tasks a grid runs, Ray sees one task name per function and the backend remembers the Ray
+        ids of its tasks in flight and a bounded number of ended ones (here 4): the host's memory stays flat."""
+        import gridboost_ray._backend
+
+        monkeypatch.setattr(gridboost_ray._backend, "_ENDED_KEPT", 4)
+        async with Grid("ray", address=cluster_address) as grid:
+            handles = [grid.submit(whereami, where="cluster") for _ in range(10)]
+            commands = [grid.submit(Command([sys.executable, "-c", "pass"]), where="cluster") for _ in range(2)]
+            for handle in [*handles, *commands]:
+                await handle
+            ray_ids = grid.backend.ray_task_ids()  # type: ignore[attr-defined]
+            assert len(ray_ids) == 4 and set(ray_ids) <= {handle.id for handle in [*handles, *commands]}
+
+            def names() -> set[str]:
+                from ray._private.state import state
+
+                return {
+                    event.task_info.name
+                    for event in state._get_all_task_events()
+                    if event.task_info.name.startswith(grid.task_prefix or "")
+                }
+
+            async def both() -> bool:
+                return len(await anyio.to_thread.run_sync(names)) == 2
+
+            await eventually(both, "Ray's table never showed the grid's two task names")
+            command = "command:" + os.path.basename(sys.executable)
+            assert await anyio.to_thread.run_sync(names) == {grid.task_prefix + "whereami", grid.task_prefix + command}
 
     async def test_two_grids_share_the_process_connection(self, cluster_address: str) -> None:
         """Grids of one process share its Ray connection; closing one leaves the other working, and the driver's."""

@@ -52,7 +52,8 @@ async def test_exit_with_many_tasks_in_flight_and_boosts_leaves_nothing_in_ray(
     """With hundreds of tasks in flight (some running, blocked in C) and three boosts held, the grid's exit returns
     only once Ray's task table shows every task of it ended, its groups removed and the keeper without its records."""
     async with Grid("ray", address=cluster_address) as grid:
-        prefix: str = grid.backend.prefix  # type: ignore[attr-defined]
+        backend, prefix = grid.backend, grid.task_prefix
+        assert prefix
         boosts = [await grid.request_boost("cpu=0.25", ttl=600) for _ in range(3)]
         handles = [grid.submit(sleeper, where="cluster") for _ in range(IN_FLIGHT)]
         with anyio.move_on_after(SETTLE):
@@ -61,7 +62,7 @@ async def test_exit_with_many_tasks_in_flight_and_boosts_leaves_nothing_in_ray(
         assert await probe.running(grid), f"no task of the grid started running within {SETTLE:g}s"
     # Read at once, in this thread: nothing may run between the exit and these reads.
     left: dict[str, Any] = {
-        "tasks not ended": unended(prefix),
+        "tasks not ended": unended(backend),
         "groups": held_groups(prefix),
         "keeper records": keeper_ids() & {b.id for b in boosts},
     }
@@ -75,7 +76,7 @@ async def test_a_running_callable_blocked_in_c_is_forced_after_cancel_grace_not_
     """With a commands' ``grace`` of a minute, a task blocked in C still ends within seconds of the grid's exit:
     callables get ``cancel_grace`` (default 0.5 s) between the polite cancel and the force."""
     async with Grid("ray", address=cluster_address, grace=60) as grid:
-        prefix: str = grid.backend.prefix  # type: ignore[attr-defined]
+        backend = grid.backend
         grid.submit(sleeper, where="cluster")
         with anyio.move_on_after(SETTLE):
             while not await probe.running(grid):
@@ -83,6 +84,6 @@ async def test_a_running_callable_blocked_in_c_is_forced_after_cancel_grace_not_
         assert await probe.running(grid), f"the task did not start running within {SETTLE:g}s"
         started = time.monotonic()
     took = time.monotonic() - started
-    assert not unended(prefix)
+    assert not unended(backend)
     # Far below the minute of grace, whatever the machine's load: the force came after cancel_grace.
     assert took < 30, took

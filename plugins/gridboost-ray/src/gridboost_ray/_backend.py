@@ -3,10 +3,12 @@
 Nothing here imports ray until :meth:`RayBackend.start`: the plugin loads with every grid of an environment that has
 it installed, and ``import ray`` costs about half a second.
 
-Names in the engine. Every placement group and task this backend makes is named ``gridboost:<session>:<id>``, where
-``<session>`` is random per backend and ``<id>`` is the boost's or the task's gridboost id. So Ray's own tables say
-what each one is, :meth:`RayBackend.reservations` reads this backend's groups back from the engine, and a test (or
-the CLI) can find a grid's work in Ray's task events.
+Names in the engine. Every placement group this backend makes is named ``gridboost:<session>:<boost id>``, and every
+task ``gridboost:<session>:<function>`` (``<session>`` random per backend). So Ray's own tables say what each one is,
+:meth:`RayBackend.reservations` reads this backend's groups back from the engine, and a test (or the CLI) can find a
+grid's work in Ray's task events. A task is named after its function, not its id: Ray keeps a metric series per task
+name in the submitting process, never freed (a name per task grew the host ~1.7 KiB a task). Which row is which task
+is :meth:`RayBackend.ray_task_ids`: Ray's task id by gridboost task id, bounded.
 
 A boost's placement group. ``strict_pack`` holds the boost in one bundle (one node). ``pack`` does too when one
 matching node could ever hold it, and is split as below otherwise, so that Ray may pack it onto as few nodes as it
@@ -25,6 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike, fspath
+from os.path import basename
 from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +61,7 @@ from . import _connect, _leases, _worker
 from ._errors import map_errors
 
 if TYPE_CHECKING:
-    from ray import ObjectRef
+    from ray import ObjectRef, TaskID
     from ray.util.placement_group import PlacementGroup
 
 __all__ = ["PREFIX", "RayBackend"]
@@ -84,6 +87,8 @@ _WATCH = 0.25
 _EPS = 1e-9
 # Ray's TaskStatus numbers (ray.core.generated.common_pb2) of an attempt that ended: FINISHED, FAILED.
 _ENDED = frozenset({11, 12})
+# How many ended tasks keep their Ray task id known (RayBackend.ray_task_ids): ~1 MiB, reached once and then flat.
+_ENDED_KEPT = 10_000
 
 _CAPABILITIES = Capabilities(
     reserve=True,
@@ -202,6 +207,17 @@ def _path(value: object) -> str | None:
     return path if isinstance(path, str) and path and "\0" not in path else None
 
 
+def _ray_name(task: TaskSpec) -> str:
+    """What a task is called in Ray's table after the prefix: its function, or ``command:`` and its program.
+
+    Never anything of one task alone (its id, its arguments): Ray keeps a metric series per name.
+    """
+    target = task.target
+    if isinstance(target, Command):
+        return "command:" + basename(target.argv[0])
+    return task.name
+
+
 def _on_trio() -> bool:
     trio = sys.modules.get("trio")
     return trio is not None and bool(trio.lowlevel.in_trio_run())
@@ -290,6 +306,11 @@ class RayBackend(Backend):
         self._batch: anyio.Event | None = None
         #: Whether this backend submitted any task: then closing waits until Ray's task table shows all ended.
         self._submitted = False
+        #: Ray's task id of each task in flight, and of the last ones that ended, by gridboost task id: Ray's table
+        #: names a task by its function (see ray_task_ids), so this is how its rows are told apart. Both stay
+        #: bounded (by the work in flight, and by ``_ENDED_KEPT``) however many tasks a long run submits.
+        self._in_flight: dict[str, TaskID] = {}
+        self._ended: LRU = LRU(_ENDED_KEPT)
 
     def __repr__(self) -> str:
         return f"<RayBackend {self._target} session={self.session}>"
@@ -300,8 +321,22 @@ class RayBackend(Backend):
 
     @property
     def task_prefix(self) -> str:
-        """Ray's task table names each of this backend's tasks with this, then the task's id."""
+        """Ray's task table names each of this backend's tasks with this, then what it runs: the function's
+        qualified name (``gridboost:<session>:train_step``), or ``command:`` and the program's file name.
+
+        One name per function, not per task: Ray keeps a metric series per task name in the submitting process that
+        is never freed, which grew the host by ~1.7 KiB a task when each task had a name of its own. The row of one
+        task is the one whose Ray task id :meth:`ray_task_ids` gives for it.
+        """
         return self.prefix
+
+    def ray_task_ids(self) -> dict[str, str]:
+        """Ray's task id (hex, as ``ray list tasks`` and ``ray.util.state`` show it) by gridboost task id, for every
+        task of this backend in flight and the last 10,000 that ended (so that a task's row can be found for a while
+        after it returns, Ray's table being a report interval late). Still answers once the backend is closed, and
+        from any thread: each map is copied in one step (in C, under the GIL) before anything else reads it.
+        """
+        return {task_id: ray_id.hex() for task_id, ray_id in [*self._ended.items(), *self._in_flight.items()]}
 
     @property
     def connection(self) -> _connect.Connection | None:
@@ -360,7 +395,8 @@ class RayBackend(Backend):
             pause = min(pause * 2, 0.1)
 
     def _unended(self) -> set[str]:
-        """This backend's tasks whose latest attempt Ray's task table does not show ended (ids, from the names).
+        """This backend's tasks whose latest attempt Ray's task table does not show ended: their gridboost ids (by
+        their Ray task ids), or their names and Ray task ids where this backend no longer knows them.
 
         The table is fed by each worker's task events, sent every ``task_events_report_interval_ms`` (a second by
         default): a task that ended just now shows ended that much later. A Ray without task events shows none.
@@ -379,7 +415,12 @@ class RayBackend(Backend):
                 latest[event.task_id] = (event.attempt_number, name, states)
             elif event.attempt_number == seen[0]:
                 seen[2].update(states)
-        return {name.removeprefix(self.prefix) for _, name, states in latest.values() if not states & _ENDED}
+        ours = {ray_id.binary(): task_id for task_id, ray_id in [*self._ended.items(), *self._in_flight.items()]}
+        return {
+            ours.get(ray_id) or f"{name.removeprefix(self.prefix)} (Ray task {ray_id.hex()})"
+            for ray_id, (_, name, states) in latest.items()
+            if not states & _ENDED
+        }
 
     def _our_task_events(self) -> list[Any]:
         """The task events of Ray's table that name this backend's tasks.
@@ -911,10 +952,11 @@ class RayBackend(Backend):
                 args=args,
                 kwargs=kwargs,
                 serialized_runtime_env_info=remote._serialized_base_runtime_env_info,
-                name=self.prefix + task.id,
+                name=self.prefix + _ray_name(task),
                 **options,
             )
         # The ref is recorded: from here on a cancellation can reach the task.
+        self._in_flight[task.id] = ref.task_id()
         try:
             with map_errors(what):
                 result = await (self._trio_wait(ref) if self._trio else ref)
@@ -927,6 +969,11 @@ class RayBackend(Backend):
                 with anyio.CancelScope(shield=True):
                     await self._cancel(ref, number, polite)
             raise
+        finally:
+            # Ray's table shows a task ended a report interval after it did: its id stays known a while longer.
+            ray_id = self._in_flight.pop(task.id, None)
+            if ray_id is not None:
+                self._ended.remember(task.id, ray_id)
         if isinstance(task.target, Command):
             status, out, err, node = result
             return CommandResult(returncode=status, stdout=out, stderr=err, node=node)
