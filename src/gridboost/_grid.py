@@ -167,12 +167,11 @@ class Grid:
 
     @property
     def task_prefix(self) -> str | None:
-        """How the engine names this grid's work in its own task table: this, then ``TaskSpec.id``.
+        """What the engine's own task table names this grid's work with: every name starts with this.
 
-        ``None`` where the engine names no tasks (the local backend). With Ray,
-        ``ray.util.state.list_tasks(filters=[("name", "=", grid.task_prefix + task_id)])``
-        finds a task; with Dask, the scheduler's keys start with it.
-        """
+        ``None`` where the engine names no tasks (the local backend). Dask: a key is this, then ``TaskSpec.id``.
+        Ray: a name is this, then the function's qualified name (one name per function, as Ray keeps a metric series
+        per name for good); ``grid.backend.ray_task_ids()`` maps ``TaskSpec.id`` to Ray's task id."""
         return self.backend.task_prefix
 
     @property

@@ -82,7 +82,7 @@ class Target:
 
 def parse_address(address: object) -> Target:
     """Check an address's form without importing ray; ``"auto"`` and host names are resolved when connecting."""
-    if address is None or address == "local":
+    if address is None or (isinstance(address, str) and address == "local"):  # a non-string may not even compare
         return Target("embedded")
     if not isinstance(address, str) or not address.strip():
         raise InvalidRequest(
