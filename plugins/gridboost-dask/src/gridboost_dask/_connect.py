@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -247,10 +248,13 @@ async def close(conn: Connection, timeout: float) -> list[str]:
     """Close the client, then a cluster gridboost started; what could not be closed, named."""
     leftovers = []
     if conn.cluster is not None:
-        # Workers first, through the scheduler that still listens: a worker whose heartbeat meets a scheduler that is
-        # closing logs "Failed to communicate with scheduler during heartbeat" (an ERROR, on the host's terminal).
+        # The processes of a cluster we close on purpose report their own closing as errors, on the host's terminal:
+        # a worker whose heartbeat meets the closing scheduler ("Failed to communicate with scheduler during
+        # heartbeat"), a nanny whose graceful close is cut short (CancelledError). Their logging goes quiet first.
+        quiet = functools.partial(logging.disable, logging.CRITICAL)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.client.retire_workers(close_workers=True), timeout)
+            await asyncio.wait_for(conn.client.run(quiet), timeout)
+            await asyncio.wait_for(conn.client.run(quiet, nanny=True), timeout)
     try:
         await asyncio.wait_for(conn.client.close(), timeout)
     except Exception as exc:
