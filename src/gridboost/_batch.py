@@ -155,7 +155,7 @@ class BatchedMap(TaskMap[T]):
         items = [slot.item for slot in slots]
         handle = cast("TaskHandle[Outcomes]", self._submit(self._chunk, items, **self._options))
         self._running[handle] = slots
-        handle._callbacks.append(self._on_chunk_done)
+        handle._on_settled(self._on_chunk_done)
 
     def _on_chunk_done(self, handle: TaskHandle[Outcomes]) -> None:
         slots = self._running.pop(handle)

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -118,7 +118,8 @@ class LocalBackend(Backend):
         # What the engine is doing now, by task id: commands and process calls until
         # their process is gone, threads until the function returns (even once their
         # caller was cancelled and moved on). Written from worker threads, hence the lock.
-        self._running: dict[str, tuple[TaskSpec, str]] = {}
+        # A thread's entry is its task alone (no tuple to make per offload); the others say where they run.
+        self._running: dict[str, TaskSpec | tuple[TaskSpec, str]] = {}
         self._running_lock = threading.Lock()
         self._commands: dict[str, tuple[TaskSpec, int]] = {}  # task id → (task, pid) of each command running
         self._limiter: anyio.CapacityLimiter | None = None
@@ -247,10 +248,26 @@ class LocalBackend(Backend):
 
             check_picklable(task.target, task.args, task.kwargs)
 
-    async def run(
+    def run(
         self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Run ``task``; ``on_start`` is called once it has its capacity, before it starts."""
+        if (
+            reservation is None
+            and self._procs is None
+            and self._pool is not None
+            and not self._closed
+            and not task.resources
+            and not isinstance(task.target, Command)
+        ):
+            # The commonest offload (a callable in a thread, claiming nothing) is anyio's own coroutine, with no
+            # frame of ours to resume at each of its steps, nor one more object per task for the collector.
+            if on_start is not None:
+                on_start()
+            return anyio.to_thread.run_sync(self._call_in_thread, task, abandon_on_cancel=True, limiter=self._limiter)
+        return self._run(task, reservation, on_start)
+
+    async def _run(self, task: TaskSpec, reservation: Reservation | None, on_start: Callable[[], None] | None) -> Any:
         if self._closed:
             raise GridClosed("the local backend is closed")
         pool = self._require_pool()
@@ -300,7 +317,11 @@ class LocalBackend(Backend):
         """The engine's own view: id → description of every task whose work is executing now."""
         with self._running_lock:
             running = list(self._running.items())
-        return {task_id: f"task {task_id} ({task.name}) in a {where}" for task_id, (task, where) in running}
+        described = {}
+        for task_id, entry in running:
+            task, where = (entry, "thread") if isinstance(entry, TaskSpec) else entry
+            described[task_id] = f"task {task_id} ({task.name}) in a {where}"
+        return described
 
     @contextlib.contextmanager
     def _tracking(self, task: TaskSpec, where: str) -> Iterator[None]:
@@ -316,7 +337,7 @@ class LocalBackend(Backend):
         # The hot path of every offload: _tracking's work, without a generator's cost.
         running, lock = self._running, self._running_lock
         with lock:
-            running[task.id] = (task, "thread")
+            running[task.id] = task
         try:
             return task.target(*task.args, **task.kwargs)  # type: ignore[operator]
         finally:

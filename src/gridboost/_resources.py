@@ -249,6 +249,10 @@ class Resources:
         return self.as_dict() == other.as_dict()
 
     def __hash__(self) -> int:
+        # Hashed on every Ray submission (its options are cached by the task's resources): the common case without
+        # custom amounts hashes the four numbers, zeros included, which equal Resources share as __eq__ requires.
+        if not self.custom:
+            return hash((self.cpu, self.gpu, self.memory, self.gpu_memory))
         return hash(tuple(sorted(self.as_dict().items())))
 
     def _combine(self, other: Resources, sign: int) -> Resources:

@@ -32,6 +32,10 @@ def _resources(value: Resources | str | Mapping[str, Any] | None) -> Resources:
     return Resources.coerce(value)
 
 
+# Shared by every task without tags: an empty frozenset per task is one more object for the garbage collector.
+_NO_TAGS: frozenset[str] = frozenset()
+
+
 def _tags(value: Iterable[str]) -> frozenset[str]:
     return value if type(value) is frozenset else frozenset(value)
 
@@ -61,7 +65,7 @@ class TaskSpec:
     retries: int = field(default=0, validator=lambda _s, _a, v: whole("retries", v))
     timeout: float | None = field(default=None, converter=_timeout)
     priority: Priority = field(default=Priority.NORMAL, converter=priority_of)
-    tags: frozenset[str] = field(factory=frozenset, converter=_tags)
+    tags: frozenset[str] = field(default=_NO_TAGS, converter=_tags)
     id: str = field(factory=lambda: new_id("task"))
     submitted_at: float = field(factory=time.monotonic)
 

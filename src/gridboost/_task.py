@@ -30,9 +30,9 @@ class Run:
 
     __slots__ = ("attempts", "cause", "checked", "ledger", "placement", "scope", "spec", "started")
 
-    def __init__(self, spec: TaskSpec) -> None:
+    def __init__(self, spec: TaskSpec, scope: anyio.CancelScope | None = None) -> None:
         self.spec = spec
-        self.scope = anyio.CancelScope()
+        self.scope = anyio.CancelScope() if scope is None else scope
         self.cause: BaseException | None = None
         self.placement: Placement | None = None
         self.ledger: Ledger | None = None  # where its resources are claimed, while they are
@@ -52,7 +52,7 @@ class Run:
         """Re-place a run that has not started, with a fresh scope."""
         self.cause = None
         self.attempts = 0  # it never started: the waiting was not an attempt
-        self.scope = anyio.CancelScope()
+        self.scope = type(self.scope)()  # the event loop's own class, made directly (see Executor.task)
         self.placement = placement
 
     def cancel(self, cause: BaseException) -> None:
@@ -71,12 +71,17 @@ class TaskHandle(Generic[T]):
     the same outcome twice.
     """
 
+    # Slots, and an event made only for a caller that waits before the end: a burst of submits keeps thousands
+    # of handles alive at once, and each object the garbage collector tracks makes its passes longer.
+    __slots__ = ("_callbacks", "_error", "_event", "_result", "_run", "_settled", "finished_at", "started_at")
+
     def __init__(self, run: Run) -> None:
         self._run = run
-        self._done = anyio.Event()
+        self._event: anyio.Event | None = None
+        self._settled = False
         self._result: Any = None
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[TaskHandle[T]], None]] = []
+        self._callbacks: list[Callable[[TaskHandle[T]], None]] | None = None
         #: ``time.monotonic()`` when it started and when it ended (``None`` until then).
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -102,8 +107,18 @@ class TaskHandle(Generic[T]):
     def attempts(self) -> int:
         return self._run.attempts
 
+    @property
+    def _done(self) -> anyio.Event:
+        """Set when it has settled (made on first need)."""
+        event = self._event
+        if event is None:
+            event = self._event = anyio.Event()
+            if self._settled:
+                event.set()
+        return event
+
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._settled
 
     def cancelled(self) -> bool:
         """Whether it ended by cancellation: its own ``cancel()``, its boost ending, or the grid closing."""
@@ -132,15 +147,24 @@ class TaskHandle(Generic[T]):
 
     def __await__(self) -> Generator[Any, None, T]:
         # A generator, not self.wait(): one coroutine object fewer per await.
-        if not self._done.is_set():
+        if not self._settled:
             yield from self._done.wait().__await__()
         return self.result()
 
     def _settle(self, result: Any, error: BaseException | None) -> None:
         self._result, self._error, self.finished_at = result, error, time.monotonic()
-        self._done.set()
-        for callback in self._callbacks:
-            callback(self)
+        self._settled = True
+        if self._event is not None:
+            self._event.set()
+        if self._callbacks is not None:
+            for callback in self._callbacks:
+                callback(self)
+
+    def _on_settled(self, callback: Callable[[TaskHandle[T]], None]) -> None:
+        """Call ``callback(self)`` when it settles (before anyone awaiting it wakes)."""
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
 
 
 class TaskMap(Generic[T]):
@@ -191,7 +215,7 @@ class TaskMap(Generic[T]):
                 break
             handle = self._submit(self._fn, item, **self._options)
             if not self._ordered:
-                handle._callbacks.append(self._on_done)
+                handle._on_settled(self._on_done)
             self._pending.append(handle)
 
     def _on_done(self, handle: TaskHandle[T]) -> None:
