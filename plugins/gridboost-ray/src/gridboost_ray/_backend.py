@@ -64,6 +64,8 @@ if TYPE_CHECKING:
     from ray import ObjectRef, TaskID
     from ray.util.placement_group import PlacementGroup
 
+    from ._landing import Landing
+
 __all__ = ["PREFIX", "RayBackend"]
 
 _log = logging.getLogger("gridboost.ray")
@@ -293,6 +295,8 @@ class RayBackend(Backend):
         self._conn: _connect.Connection | None = None
         self._ray: ModuleType | None = None
         self._trio = False
+        #: Where runs on asyncio await their results (see _landing); None on trio.
+        self._landing: Landing | None = None
         self._closed = False
         self._remotes = LRU()
         self._options = LRU()
@@ -352,6 +356,12 @@ class RayBackend(Backend):
         # Not abandoned on cancel: a connection made while we were cancelled is recorded (by _connect_now) and then
         # released by aclose, never lost.
         await anyio.to_thread.run_sync(self._connect_now)
+        if not self._trio:  # after connecting: ray is imported by then, off the event loop
+            import asyncio
+
+            from ._landing import landing
+
+            self._landing = landing(asyncio.get_running_loop())
 
     def _clear_engine(self, leftovers: list[str], tasks: bool) -> None:
         """Remove this backend's groups and the keeper's records of them, and (with ``tasks``) wait until Ray's task
@@ -959,7 +969,9 @@ class RayBackend(Backend):
         self._in_flight[task.id] = ref.task_id()
         try:
             with map_errors(what):
-                result = await (self._trio_wait(ref) if self._trio else ref)
+                landing = self._landing
+                waited = landing.watch(ref) if landing is not None else self._trio_wait(ref) if self._trio else ref
+                result = await waited
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled here (or interrupted): the task must stop too
                 # A command stops its process itself within grace (SIGTERM, then SIGKILL): give it that long, and a
