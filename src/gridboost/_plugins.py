@@ -202,8 +202,8 @@ class GridPluginManager(pluggy.PluginManager):
                 pm.register(plugin)
             except PluginError:
                 raise
-            except (ValueError, pluggy.PluginValidationError) as exc:  # registered twice, a bad hookimpl
-                raise PluginError(f"plugin {shown(plugin)} cannot be registered: {str(exc)[:100]}") from exc
+            except Exception as exc:  # registered twice, a bad hookimpl, an object that breaks pluggy's own checks
+                raise PluginError(f"plugin {shown(plugin)} cannot be registered: {shown(exc, 100)}") from exc
         return pm
 
     def backend_specs(self) -> dict[str, BackendSpec]:
