@@ -247,6 +247,28 @@ def test_running_takes_anything(
 
 
 @EXAMPLES
+@given(value=anything(), boost=anything())
+def test_put_takes_anything(
+    portal_grid: tuple[anyio.from_thread.BlockingPortal, gb.Grid], value: Any, boost: Any
+) -> None:
+    """``put`` parks any value, or refuses a bad ``boost`` with a typed error; a handle released leaves nothing."""
+    portal, grid = portal_grid
+
+    async def put() -> object:
+        try:
+            handle = await grid.put(value, boost=boost)
+        except TYPED as exc:
+            return _short(exc)
+        assert boost is None and await grid.offload(take, handle, where="local") is value
+        await handle.release()
+        return handle
+
+    _on(portal, put)
+    assert grid.backend.parked() == []  # type: ignore[attr-defined]
+    _still_works(portal, grid)
+
+
+@EXAMPLES
 @given(
     # Only `true` and `echo` may ever run: any other program is drawn as a value of another type.
     program=st.one_of(st.sampled_from(["true", "echo"]), anything().filter(lambda v: not isinstance(v, str))),

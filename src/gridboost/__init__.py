@@ -13,6 +13,7 @@ from . import abc, exceptions, hookspecs
 from ._advisor import OffloadRecommendation, ResourceMatch
 from ._boost import Boost, current_boost
 from ._grid import Grid
+from ._parking import Parked
 from ._plugins import PluginLoadWarning, hookimpl, quiet_engine_logs
 from ._pressure import DEFAULT_THRESHOLDS, Pressure, PressureChanges, Threshold
 from ._probes import GpuReading, Probe, Reading, SystemProbe
@@ -80,6 +81,7 @@ __all__ = [
     "NodeSnapshot",
     "NotSerializable",
     "OffloadRecommendation",
+    "Parked",
     "Placement",
     "PluginError",
     "PluginLoadWarning",

@@ -153,7 +153,7 @@ class BatchedMap(TaskMap[T]):
         for slot in slots:
             slot.attempts += 1
         items = [slot.item for slot in slots]
-        handle = cast("TaskHandle[Outcomes]", self._submit(self._chunk, items, **self._options))
+        handle = cast("TaskHandle[Outcomes]", self._submit(self._chunk, *items, **self._options))
         self._running[handle] = slots
         handle._on_settled(self._on_chunk_done)
 

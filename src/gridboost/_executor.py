@@ -20,6 +20,7 @@ import anyio
 from ._book import BoostBook
 from ._boost import Boost
 from ._dispatch import Dispatch, Move
+from ._parking import Parked, Parking
 from ._plugins import call_decision
 from ._policy import DefaultPolicy
 from ._records import Command, CommandResult, TaskOutcome
@@ -59,8 +60,11 @@ def _not_found(command: Command, exc: FileNotFoundError) -> CommandNotFound:
 class Executor:
     """Runs tasks: checks, places, claims, attempts, and accounts for each one."""
 
-    def __init__(self, runtime: Runtime, book: BoostBook, dispatch: Dispatch, policy: DefaultPolicy) -> None:
+    def __init__(
+        self, runtime: Runtime, book: BoostBook, dispatch: Dispatch, policy: DefaultPolicy, parking: Parking
+    ) -> None:
         self._runtime, self._book, self._dispatch, self._policy = runtime, book, dispatch, policy
+        self._parking = parking
         self._plugins = runtime.plugins
         self._default_version = -1
         self._default = True
@@ -71,7 +75,10 @@ class Executor:
     def task(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]) -> Run:
         """A run of ``target(*args, **kwargs)``; bad input raises here, before anything is placed."""
         self._runtime.check_open()
-        return Run(TaskSpec(target, args, kwargs, **options), self._new_scope())
+        run = Run(TaskSpec(target, args, kwargs, **options), self._new_scope())
+        if Parked.issued and self._parking.check(run.spec):
+            run.parked = True
+        return run
 
     def _new_scope(self) -> anyio.CancelScope:
         # anyio.CancelScope() looks up the event loop's library on every call, about 1.5 µs of a task's own cost;
@@ -175,6 +182,9 @@ class Executor:
                 # some engines submit before their first checkpoint.
                 if run.cause is None:
                     with run.scope:
+                        if run.parked:
+                            assert run.placement is not None
+                            run.sent = await self._parking.resolve(spec, self._backend(run.placement))
                         if spec.timeout is not None:
                             with anyio.fail_after(started + spec.timeout - time.monotonic()):
                                 result = await self._attempts(run)
@@ -199,6 +209,8 @@ class Executor:
                     raise error from exc
             raise
         finally:
+            if run.parked:  # the engine's references to parked data go with the run: a kept handle keeps none
+                run.sent = spec
             self._leave(run)
             self._dispatch.release(run)
             runtime.runs.discard(run)
@@ -245,11 +257,11 @@ class Executor:
         placement = run.placement
         assert placement is not None
         if placement.boost is not None:
-            return self._runtime.backend.run(run.spec, placement.boost.reservation)
+            return self._runtime.backend.run(run.sent, placement.boost.reservation)
         if placement.kind == "local":
             # Only here does work wait for capacity where it can be moved before it starts.
-            return self._runtime.host.run(run.spec, None, on_start=run.mark_started)
-        return self._runtime.backend.run(run.spec, None)
+            return self._runtime.host.run(run.sent, None, on_start=run.mark_started)
+        return self._runtime.backend.run(run.sent, None)
 
     async def _attempts(self, run: Run) -> Any:
         """Attempts until one succeeds or ``retries`` are spent (the backend's own count, if it retries)."""

@@ -23,6 +23,7 @@ from ._checks import flag, text
 from ._dispatch import Dispatch
 from ._executor import Executor
 from ._local import LocalBackend
+from ._parking import Parked, Parking
 from ._plugins import GridPluginManager
 from ._policy import DefaultPolicy
 from ._pressure import Monitor, Pressure, PressureChanges, Threshold
@@ -107,8 +108,9 @@ class Grid:
         self._book = BoostBook(runtime)
         self._dispatch = Dispatch(runtime, self._book)
         policy.bind(runtime, self._book, self._dispatch, self._monitor)
-        self._executor = Executor(runtime, self._book, self._dispatch, policy)
-        self._services = _teardown.Services(self._monitor, self._book, self._dispatch, self._executor)
+        self._parking = Parking(runtime, self._book)
+        self._executor = Executor(runtime, self._book, self._dispatch, policy, self._parking)
+        self._services = _teardown.Services(self._monitor, self._book, self._dispatch, self._executor, self._parking)
         self._app = _teardown.AppResources()
         self._lifetime: AbstractAsyncContextManager[None] | None = None
 
@@ -299,13 +301,10 @@ class Grid:
     ) -> Coroutine[Any, Any, T]:
         """``await grid.offload(fn, ...)``: run ``fn(*args, **kwargs)`` where the policy says; return its result.
 
-        The function's own exception is raised with its own type; ``timeout`` bounds
-        all attempts together and raises ``TimeoutError``. Bad input raises as soon
-        as ``offload`` is called (what the backend ``where`` names cannot run, too);
-        the placement is decided, and its capacity claimed, when the coroutine starts,
-        so a burst of offloads is accounted one by one.
-        (A plain function returning the coroutine, not an ``async def``: one frame
-        fewer on the hot path.)
+        The function's own exception is raised with its own type; ``timeout`` bounds all attempts together and raises
+        ``TimeoutError``. Bad input raises at the call (what the backend ``where`` names cannot run, too); placement
+        is decided, and its capacity claimed, when the coroutine starts, so a burst is accounted one by one. (A plain
+        function returning the coroutine, not an ``async def``: one frame fewer on the hot path.)
         """
         options = {"resources": resources, "where": where, "retries": retries, "timeout": timeout}
         return self._executor.execute(self._executor.checked(self._executor.task(fn, args, kwargs, options)))
@@ -371,6 +370,11 @@ class Grid:
             self.submit, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options, batch_size=batch_size
         )
 
+    async def put(self, value: object, *, boost: Boost | None = None) -> Parked:
+        """Park ``value`` once in the engine (in ``boost``, counted against its memory) and return its handle: a
+        task given the handle as an argument gets the object. Released by ``release()``, its boost's end, teardown."""
+        return await self._parking.put(value, boost)
+
     def run_command(
         self,
         argv: Sequence[str],
@@ -384,12 +388,9 @@ class Grid:
     ) -> Coroutine[Any, Any, CommandResult]:
         """``await grid.run_command([...])``: run a program (never through a shell); return its ``CommandResult``.
 
-        Bad input (a string ``argv``, a NUL character, ``=`` in an env name, a non-string
-        ``cwd``) raises ``InvalidTask`` as soon as ``run_command`` is called. On ``timeout``
-        the process is terminated (then killed) and ``TimeoutError`` raised. With
-        ``check=True`` a non-zero status raises ``CommandFailed``. A program (or ``cwd``)
-        that does not exist where the command runs raises ``CommandNotFound``, a
-        ``FileNotFoundError``, on every backend.
+        Bad input raises ``InvalidTask`` at the call. On ``timeout`` the process is terminated (then killed) and
+        ``TimeoutError`` raised; with ``check=True`` a non-zero status raises ``CommandFailed``; a program (or
+        ``cwd``) missing where it runs raises ``CommandNotFound`` (a ``FileNotFoundError``) on every backend.
         """
         flag("check", check)
         command = Command(argv, env=env, cwd=cwd)

@@ -122,6 +122,7 @@ class LocalBackend(Backend):
         self._running: dict[str, TaskSpec | tuple[TaskSpec, str]] = {}
         self._running_lock = threading.Lock()
         self._commands: dict[str, tuple[TaskSpec, int]] = {}  # task id → (task, pid) of each command running
+        self._parked: dict[str, object] = {}  # what the engine holds for parked-data handles, by key
         self._limiter: anyio.CapacityLimiter | None = None
         self._procs: ProcessPool | None = None
         self._closed = False
@@ -240,13 +241,31 @@ class LocalBackend(Backend):
             for r, _ in self._reserved.values()
         ]
 
+    # -- parked data ----------------------------------------------------------------
+
+    async def park(self, key: str, value: Any, reservation: Reservation | None) -> Any:
+        """Kept by reference: tasks run in this process (a process pool's calls get it pickled, per call)."""
+        self._parked[key] = value
+        return value
+
+    async def unpark(self, key: str, token: Any) -> None:
+        self._parked.pop(key, None)
+
+    def parked(self) -> list[str]:
+        """The keys of the parked objects this engine holds (the leak check reads it)."""
+        return list(self._parked)
+
     # -- running --------------------------------------------------------------------
 
     def check_task(self, task: TaskSpec) -> None:
         if self.executor == "process" and not isinstance(task.target, Command):
+            from ._parking import Parked
             from ._procpool import check_picklable
 
-            check_picklable(task.target, task.args, task.kwargs)
+            # A parked handle is resolved to its object before the call is sent: it is not what gets pickled.
+            args = tuple(value for value in task.args if type(value) is not Parked)
+            kwargs = {key: value for key, value in task.kwargs.items() if type(value) is not Parked}
+            check_picklable(task.target, args, kwargs)
 
     def run(
         self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None

@@ -28,10 +28,12 @@ _END = object()
 class Run:
     """One task while the grid owns it: the scope that cancels it and the reason why."""
 
-    __slots__ = ("attempts", "cause", "checked", "ledger", "placement", "scope", "spec", "started")
+    __slots__ = ("attempts", "cause", "checked", "ledger", "parked", "placement", "scope", "sent", "spec", "started")
 
     def __init__(self, spec: TaskSpec, scope: anyio.CancelScope | None = None) -> None:
         self.spec = spec
+        self.sent = spec  # as the backend gets it: parked-data handles among its arguments resolved
+        self.parked = False  # it has such handles
         self.scope = anyio.CancelScope() if scope is None else scope
         self.cause: BaseException | None = None
         self.placement: Placement | None = None
@@ -52,6 +54,7 @@ class Run:
         """Re-place a run that has not started, with a fresh scope."""
         self.cause = None
         self.attempts = 0  # it never started: the waiting was not an attempt
+        self.sent = self.spec  # resolved again for the backend it moves to
         self.scope = type(self.scope)()  # the event loop's own class, made directly (see Executor.task)
         self.placement = placement
 

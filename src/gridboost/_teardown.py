@@ -7,7 +7,7 @@ In order, whether the grid's block ends normally, by exception or by cancellatio
 2. every task in flight and every pending boost request is cancelled, and awaited;
 3. the host app's own resources (``enter_async_context``/``push_async_callback``)
    are closed, in reverse order;
-4. every boost is released;
+4. every parked-data handle is released, then every boost;
 5. observer coroutines are awaited and background loops stopped (the pressure monitor's
    probe closed, after any reading in flight);
 6. the engine is asked which of our reservations it still holds — there must be
@@ -33,6 +33,7 @@ from ._book import BoostBook
 from ._boost import Boost
 from ._dispatch import Dispatch
 from ._executor import Executor
+from ._parking import Parking
 from ._pressure import Monitor
 from ._records import BoostState
 from ._runtime import Runtime
@@ -111,10 +112,9 @@ class AppResources:
                     leftovers.add(f"the app's resource {name} did not close within {timeout:g}s")
 
 
-async def stop_work(
-    runtime: Runtime, executor: Executor, book: BoostBook, app: AppResources, leftovers: Leftovers
-) -> None:
-    """Steps 2 to 5, but for stopping the loops: work, pending grants, app resources, boosts, observers."""
+async def stop_work(runtime: Runtime, services: Services, app: AppResources, leftovers: Leftovers) -> None:
+    """Steps 2 to 5, but for stopping the loops: work, pending grants, app resources, parked data, boosts, observers."""
+    executor, book = services.executor, services.book
     timeout = runtime.settings.teardown_timeout
     for scope in runtime.grants:
         scope.cancel()
@@ -126,6 +126,8 @@ async def stop_work(
     for run in runtime.runs:
         leftovers.add(f"task {run.spec.id} ({run.spec.name}) still running after {timeout:g}s")
     await app.close(leftovers, timeout)
+    for handle, exc in await services.parking.close():
+        leftovers.add(f"{handle.id} ({handle.kind}) was not released: {type(exc).__name__}: {exc}", exc)
 
     async def release(boost: Boost) -> None:
         try:
@@ -181,6 +183,7 @@ class Services:
     book: BoostBook
     dispatch: Dispatch
     executor: Executor
+    parking: Parking
 
     def stats(self, counts: Mapping[str, int]) -> dict[str, int]:
         """The grid's counters, with the book's and the monitor's."""
@@ -270,7 +273,7 @@ async def _running(runtime: Runtime, services: Services, app: AppResources) -> A
             finally:
                 runtime.state = "closing"  # step 1
                 with anyio.CancelScope(shield=True):
-                    await stop_work(runtime, services.executor, services.book, app, leftovers)
+                    await stop_work(runtime, services, app, leftovers)
                 loops.cancel()
                 tg.cancel_scope.cancel()
     finally:

@@ -158,6 +158,26 @@ class Backend(abc.ABC):
         (the local one) returns at once, which is the default.
         """
 
+    # -- parked data ------------------------------------------------------------------
+
+    async def park(self, key: str, value: Any, reservation: Reservation | None) -> Any:
+        """Store ``value`` once in the engine (on the reservation's nodes when given); return its token.
+
+        The token is what a task's argument becomes when the task runs on this backend:
+        the engine resolves it on the worker without shipping the value again (Ray: an
+        ``ObjectRef``; Dask: a ``Future`` of scattered data). ``key`` names the object in
+        :meth:`unpark` and in errors. The default keeps the value by reference, as the
+        local backend does: a backend whose tasks run in this process needs no more.
+        """
+        return value
+
+    async def unpark(self, key: str, token: Any) -> None:  # noqa: B027 - optional hook
+        """Let the engine free the parked object ``key``; awaited, idempotent. Called shielded."""
+
+    async def fetch(self, token: Any) -> Any:
+        """The value behind ``token``, in this process: for a task that runs on another backend (the host)."""
+        return token
+
     # -- running --------------------------------------------------------------------
 
     @abc.abstractmethod

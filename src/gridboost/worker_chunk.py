@@ -7,7 +7,7 @@ library so that a backend can ship it to the workers *by value*, as it ships :mo
 
     cloudpickle.register_pickle_by_value(worker_chunk)  # the engine's cloudpickle (Ray: ray.cloudpickle)
 
-* :class:`Chunk` — ``Chunk(fn)(items)`` calls ``fn(item)`` for each item and returns, for each, ``(True, result)``
+* :class:`Chunk` — ``Chunk(fn)(*items)`` calls ``fn(item)`` for each item and returns, for each, ``(True, result)``
   or ``(False, exception)``, with the seconds the calls took: one item's exception leaves the others to run and
   deliver, and crosses back to the host with its own type.
 """
@@ -15,7 +15,7 @@ library so that a backend can ship it to the workers *by value*, as it ships :mo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Chunk", "Outcomes"]
@@ -31,7 +31,9 @@ class Chunk:
         self.fn = fn
         self.__qualname__ = f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}[chunk]"
 
-    def __call__(self, items: Sequence[Any]) -> Outcomes:
+    def __call__(self, *items: Any) -> Outcomes:
+        # The items are the task's own arguments, not one list: an engine resolves parked data (a Ray ObjectRef, a
+        # Dask Future) where it is a whole argument.
         fn = self.fn
         outcomes: list[tuple[bool, Any]] = []
         started = time.perf_counter()

@@ -22,7 +22,7 @@ import pytest
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
 from gridboost_dask import LEASE_PREFIX
 
-from gridboost import Grid, Resources
+from gridboost import Grid, Parked, Resources
 from gridboost.testing import EngineProbe
 
 # Dask's workers run what the tests send; the functions defined here travel by value, so the workers need not import
@@ -131,6 +131,22 @@ def _executing(prefix: str, dask_worker: Any = None) -> list[str]:
     return [str(ts.key) for ts in state.executing | state.long_running if str(ts.key).startswith(prefix)]
 
 
+def _holders_on_scheduler(key: str, dask_scheduler: Any = None) -> list[str]:
+    """On the scheduler: the workers holding ``key`` in memory; none once it is freed (or forgotten)."""
+    ts = dask_scheduler.tasks.get(key)
+    if ts is None or ts.state != "memory":
+        return []
+    return sorted(ws.address for ws in ts.who_has or ())
+
+
+def _big_on_scheduler(prefix: str, size: int, dask_scheduler: Any = None) -> int:
+    """On the scheduler: how many keys starting with ``prefix`` are held in memory with at least ``size`` bytes."""
+    return sum(
+        str(key).startswith(prefix) and ts.state == "memory" and ts.nbytes >= size
+        for key, ts in dask_scheduler.tasks.items()
+    )
+
+
 def _backend(grid: Grid) -> Any:
     backend = grid.backend
     while not hasattr(backend, "lease_prefix") and hasattr(backend, "inner"):  # a wrapper: FaultyBackend
@@ -154,7 +170,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
 
 
 class DaskProbe(EngineProbe):
-    """Dask's own state: the scheduler's worker resources (leases), the workers' executing tasks (running)."""
+    """Dask's own state: the scheduler's worker resources (leases) and keys in memory (parked data), the workers'
+    executing tasks (running)."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -175,6 +192,29 @@ class DaskProbe(EngineProbe):
         def read() -> set[str]:
             keys = self.client.run(_executing, prefix, on_error="ignore")
             return {key.removeprefix(prefix) for found in keys.values() for key in found}
+
+        return await anyio.to_thread.run_sync(read)
+
+    def parked_key(self, grid: Grid, handle: Parked) -> str:
+        """The scheduler's key of a handle's object: the backend scatters it under its own prefix."""
+        return f"{_backend(grid).prefix}{handle.id}"
+
+    def holders(self, grid: Grid, handle: Parked) -> list[str]:
+        """The workers the scheduler says hold the handle's object now."""
+        held: list[str] = self.client.run_on_scheduler(_holders_on_scheduler, self.parked_key(grid, handle))
+        return held
+
+    async def parked_nodes(self, grid: Grid, handle: Parked) -> Collection[str]:
+        return set(await anyio.to_thread.run_sync(self.holders, grid, handle))
+
+    async def big_objects(self, grid: Grid, size: int) -> int:
+        # Dask ships a task's arguments inside the task, never as keys: what the grid holds in memory is what it
+        # parked (and its results, small in the suite), all under its prefix.
+        prefix = _backend(grid).prefix
+
+        def read() -> int:
+            count: int = self.client.run_on_scheduler(_big_on_scheduler, prefix, size)
+            return count
 
         return await anyio.to_thread.run_sync(read)
 

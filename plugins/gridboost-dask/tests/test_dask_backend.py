@@ -54,6 +54,25 @@ def wait_for(path: str) -> str:
     return whereami()
 
 
+def size_when(data: bytes, path: str) -> int:
+    """Run as a task: hold a worker thread until ``path`` exists (bounded), then return ``len(data)``."""
+    wait_for(path)
+    return len(data)
+
+
+def kind_and_size(data: bytes) -> tuple[str, int]:
+    return type(data).__name__, len(data)
+
+
+def _dependencies_on_scheduler(prefix: str, dask_scheduler: Any = None) -> dict[str, list[str]]:
+    """On the scheduler: every key starting with ``prefix``, with the keys it depends on."""
+    return {
+        str(key): sorted(str(dep.key) for dep in ts.dependencies)
+        for key, ts in dask_scheduler.tasks.items()
+        if str(key).startswith(prefix)
+    }
+
+
 def _tasks_on_scheduler(dask_scheduler: Any = None) -> dict[str, dict[str, float]]:
     """On the scheduler: every task's key, with the resources the scheduler restricts it to."""
     return {str(key): dict(ts.resource_restrictions or {}) for key, ts in dask_scheduler.tasks.items()}
@@ -135,6 +154,65 @@ class TestOnTheCluster:
     async def test_keywords_named_like_submits_own_reach_the_function(self, grid: Grid) -> None:
         """A keyword argument called ``key`` (a Client.submit parameter) reaches the user's function."""
         assert await grid.offload(echo_key, key=7, where="cluster") == 7
+
+
+@pytest.mark.anyio
+class TestParkedData:
+    async def test_tasks_given_a_handle_depend_on_its_one_key_on_the_scheduler(
+        self, grid: Grid, probe: DaskProbe, dask_client: Client, tmp_path: Path
+    ) -> None:
+        """Three offloads given one handle each depend on the single key it was scattered as, which alone holds it."""
+        size = 2**20
+        handle = await grid.put(os.urandom(size))
+        parked = probe.parked_key(grid, handle)
+        go = tmp_path / "go"
+        tasks = [grid.submit(size_when, handle, str(go), where="cluster") for _ in range(3)]
+        assert grid.task_prefix is not None
+        keys = {grid.task_prefix + task.id for task in tasks}
+
+        async def graph() -> dict[str, list[str]]:
+            found: dict[str, list[str]] = await anyio.to_thread.run_sync(
+                dask_client.run_on_scheduler, _dependencies_on_scheduler, grid.task_prefix
+            )
+            return found
+
+        async def submitted() -> bool:
+            return keys <= set(await graph())
+
+        try:
+            await eventually(submitted, "the scheduler never had all three tasks")
+            dependencies = await graph()
+            assert {key: dependencies[key] for key in keys} == {key: [parked] for key in keys}
+            assert await probe.big_objects(grid, size) == 1
+        finally:
+            go.touch()
+        assert [await task for task in tasks] == [size] * 3
+        await handle.release()
+
+    @pytest.mark.parametrize("name", sorted(WORKERS))
+    async def test_a_handle_put_under_a_boost_is_held_by_its_lease_worker(
+        self, grid: Grid, probe: DaskProbe, dask_client: Client, name: str
+    ) -> None:
+        """Under a boost aimed at one worker, the scheduler says that worker, and no other, holds the parked key."""
+        target = worker_named(dask_client, name)
+        async with grid.boost("cpu=1", ttl=60, labels={"name": name}) as boost:
+            handle = await grid.put(os.urandom(2**20), boost=boost)
+            assert await anyio.to_thread.run_sync(probe.holders, grid, handle) == [target]
+            assert await grid.offload(len, handle, where=boost) == 2**20
+
+        async def freed() -> bool:
+            return not await probe.parked_nodes(grid, handle)
+
+        await eventually(freed, f"{target} still holds {handle.id} after its boost ended")
+
+    async def test_work_placed_on_the_host_gets_the_parked_object(self, grid: Grid, probe: DaskProbe) -> None:
+        """An offload placed on this machine gets the object fetched from Dask, which still stores it once."""
+        data = os.urandom(2**20)
+        handle = await grid.put(data)
+        assert await grid.offload(kind_and_size, handle, where="local") == ("bytes", len(data))
+        assert await grid.offload(bytes.__eq__, handle, data, where="local") is True
+        assert await probe.big_objects(grid, len(data)) == 1
+        await handle.release()
 
 
 @pytest.mark.anyio

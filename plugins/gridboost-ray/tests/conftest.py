@@ -173,11 +173,44 @@ def unended(backend: Any) -> set[str]:
     return {task for task, states in _task_states(backend) if not states & _ENDED}
 
 
+def _references() -> set[str]:
+    """The ids of the objects this process (the driver, which owns what the grids put) still references in Ray."""
+    core_worker = ray._private.worker.global_worker.core_worker
+    return {key.decode() if isinstance(key, bytes) else str(key) for key in core_worker.get_all_reference_counts()}
+
+
+def _sizes() -> dict[str, int]:
+    """The size of every object the driver references, as Ray's object directory reports it."""
+    refs = [ray.ObjectRef(bytes.fromhex(object_id)) for object_id in _references()]
+    found = ray.experimental.get_object_locations(refs, timeout_ms=10_000)
+    return {ref.hex(): int(where.get("object_size") or 0) for ref, where in found.items()}
+
+
 class RayProbe(EngineProbe):
-    """Ray's own state: the GCS's placement group table, and its task events (read without a dashboard).
+    """Ray's own state: the GCS's placement group table, its task events (read without a dashboard), and the
+    driver's reference table and Ray's object directory for parked data.
 
     A grid's placement groups and tasks are those named with its backend's prefix (``gridboost:<session>:``).
     """
+
+    def __init__(self) -> None:
+        #: Each parked handle's Ray object id, learnt while it was live (kept as text: a ref would keep it alive).
+        self._object_ids: dict[str, str] = {}
+
+    async def parked_nodes(self, grid: Grid, handle: Any) -> Collection[str]:
+        ref = grid.backend._parked.get(handle.id)  # type: ignore[attr-defined]
+        if ref is not None:
+            self._object_ids[handle.id] = ref.hex()
+            found = await anyio.to_thread.run_sync(lambda: ray.experimental.get_object_locations([ref], 10_000))
+            return set(found[ref]["node_ids"]) if ref in found else set()
+        object_id = self._object_ids.get(handle.id)
+        assert object_id is not None, f"the probe never saw {handle.id} live"
+        if object_id not in await anyio.to_thread.run_sync(_references):
+            return set()
+        return {f"referenced: {object_id}"}
+
+    async def big_objects(self, grid: Grid, size: int) -> int:
+        return sum(n >= size for n in (await anyio.to_thread.run_sync(_sizes)).values())
 
     async def reservations(self, grid: Grid) -> Collection[str]:
         return set(await anyio.to_thread.run_sync(_groups, _prefix(grid)))

@@ -24,6 +24,7 @@ import gridboost as gb
 from conftest import WORKER_CPUS, WORKERS, RayProbe, _task_states, whereami, zone_node
 from gridboost import Command, Grid, Resources
 from gridboost.testing import nap
+from gridboost.testing._work import nap_then_size
 
 HERE = Path(__file__).parent
 SETTLE = 20.0
@@ -241,6 +242,32 @@ class TestOnTheCluster:
             await eventually(both, "Ray's table never showed the grid's two task names")
             command = "command:" + os.path.basename(sys.executable)
             assert await anyio.to_thread.run_sync(names) == {grid.task_prefix + "whereami", grid.task_prefix + command}
+
+    async def test_data_shipped_with_each_task_is_stored_per_task_and_parked_data_once(
+        self, grid: Grid, probe: RayProbe
+    ) -> None:
+        """Ray's object directory holds a large argument once per task in flight, and a parked one once in all."""
+        size = 4 * 2**20
+        data = os.urandom(size)
+
+        async def all_running() -> bool:
+            return len(await probe.running(grid)) == 3
+
+        shipped = [grid.submit(nap_then_size, data, 2.0, where="cluster") for _ in range(3)]
+        await eventually(all_running, "the 3 tasks did not all start")
+        assert await probe.big_objects(grid, size) == 3  # each argument is stored until its task ends
+        assert [await h for h in shipped] == [size] * 3
+        handle = await grid.put(data)
+        parked = [grid.submit(nap_then_size, handle, 2.0, where="cluster") for _ in range(3)]
+        await eventually(all_running, "the 3 tasks did not all start")
+        assert await probe.big_objects(grid, size) == 1
+        assert [await h for h in parked] == [size] * 3
+
+    async def test_work_placed_here_gets_parked_data_from_the_object_store(self, grid: Grid) -> None:
+        """A Ray handle given to work that runs on this machine is fetched here, and the task gets the object."""
+        handle = await grid.put(b"abc" * 1000)
+        assert await grid.offload(len, handle, where="local") == 3000
+        assert [n async for n in grid.map(len, [handle, b"x"], where="local")] == [3000, 1]
 
     async def test_two_grids_share_the_process_connection(self, cluster_address: str) -> None:
         """Grids of one process share its Ray connection; closing one leaves the other working, and the driver's."""

@@ -9,7 +9,7 @@ The kinds of fault, and what each does to the call it fires on:
 
 ``latency``
     Sleeps ``seconds`` before the operation goes on. Applies to ``run`` (the default),
-    ``reserve``, ``release`` or ``snapshot``, as its ``operation`` says.
+    ``reserve``, ``release``, ``snapshot`` or ``unpark``, as its ``operation`` says.
 ``submit_failure``
     ``run`` raises :class:`~gridboost.exceptions.BackendError`; the wrapped backend never
     sees the task, so none of its work runs.
@@ -33,8 +33,11 @@ The kinds of fault, and what each does to the call it fires on:
     ``release`` raises ``BackendError`` and does *not* give the reservation back: the
     engine still holds it, so the grid's teardown must name it in a
     :class:`~gridboost.exceptions.TeardownError`.
+``unpark_failure``
+    ``unpark`` (the release of a :meth:`~gridboost.Grid.put` handle) raises ``BackendError``
+    and leaves the object parked in the engine, for the teardown to name.
 
-``submit_failure``, ``task_failure`` and ``release_failure`` wait ``seconds`` (default 0)
+``submit_failure``, ``task_failure``, ``release_failure`` and ``unpark_failure`` wait ``seconds`` (default 0)
 before they fail, as an engine that is slow to say no would. Every delay is an
 :func:`anyio.sleep`, so the grid's cancellation reaches it at once.
 
@@ -96,8 +99,10 @@ from ..exceptions import BackendError, GridboostError, InvalidRequest, UnknownBa
 
 __all__ = ["Fault", "FaultKind", "FaultPlan", "FaultyBackend", "FaultyPlugin", "InjectedFault", "Operation"]
 
-FaultKind = Literal["latency", "submit_failure", "task_failure", "node_lost", "slow_release", "release_failure"]
-Operation = Literal["run", "reserve", "release", "snapshot"]
+FaultKind = Literal[
+    "latency", "submit_failure", "task_failure", "node_lost", "slow_release", "release_failure", "unpark_failure"
+]
+Operation = Literal["run", "reserve", "release", "snapshot", "unpark"]
 
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 OPERATIONS: tuple[str, ...] = get_args(Operation)
@@ -110,6 +115,7 @@ _OPERATION_OF: dict[str, Operation] = {
     "node_lost": "run",
     "slow_release": "release",
     "release_failure": "release",
+    "unpark_failure": "unpark",
 }
 _DELAYS = frozenset({"latency", "slow_release"})
 
@@ -402,21 +408,37 @@ class FaultyBackend(Backend):
             await anyio.sleep(delay)
         return await self.inner.reserve(request)
 
-    async def release(self, reservation: Reservation) -> None:
-        delay, failure, call = self._choose("release", reservation.id)
+    async def _give_back(self, operation: Operation, what: str, target: str) -> None:
+        """The faults of a giving-back operation (``release``, ``unpark``): its delays, then its failure, if any."""
+        delay, failure, call = self._choose(operation, target)
         if delay:
             await anyio.sleep(delay)
         if failure is not None:
             if failure.seconds:
                 await anyio.sleep(failure.seconds)
             raise BackendError(
-                f"reservation {reservation.id} could not be released; the {self.inner.name} engine still holds it "
-                f"(injected release_failure, call {call} to release)"
+                f"{what} could not be released; the {self.inner.name} engine still holds it "
+                f"(injected {failure.kind}, call {call} to {operation})"
             )
+
+    async def release(self, reservation: Reservation) -> None:
+        await self._give_back("release", f"reservation {reservation.id}", reservation.id)
         await self.inner.release(reservation)
 
     async def extend(self, reservation: Reservation, ttl: float) -> None:
         await self.inner.extend(reservation, ttl)
+
+    # -- parked data ----------------------------------------------------------------
+
+    async def park(self, key: str, value: Any, reservation: Reservation | None) -> Any:
+        return await self.inner.park(key, value, reservation)
+
+    async def unpark(self, key: str, token: Any) -> None:
+        await self._give_back("unpark", key, key)
+        await self.inner.unpark(key, token)
+
+    async def fetch(self, token: Any) -> Any:
+        return await self.inner.fetch(token)
 
     async def reservations(self) -> Sequence[Reservation]:
         return await self.inner.reservations()

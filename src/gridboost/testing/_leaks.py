@@ -80,6 +80,7 @@ class LeakError(AssertionError):
 class _EngineState:
     reservations: frozenset[str]
     running: frozenset[str]
+    parked: frozenset[str] = frozenset()
 
 
 @attrs.define(eq=False)
@@ -252,7 +253,7 @@ def _subclasses(cls: type[LocalBackend]) -> set[type[LocalBackend]]:
 
 
 def _engine_state(engine: LocalBackend) -> _EngineState:
-    return _EngineState(frozenset(_held(engine)), frozenset(engine.running_tasks()))
+    return _EngineState(frozenset(_held(engine)), frozenset(engine.running_tasks()), frozenset(engine.parked()))
 
 
 def _engine_leaks(engine: LocalBackend, before: _EngineState, whose: str = "") -> list[str]:
@@ -265,6 +266,9 @@ def _engine_leaks(engine: LocalBackend, before: _EngineState, whose: str = "") -
         f"local engine{whose} still running {what}"
         for task_id, what in sorted(engine.running_tasks().items())
         if task_id not in before.running
+    ]
+    leaks += [
+        f"local engine{whose} still holds parked object {key}" for key in engine.parked() if key not in before.parked
     ]
     return leaks
 

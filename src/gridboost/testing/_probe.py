@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection
 
 from .._grid import Grid
 from .._local import LocalBackend
+from .._parking import Parked, nbytes
 
 __all__ = ["EngineProbe", "LocalProbe"]
 
@@ -31,6 +32,22 @@ class EngineProbe(abc.ABC):
     @abc.abstractmethod
     async def running(self, grid: Grid) -> Collection[str]:
         """Ids of the tasks (``TaskSpec.id``) whose work the engine is executing now."""
+
+    @abc.abstractmethod
+    async def parked_nodes(self, grid: Grid, handle: Parked) -> Collection[str]:
+        """The ids of the nodes whose store holds the object of ``handle`` now; empty once the engine freed it.
+
+        The suite asks while the handle is live before it asks after its release, so a probe may learn there
+        how the engine names the object.
+        """
+
+    @abc.abstractmethod
+    async def big_objects(self, grid: Grid, size: int) -> int:
+        """How many stored objects of at least ``size`` bytes the engine holds for the grid now.
+
+        What tasks were sent with counts too, while the engine keeps it (Ray's object store holds each large
+        argument as an object of its own).
+        """
 
     @property
     @abc.abstractmethod
@@ -62,6 +79,14 @@ class LocalProbe(EngineProbe):
 
     async def running(self, grid: Grid) -> Collection[str]:
         return set(self._backend(grid).running_tasks())
+
+    async def parked_nodes(self, grid: Grid, handle: Parked) -> Collection[str]:
+        return {local_node_id()} if handle.id in self._backend(grid).parked() else set()
+
+    async def big_objects(self, grid: Grid, size: int) -> int:
+        # Tasks get their arguments by reference here: only what was parked is stored.
+        backend = self._backend(grid)
+        return sum(nbytes(value) >= size for value in backend._parked.values())
 
     @property
     def whereami(self) -> Callable[[], str]:

@@ -53,7 +53,18 @@ from ..exceptions import (
     TaskCancelled,
 )
 from ._probe import EngineProbe
-from ._work import SuiteError, add, fail_if_odd, fail_until, fail_until_item, fail_with, mark_and_nap, nap, where_item
+from ._work import (
+    SuiteError,
+    add,
+    fail_if_odd,
+    fail_until,
+    fail_until_item,
+    fail_with,
+    mark_and_nap,
+    nap,
+    nap_then_size,
+    where_item,
+)
 
 __all__ = ["BackendSuite", "SuiteError"]
 
@@ -452,6 +463,76 @@ class BackendSuite:
         await self.eventually(lambda: _none(probe.running(grid)), lambda: _say("still running", probe.running(grid)))
         ran = sum(mark.exists() for mark in marks)
         assert 0 < ran <= 4, f"{ran} items of 40 ran; only the first item of each of the 2 chunks should have"
+
+    # -- parked data -------------------------------------------------------------------------
+
+    async def test_parked_data_reaches_the_work_as_its_object(self, grid: Grid) -> None:
+        """A handle passed to offload, to submit by keyword, and as map items (chunked or not) arrives as its object."""
+        data = bytes(range(256)) * 256
+        handle = await grid.put(data)
+        assert handle.size == len(data)
+        assert await grid.offload(len, handle, where="cluster") == len(data)
+        assert await grid.submit(nap_then_size, data=handle, where="cluster") == len(data)
+        chunked = [n async for n in grid.map(len, [handle, b"ab", handle, handle], batch_size=2, where="cluster")]
+        one_by_one = [n async for n in grid.map(len, [handle, b"abc"], batch_size=1, where="cluster")]
+        assert (chunked, one_by_one) == ([len(data), 2, len(data), len(data)], [len(data), 3])
+        await handle.release()
+        with pytest.raises(InvalidRequest, match="released"):
+            grid.submit(len, handle, where="cluster")
+        assert await grid.offload(add, 2, 3, where="cluster") == 5
+
+    async def test_parked_data_is_stored_once_for_every_task_using_it(self, grid: Grid, probe: EngineProbe) -> None:
+        """Tasks in flight with the same handle share the engine's one stored object: it is not shipped per task."""
+        size = 4 * 2**20
+        handle = await grid.put(os.urandom(size))
+        handles = [grid.submit(nap_then_size, handle, 1.0, where="cluster") for _ in range(3)]
+
+        async def started() -> bool:
+            return bool(await probe.running(grid))
+
+        await self.eventually(started, lambda: _say("running", probe.running(grid)))
+        assert await probe.big_objects(grid, size) == 1
+        assert [await h for h in handles] == [size] * 3
+        await handle.release()
+
+    async def test_released_parked_data_is_freed_on_the_engine(self, grid: Grid, probe: EngineProbe) -> None:
+        """After ``release()`` (twice: it is idempotent) the engine no longer stores the object."""
+        handle = await grid.put(os.urandom(2**20))
+        assert await probe.parked_nodes(grid, handle)
+        await handle.release()
+        await handle.release()
+        assert handle.released
+        await self.eventually(
+            lambda: _none(probe.parked_nodes(grid, handle)), lambda: _say("stored", probe.parked_nodes(grid, handle))
+        )
+
+    async def test_parked_data_in_a_boost_lives_there_and_ends_with_it(
+        self, grid: Grid, probe: EngineProbe, unit: Resources
+    ) -> None:
+        """Data put under a boost is stored on the boost's nodes, used there, and freed when the boost ends."""
+        self.need(grid, "reserve")
+        async with grid.boost(unit, ttl=60) as boost:
+            handle = await grid.put(os.urandom(2**20), boost=boost)
+            nodes = set(await probe.parked_nodes(grid, handle))
+            assert nodes, f"the engine does not store {handle.id}"
+            assert nodes <= set(await probe.reservation_nodes(grid, boost.id))
+            assert await grid.offload(len, handle, where=boost) == 2**20
+        assert handle.released
+        await self.eventually(
+            lambda: _none(probe.parked_nodes(grid, handle)), lambda: _say("stored", probe.parked_nodes(grid, handle))
+        )
+
+    async def test_teardown_frees_parked_data(
+        self, backend_name: str, grid_options: dict[str, Any], probe: EngineProbe
+    ) -> None:
+        """A handle nobody released is released when the grid closes, and the engine frees its object."""
+        async with Grid(backend_name, **grid_options) as grid:
+            handle = await grid.put(os.urandom(2**20))
+            assert await probe.parked_nodes(grid, handle)
+        assert handle.released
+        await self.eventually(
+            lambda: _none(probe.parked_nodes(grid, handle)), lambda: _say("stored", probe.parked_nodes(grid, handle))
+        )
 
     async def test_commands_return_status_and_output(self, grid: Grid) -> None:
         """A command's status, stdout and stderr come back; env reaches it; check=True raises CommandFailed."""

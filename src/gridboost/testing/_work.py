@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 import anyio.from_thread
@@ -23,6 +23,7 @@ __all__ = [
     "fail_with",
     "mark_and_nap",
     "nap",
+    "nap_then_size",
     "where_item",
 ]
 
@@ -96,3 +97,9 @@ def nap(seconds: float) -> float:
             anyio.from_thread.check_cancelled()
         time.sleep(0.01)
     return seconds
+
+
+def nap_then_size(data: Sized, seconds: float = 0.0) -> int:
+    """:func:`nap` ``seconds``, then return ``len(data)``: work that holds its (parked) argument a while."""
+    nap(seconds)
+    return len(data)

@@ -6,7 +6,9 @@ that has it installed, and ``import distributed`` costs most of a second.
 Names in the engine. Every task this backend submits has the key ``gridboost:<session>:<task id>``, and every lease
 is marked on its workers with the resource ``gridboost-lease:<session>:<boost id>`` (``<session>``: random per
 backend; a detached lease's is ``lease``, no backend's own). So the scheduler's own state says what each one is, and
-a test (or the CLI) finds a grid's work and leases there.
+a test (or the CLI) finds a grid's work and leases there. Parked data (``grid.put``) is scattered under the key
+``gridboost:<session>:<handle id>``, so the scheduler's books name it as this grid's too, and a backend that closes
+waits for it to be gone as it waits for its tasks.
 
 A lease. Dask has no reservation primitive and its resources are abstract counters, so the lease is built from
 Dask's own parts: the scheduler plugin :class:`~gridboost_dask._worker.LeaseRegistry` chooses workers with free
@@ -429,6 +431,8 @@ class DaskBackend(Backend):
         )
         # This backend's leases (by boost id) that its watch reports when Dask loses them; detached ones are not.
         self._held: set[str] = set()
+        # Parked data not yet released, by handle id: the Futures that keep each scattered key wanted.
+        self._parked: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<DaskBackend {self._target} session={self.session}>"
@@ -520,6 +524,10 @@ class DaskBackend(Backend):
                             await self._registry.release(record["name"])
                         except Exception as exc:
                             leftovers.append(f"lease {record['id']}: {exc}")
+            if self._parked:  # the grid releases its handles before we close; these are ones unpark never got to
+                parked, self._parked = list(self._parked.values()), {}
+                with contextlib.suppress(Exception):
+                    await loop.call(_release_all, parked)
             # Closed only once the engine shows nothing of us: a cancelled task still running on a worker thread, a
             # lease mark that waits for it, a key the scheduler has not let go yet.
             try:
@@ -772,6 +780,40 @@ class DaskBackend(Backend):
         # process itself, as soon as its worker sees the cancellation). In bulk: a closing grid cancels everything.
         await self._canceller.cancel(future)
 
+    # -- parked data ---------------------------------------------------------------------------------------------------
+
+    async def park(self, key: str, value: Any, reservation: Reservation | None) -> Any:
+        """Scatter ``value`` once (to one of the lease's workers under a boost); tasks given its Future depend on it."""
+        conn = self._require()
+        loop = self._loop
+        assert loop is not None
+        workers = None
+        if reservation is not None:
+            lease = reservation.handle
+            if not isinstance(lease, _Lease):
+                raise InvalidRequest(f"reservation {reservation.id} was not made by the Dask backend")
+            workers = sorted(lease.slots)
+        with map_errors(f"parking {key}"):
+            future = await loop.call(_scatter, conn.client, self.prefix + key, value, workers)
+        self._parked[key] = future
+        return future
+
+    async def unpark(self, key: str, token: Any) -> None:
+        """Drop our want of the key: the scheduler frees it once the tasks that read it have ended."""
+        future = self._parked.pop(key, None)
+        if future is None or self._conn is None or self._closed:  # released already, or gone with the client
+            return
+        assert self._loop is not None
+        with map_errors(f"releasing {key}"):
+            await self._loop.call(_release_all, [future])
+
+    async def fetch(self, token: Any) -> Any:
+        """The parked value, gathered into this process (for work placed on the host)."""
+        self._require()
+        assert self._loop is not None
+        with map_errors(f"fetching parked data {token.key}"):
+            return await self._loop.call(_gather_one, token)
+
     def _prepare(
         self, task: TaskSpec, reservation: Reservation | None
     ) -> tuple[Any, tuple[Any, ...], Mapping[str, Any], dict[str, Any]]:
@@ -810,6 +852,22 @@ class DaskBackend(Backend):
         if task.retries:
             options["retries"] = task.retries
         return options
+
+
+async def _scatter(client: Any, key: str, value: object, workers: list[str] | None) -> Any:
+    # A dict names the key (no hashing of a large value), and keeps a list or dict value from being split into items.
+    futures = await client.scatter({key: value}, workers=workers, hash=False)
+    return futures[key]
+
+
+async def _release_all(futures: Sequence[Any]) -> None:
+    # In Dask's loop: Future.release schedules its message on the client's loop.
+    for future in futures:
+        future.release()
+
+
+async def _gather_one(future: Any) -> Any:
+    return await future
 
 
 _OPTIONS = {

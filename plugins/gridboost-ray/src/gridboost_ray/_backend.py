@@ -314,6 +314,9 @@ class RayBackend(Backend):
         #: names a task by its function (see ray_task_ids), so this is how its rows are told apart. Both stay
         #: bounded (by the work in flight, and by ``_ENDED_KEPT``) however many tasks a long run submits.
         self._in_flight: dict[str, TaskID] = {}
+        #: Parked data, by key: the one reference this process holds to each object (Ray frees it with the last).
+        self._parked: dict[str, ObjectRef[Any]] = {}
+        self._hold_remote: Any = None
         self._ended: LRU = LRU(_ENDED_KEPT)
 
     def __repr__(self) -> str:
@@ -469,11 +472,13 @@ class RayBackend(Backend):
         self._ray = ray
         self._call_remote = ray.remote(_worker.call)
         self._command_remote = ray.remote(_worker.run_command)
+        self._hold_remote = ray.remote(_worker.hold)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._parked.clear()  # the grid released its handles already; what is left goes with this process's refs
         conn = self._conn
         if conn is None:
             return
@@ -935,6 +940,48 @@ class RayBackend(Backend):
             )
         return broken
 
+    # -- parked data --------------------------------------------------------------------------------------------------
+
+    async def park(self, key: str, value: Any, reservation: Reservation | None) -> Any:
+        """``ray.put`` here; inside a boost, the object is made by a task in its placement group, so it is stored on
+        the lease's node (a task's return value lives where the task ran), and the copy here is let go."""
+        ray = self._require()
+        group = None
+        if reservation is not None:
+            group = reservation.handle
+            if not isinstance(group, _Group):
+                raise InvalidRequest(f"reservation {reservation.id} was not made by the Ray backend")
+
+        def store() -> ObjectRef[Any]:
+            with map_errors(f"parking {key}"):
+                ref: ObjectRef[Any] = ray.put(value)
+                if group is None:
+                    return ref
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                inside = PlacementGroupSchedulingStrategy(group.pg, placement_group_bundle_index=-1)
+                held: ObjectRef[Any] = self._hold_remote.options(
+                    num_cpus=0, name=f"{self.prefix}park", scheduling_strategy=inside
+                ).remote(ref)
+                ready, _ = ray.wait([held], timeout=self._close_timeout, fetch_local=False)
+            if not ready:
+                ray.cancel(held, force=True)
+                raise BackendError(f"Ray did not store {key} in boost {reservation.id} within {self._close_timeout:g}s")
+            return held
+
+        ref = await anyio.to_thread.run_sync(store)
+        self._parked[key] = ref
+        return ref
+
+    async def unpark(self, key: str, token: Any) -> None:
+        # The last reference of this process goes; Ray frees the object once no task still borrows it.
+        self._parked.pop(key, None)
+
+    async def fetch(self, token: Any) -> Any:
+        ray = self._require()
+        with map_errors("fetching parked data"):
+            return await anyio.to_thread.run_sync(ray.get, token)
+
     # -- running ------------------------------------------------------------------------------------------------------
 
     def check_task(self, task: TaskSpec) -> None:
@@ -1007,7 +1054,7 @@ class RayBackend(Backend):
             args, kwargs = task.args, task.kwargs
         else:  # a builtin, a partial, a callable object: ray.remote takes only functions
             remote = self._call_remote
-            args, kwargs = (target, task.args, dict(task.kwargs)), {}
+            args, kwargs = (target, *task.args), task.kwargs
         # RemoteFunction.options() validates and builds a wrapper class on every call, a third of what submitting
         # costs: it runs once per remote function and set of options, and each task then goes to what .remote()
         # itself calls (_remote), with the options merged as options() merges them, and its own name.

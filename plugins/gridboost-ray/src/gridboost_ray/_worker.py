@@ -17,12 +17,20 @@ from typing import Any
 
 from gridboost.worker_command import run
 
-__all__ = ["LeaseKeeper", "call", "run_command"]
+__all__ = ["LeaseKeeper", "call", "hold", "run_command"]
 
 
-def call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-    """Run a callable that ``ray.remote`` cannot wrap itself (a builtin, a ``partial``, a callable object)."""
+def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run a callable that ``ray.remote`` cannot wrap itself (a builtin, a ``partial``, a callable object).
+
+    Its arguments are this task's own, not a tuple of them: Ray resolves an ``ObjectRef`` (parked data) only where
+    it is a whole argument."""
     return fn(*args, **kwargs)
+
+
+def hold(value: Any) -> Any:
+    """Return ``value``: run inside a boost's placement group, it stores parked data on the lease's node."""
+    return value
 
 
 def run_command(
