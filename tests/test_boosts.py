@@ -95,6 +95,25 @@ async def test_ttl_expiry_cancels_work_releases_and_fires_the_hook() -> None:
             await boost.renew(10)
 
 
+async def test_an_owner_stalled_past_the_ttl_finds_its_lease_fenced_when_it_wakes() -> None:
+    """An owner whose event loop stalled past a boost's TTL wakes to a boost that refuses work and renewal at once."""
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        boost = await grid.request_boost("cpu=1", ttl=2.0)  # long enough that the expiry loop cannot come first
+        time.sleep(2.3)  # noqa: ASYNC251 - the whole owner stalls, its expiry loop too, as a SIGSTOP would
+        assert boost.state is gb.BoostState.ACTIVE  # nothing of the grid ran meanwhile
+        with pytest.raises(gb.BoostExpired, match="ran out at its TTL"):
+            grid.submit(nap, 0, where=boost)
+        with pytest.raises(gb.BoostExpired, match="ran out at its TTL"):
+            await boost.renew(10)
+        with pytest.raises(gb.BoostExpired, match="ran out at its TTL"):
+            await grid.put(b"data", boost=boost)
+        with anyio.fail_after(5):
+            while boost.state is gb.BoostState.ACTIVE:
+                await anyio.sleep(0.01)
+        assert boost.state is gb.BoostState.EXPIRED
+        assert await held(grid) == set()
+
+
 async def test_renew_moves_the_deadline() -> None:
     """A renewed boost outlives its first TTL, then expires at the new one."""
     async with gb.Grid(capacity=CAPACITY) as grid:

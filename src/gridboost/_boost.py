@@ -167,6 +167,11 @@ class Boost:
     def require_active(self) -> None:
         if not self.is_active:
             raise BoostExpired(f"boost {self.id} is {self.state}; work cannot run inside it")
+        if anyio.current_time() >= self._deadline:
+            # Its owner stalled past the TTL (a stopped process, a blocked event loop) and has just woken: the engine
+            # may have given the capacity to someone else already, so nothing more goes in, before the expiry loop
+            # even runs. A lease's fence on its own side.
+            raise BoostExpired(f"boost {self.id} ran out at its TTL; work cannot run inside it, nor can it be renewed")
 
 
 class BoostBlock:
