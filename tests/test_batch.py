@@ -6,8 +6,9 @@ import anyio
 import pytest
 
 import gridboost as gb
-from gridboost._batch import MOST, PROBES, SLOW, TARGET, BatchedMap, Sizer
+from gridboost._batch import MOST, PROBES, SLOW, TAPER, TARGET, BatchedMap, Sizer
 from gridboost.testing import add, nap
+from gridboost.worker_chunk import Chunk
 
 pytestmark = pytest.mark.anyio
 
@@ -56,10 +57,32 @@ async def test_fine_grained_items_run_in_far_fewer_tasks_than_items() -> None:
 async def test_only_a_few_probes_go_out_before_the_size_is_known() -> None:
     """Even with room for a thousand chunks in flight, quick items do not go out one per task before the size is known."""
     async with gb.Grid(capacity=CAPACITY) as grid:
-        results = [r async for r in grid.map(add, range(5000), max_in_flight=1000)]
+        # An input of unknown length: no tapering at its end (that has a test of its own).
+        results = [r async for r in grid.map(add, iter(range(5000)), max_in_flight=1000)]
         assert results == list(range(5000))
         tasks = grid.stats()["tasks.succeeded"]
         assert tasks <= PROBES + 5000 // MOST + 2, f"{tasks} tasks for 5,000 quick items"
+
+
+async def test_a_known_number_of_items_ends_in_ever_smaller_chunks() -> None:
+    """With a sized input no chunk holds over a ``TAPER``-th of the items left, so the last ones shrink to one item."""
+    sizes: list[int] = []
+
+    class ChunkSizes:
+        @gb.hookimpl
+        def gridboost_task_finished(self, task: gb.TaskSpec) -> None:
+            if isinstance(task.target, Chunk):
+                sizes.append(len(task.args))
+
+    async with gb.Grid(capacity=CAPACITY, plugins=[ChunkSizes()]) as grid:
+        # One chunk in flight at a time: they finish in the order they went out.
+        assert [r async for r in grid.map(add, range(3000), max_in_flight=1)] == list(range(3000))
+    assert sum(sizes) == 3000 and sizes[-1] == 1
+    left = 3000
+    for size in sizes:
+        assert size <= max(1, -(-left // TAPER)), f"a chunk of {size} with {left} items left: {sizes}"
+        left -= size
+    assert max(sizes) > 10 * sizes[-1]  # it did grow before it tapered
 
 
 async def test_a_hundred_thousand_items_keep_memory_bounded() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sized
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -38,7 +38,7 @@ from ._text import shown
 from .exceptions import BackendError, GridboostError, InvalidRequest
 from .worker_chunk import Chunk, Outcomes
 
-__all__ = ["MOST", "PROBES", "SLOW", "TARGET", "BatchedMap", "Sizer", "make_map"]
+__all__ = ["MOST", "PROBES", "SLOW", "TAPER", "TARGET", "BatchedMap", "Sizer", "make_map"]
 
 T = TypeVar("T")
 
@@ -51,6 +51,9 @@ SLOW = 1.0
 MOST = 1024
 #: One-item chunks in flight before the first one is back and the size is known.
 PROBES = 4
+#: When the number of items is known, no chunk holds more than this fraction of those not yet sent: the last chunks
+#: get smaller and smaller, so slots do not idle while a few big ones finish (joblib splits its last batch too).
+TAPER = 4
 
 
 class Sizer:
@@ -122,6 +125,7 @@ class BatchedMap(TaskMap[T]):
         self._ready: deque[_Slot] = deque()  # unordered: items with an outcome, in the order they got it
         self._again: deque[_Slot] = deque()  # failed items to run once more
         self._waiting = 0  # items submitted and not yet delivered
+        self._left = len(items) if isinstance(items, Sized) else None  # items not yet sent, when that is known
 
     async def _fill(self) -> None:
         while self._again and len(self._running) < self._limit:
@@ -131,6 +135,8 @@ class BatchedMap(TaskMap[T]):
         while not self._exhausted and len(self._running) < limit and self._waiting < self._limit * MOST:
             chunk: list[_Slot] = []
             size = min(self._sizer.size, self._limit * MOST - self._waiting)
+            if self._left is not None and self._sizer.fixed is None:
+                size = min(size, max(1, -(-self._left // TAPER)))
             while len(chunk) < size:
                 if self._items is not None:  # a plain iterable needs no await per item
                     item = next(self._items, _END)
@@ -146,6 +152,8 @@ class BatchedMap(TaskMap[T]):
                     self._slots.append(slot)
             if not chunk:
                 break
+            if self._left is not None:
+                self._left -= len(chunk)
             self._waiting += len(chunk)
             self._send(chunk)
 
