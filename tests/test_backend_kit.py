@@ -17,6 +17,7 @@ import pytest
 
 import gridboost.backend_kit as kit
 import gridboost.worker_command as worker_command
+import gridboost.worker_leases as worker_leases
 from gridboost import Command, Lease, Priority, Resources
 from gridboost.backend_kit import SendCheck, lease_from_record, owner_name
 from gridboost.exceptions import InvalidTask, NotSerializable
@@ -24,7 +25,7 @@ from gridboost.exceptions import InvalidTask, NotSerializable
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_SOURCES = sorted(ROOT.glob("plugins/*/src/**/*.py"))
 #: The public modules a backend builds on, and what each may be asked for.
-KIT_MODULES = [kit, worker_command]
+KIT_MODULES = [kit, worker_command, worker_leases]
 
 
 def private_imports(source: str) -> Iterator[tuple[int, str]]:
@@ -116,7 +117,7 @@ def test_the_kit_is_in_the_api_reference_and_the_backend_guide() -> None:
     guide = (ROOT / "docs" / "writing-a-backend.md").read_text(encoding="utf-8")
     for module in KIT_MODULES:
         assert f".. automodule:: {module.__name__}" in api
-    for name in [*kit.__all__, "worker_command"]:
+    for name in [*kit.__all__, "worker_command", "worker_leases"]:
         assert name in guide, name
 
 

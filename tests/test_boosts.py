@@ -227,6 +227,7 @@ async def test_impossible_boosts_fail_at_once(kwargs: dict[str, Any], message: s
         ({"ttl": 10, "priority": 9}, gb.InvalidRequest, "priority must be"),
         ({"ttl": 10, "nodes": "node-1"}, gb.InvalidRequest, "nodes must be a list"),
         ({"ttl": 10, "labels": {"zone": 1}}, gb.InvalidRequest, "labels must map strings"),
+        ({"ttl": 10, "preemptible": 1}, gb.InvalidRequest, "preemptible must be True or False"),
     ],
     ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]}" for k in v),
 )
@@ -242,4 +243,40 @@ async def test_bad_boost_arguments_are_refused_at_the_boundary(
         with pytest.raises(gb.InvalidRequest, match="some resources"):
             await grid.request_boost(gb.Resources(), ttl=10)
         assert await held(grid) == set()
+        assert (await grid.request_boost("cpu=1", ttl=10)).is_active
+
+
+async def test_every_grant_carries_a_larger_fencing_token() -> None:
+    """Each grant's token is larger than the one before, and the lease listing shows it with tenant and flag."""
+    async with gb.Grid(capacity=CAPACITY, tenant="team-a") as grid:
+        tokens = []
+        for preemptible in (False, True, False):
+            async with grid.boost("cpu=1", ttl=10, preemptible=preemptible) as boost:
+                assert boost.tenant == "team-a" and boost.preemptible is preemptible
+                [lease] = await grid.leases()
+                assert (lease.token, lease.tenant, lease.preemptible) == (boost.token, "team-a", preemptible)
+                assert lease.state == "active" and lease.waited == 0.0
+                tokens.append(boost.token)
+            assert boost.token == tokens[-1]  # kept after the end, for the records
+        assert tokens == sorted(set(tokens)) and tokens[0] > 0
+
+
+@pytest.mark.parametrize("tenant", ["", "two words", "x" * 101, 7, "tab\there"])
+async def test_a_bad_tenant_is_refused_when_the_grid_is_made(tenant: object) -> None:
+    with pytest.raises(gb.InvalidRequest, match="tenant is a short name without spaces"):
+        gb.Grid(tenant=tenant)  # type: ignore[arg-type]
+
+
+async def test_the_default_tenant_is_user_at_host_and_the_local_backend_keeps_no_quotas() -> None:
+    """Quotas need a cluster's lease registry: the local backend says so in a typed error, and lists none."""
+    import getpass
+    import socket
+
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        assert grid.tenant == f"{getpass.getuser()}@{socket.gethostname()}"
+        with pytest.raises(gb.InvalidRequest, match="keeps no lease registry: it cannot keep quotas"):
+            await grid.set_quota("team-a", "cpu=1")
+        with pytest.raises(gb.InvalidRequest, match="tenant is a short name"):
+            await grid.set_quota("", "cpu=1")
+        assert await grid.quotas() == ()
         assert (await grid.request_boost("cpu=1", ttl=10)).is_active

@@ -22,7 +22,7 @@ from gridboost import _nvml, _plugins
 
 #: Seconds one command may take (Python's start included).
 COMMAND_TIMEOUT = 60
-COMMANDS = ("status", "boost", "plugins", "doctor", "scan", "demo")
+COMMANDS = ("status", "boost", "quota", "plugins", "doctor", "scan", "demo")
 
 
 def gridboost(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -63,6 +63,10 @@ def test_help_lists_every_command() -> None:
     done = gridboost("boost", "--help")
     assert done.returncode == 0
     for action in ("request", "list", "renew", "release"):
+        assert action in done.stdout
+    done = gridboost("quota", "--help")
+    assert done.returncode == 0
+    for action in ("set", "list", "clear"):
         assert action in done.stdout
 
 
@@ -142,6 +146,8 @@ def test_boost_list_on_local_is_empty() -> None:
         (("boost", "renew", "some-lease", "--ttl", "5"), {}, "some-lease"),
         (("status", "--address", "x"), {}, "add --backend ray|dask"),
         (("boost", "release", "boost-", "--json"), {}, "no lease on this cluster has an id starting with"),
+        (("quota", "set", "team-a", "cpu=1"), {}, "it cannot keep quotas"),
+        (("quota", "list", "--tenant", "a b"), {}, "tenant is a short name without spaces"),
     ],
 )
 def test_a_users_mistake_is_one_line_and_exit_1(args: tuple[str, ...], env: dict[str, str], named: str) -> None:
@@ -166,6 +172,7 @@ def test_a_malformed_command_line_exits_2(args: tuple[str, ...]) -> None:
         (("plugins",), "gridboost._policy"),
         (("doctor",), "Python " + platform.python_version()),
         (("boost", "list"), "leases: none"),
+        (("quota", "list"), "quotas: none"),
     ],
 )
 def test_tables_without_json(args: tuple[str, ...], shown: str) -> None:

@@ -25,6 +25,7 @@ from ._records import (
     Lease,
     NodeSnapshot,
     Priority,
+    Quota,
     TaskOutcome,
 )
 from ._resources import Resources
@@ -48,6 +49,7 @@ from .exceptions import (
     PluginError,
     PolicyError,
     ProbeError,
+    QuotaExceeded,
     TaskCancelled,
     TeardownError,
     UnknownBackend,
@@ -91,6 +93,8 @@ __all__ = [
     "Priority",
     "Probe",
     "ProbeError",
+    "Quota",
+    "QuotaExceeded",
     "Reading",
     "ResourceMatch",
     "Resources",

@@ -25,7 +25,7 @@ import anyio
 from attrs import evolve
 
 from ._boost import Boost, BoostOptions
-from ._checks import seconds
+from ._checks import flag, seconds
 from ._records import STRATEGIES, BoostState, Lease, NodeSnapshot, Priority, Reservation, owner_name, priority_of
 from ._resources import Resources
 from ._runtime import Runtime
@@ -134,6 +134,8 @@ class BoostBook:
         boost = Boost(
             self,
             amount,
+            tenant=self._runtime.settings.tenant,
+            preemptible=flag("preemptible", request.get("preemptible", False)),
             ttl=seconds("ttl", ttl),
             priority=level,
             wait=seconds("wait", wait, allow_zero=True),
@@ -204,9 +206,13 @@ class BoostBook:
             priority=boost.priority,
             expires_at=time.time() + boost.ttl,
             placements=reservation.placements,
+            token=reservation.token,
+            tenant=boost.tenant,
+            preemptible=boost.preemptible,
         )
 
     async def _not_granted(self, boost: Boost) -> BoostUnavailable:
+        await self._runtime.backend.check_quota(boost.request())  # QuotaExceeded when the quota held it back
         snapshot = await self._runtime.backend.snapshot()
         room = sum((n.available for n in snapshot.matching(boost.nodes, boost.labels)), Resources())
         return BoostUnavailable(

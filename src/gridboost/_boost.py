@@ -49,6 +49,7 @@ class BoostOptions(TypedDict, total=False):
     strategy: Strategy
     nodes: Sequence[str] | None
     labels: Mapping[str, str] | None
+    preemptible: bool
 
 
 def current_boost() -> Boost | None:
@@ -75,6 +76,8 @@ class Boost:
         strategy: Strategy,
         nodes: tuple[str, ...] | None,
         labels: Mapping[str, str] | None,
+        tenant: str = "",
+        preemptible: bool = False,
     ) -> None:
         self.id = new_id("boost")
         self._book = book
@@ -85,6 +88,10 @@ class Boost:
         self.strategy = strategy
         self.nodes = nodes
         self.labels = labels
+        #: Whose quota it counts against (the grid's ``tenant``).
+        self.tenant = tenant
+        #: A higher-priority request of another owner may take it back.
+        self.preemptible = preemptible
         self.state = BoostState.PENDING
         self.placements: tuple[str, ...] = ()
         self.expires_at: float | None = None  # wall-clock time, for people and other processes
@@ -116,6 +123,13 @@ class Boost:
         return free
 
     @property
+    def token(self) -> int:
+        """The grant's fencing token: every grant on the cluster gets a larger one (0 until granted).
+
+        Pass it with writes to an outside system so that it can refuse a writer whose lease has ended."""
+        return 0 if self.reservation is None else self.reservation.token
+
+    @property
     def held_for(self) -> float:
         """Seconds since the boost became active."""
         return 0.0 if self.activated_at is None else time.time() - self.activated_at
@@ -129,6 +143,9 @@ class Boost:
             ttl=self.ttl,
             nodes=self.nodes,
             labels=self.labels,
+            tenant=self.tenant,
+            preemptible=self.preemptible,
+            wait=self.wait,
         )
 
     async def renew(self, ttl: float | None = None) -> None:

@@ -75,6 +75,19 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
+def tenant(value: object) -> str:
+    """A tenant's name: a short string of printable characters without spaces; else an ``InvalidRequest``."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 100
+        or not value.isprintable()
+        or value != "".join(value.split())
+    ):
+        raise InvalidRequest(f"tenant is a short name without spaces (at most 100 characters), got {shown(value)}")
+    return value
+
+
 def text(name: str, value: object) -> str:
     """``value`` if it is a non-empty string; else an ``InvalidRequest`` naming ``name``."""
     if not isinstance(value, str) or not value:

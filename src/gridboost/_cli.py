@@ -26,7 +26,7 @@ import anyio
 from ._grid import Grid
 from ._plugins import quiet_engine_logs
 from ._pressure import DIMENSIONS, Pressure
-from ._records import ClusterSnapshot, Lease, priority_of
+from ._records import ClusterSnapshot, Lease, Quota, priority_of
 from ._resources import Resources
 from .exceptions import GridboostError, InvalidRequest
 
@@ -88,6 +88,10 @@ def _lease_json(lease: Lease) -> dict[str, Any]:
         "expires_at": lease.expires_at,
         "ttl_left": round(lease.ttl_left, 3),
         "placements": list(lease.placements),
+        "token": lease.token,
+        "tenant": lease.tenant,
+        "preemptible": lease.preemptible,
+        "waited": round(lease.waited, 3),
     }
 
 
@@ -96,17 +100,27 @@ def _lease_rows(leases: Sequence[Lease]) -> list[list[object]]:
         [
             le.id,
             le.state,
-            le.priority.name,
+            le.priority.name + (" (preemptible)" if le.preemptible else ""),
             _human(le.resources),
+            le.tenant,
             le.owner,
-            _seconds(le.ttl_left),
+            le.token or "",
+            f"waited {_seconds(le.waited)}" if le.state == "pending" else _seconds(le.ttl_left),
             ", ".join(le.placements),
         ]
         for le in leases
     ]
 
 
-_LEASE_COLUMNS = ("lease", "state", "priority", "resources", "owner", "ttl left", "nodes")
+_LEASE_COLUMNS = ("lease", "state", "priority", "resources", "tenant", "owner", "token", "ttl left", "nodes")
+
+
+def _quota_rows(quotas: Sequence[Quota]) -> list[list[object]]:
+    return [[q.tenant, _human(q.limit), _human(q.used) if q.used else "nothing"] for q in quotas]
+
+
+def _quota_json(quota: Quota) -> dict[str, Any]:
+    return {"tenant": quota.tenant, "limit": str(quota.limit), "used": str(quota.used)}
 
 
 def _snapshot_json(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
@@ -211,6 +225,7 @@ async def _boost_request(grid: Grid, args: argparse.Namespace) -> Any:
         strategy=args.strategy,
         nodes=args.node or None,
         labels=_labels(args.label),
+        preemptible=args.preemptible,
     )
     if args.json:
         return _lease_json(lease)
@@ -226,6 +241,24 @@ async def _boost_list(grid: Grid, args: argparse.Namespace) -> Any:
     if args.json:
         return [_lease_json(le) for le in leases]
     _console().print(_table("leases", _LEASE_COLUMNS, _lease_rows(leases)) if leases else "leases: none")
+    return None
+
+
+async def _quota_set(grid: Grid, args: argparse.Namespace) -> Any:
+    await grid.set_quota(args.tenant_name, args.limit)
+    return await _quota_list(grid, args)
+
+
+async def _quota_clear(grid: Grid, args: argparse.Namespace) -> Any:
+    await grid.set_quota(args.tenant_name, None)
+    return await _quota_list(grid, args)
+
+
+async def _quota_list(grid: Grid, args: argparse.Namespace) -> Any:
+    quotas = list(await grid.quotas())
+    if args.json:
+        return [_quota_json(q) for q in quotas]
+    _console().print(_table("quotas", ("tenant", "quota", "in use"), _quota_rows(quotas)) if quotas else "quotas: none")
     return None
 
 
@@ -398,6 +431,11 @@ def _common(*, defaults: bool) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds to reach the cluster before giving up (default: the backend's own)",
     )
+    common.add_argument(
+        "--tenant",
+        default=default(None),
+        help="whose quota the leases taken here count against (default: user@host)",
+    )
     common.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of tables")
     return common
 
@@ -423,12 +461,24 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument("--strategy", default="pack", help="pack, spread, strict_pack or strict_spread")
     request.add_argument("--label", action="append", default=[], help="KEY=VALUE a node must carry (repeatable)")
     request.add_argument("--node", action="append", default=[], help="a node id or address to use (repeatable)")
+    request.add_argument(
+        "--preemptible", action="store_true", help="a higher-priority request of another owner may take it back"
+    )
     actions.add_parser("list", parents=[common], help="every lease on the cluster, of any owner")
     renew = actions.add_parser("renew", parents=[common], help="extend a lease to TTL seconds from now")
     renew.add_argument("id", help="the lease's id, or a prefix of it that only it has")
     renew.add_argument("--ttl", type=float, required=True)
     release = actions.add_parser("release", parents=[common], help="give a lease back now")
     release.add_argument("id", help="the lease's id, or a prefix of it that only it has")
+
+    quota = commands.add_parser("quota", parents=[common], help="cap what a tenant's leases may hold together")
+    quotas = quota.add_subparsers(dest="action", required=True, metavar="ACTION")
+    setting = quotas.add_parser("set", parents=[common], help="set a tenant's quota")
+    setting.add_argument("tenant_name", metavar="TENANT", help="the tenant, e.g. team-a (default tenants: user@host)")
+    setting.add_argument("limit", metavar="RESOURCES", help='what its leases may hold together, e.g. "cpu=8,gpu=1"')
+    quotas.add_parser("list", parents=[common], help="every quota, with what its tenant's leases hold now")
+    clearing = quotas.add_parser("clear", parents=[common], help="remove a tenant's quota")
+    clearing.add_argument("tenant_name", metavar="TENANT")
 
     commands.add_parser("plugins", parents=[common], help="installed plugins, their hooks and backends, load errors")
     commands.add_parser("doctor", parents=[common], help="Python, engines, NVML and GPUs, and what to install")
@@ -444,12 +494,15 @@ _ON_A_GRID: Mapping[tuple[str, str | None], Callable[[Grid, argparse.Namespace],
     ("boost", "list"): _boost_list,
     ("boost", "renew"): _boost_renew,
     ("boost", "release"): _boost_release,
+    ("quota", "set"): _quota_set,
+    ("quota", "list"): _quota_list,
+    ("quota", "clear"): _quota_clear,
     ("scan", None): _scan,
 }
 
 
 # Leases from these outlive the command: on a private engine that ends with the command, they would be a lie.
-_NEED_A_CLUSTER = {("boost", "request"), ("boost", "renew"), ("boost", "release")}
+_NEED_A_CLUSTER = {("boost", "request"), ("boost", "renew"), ("boost", "release"), ("quota", "set"), ("quota", "clear")}
 
 
 async def _on_a_grid(command: Callable[[Grid, argparse.Namespace], Awaitable[Any]], args: argparse.Namespace) -> Any:
@@ -458,7 +511,7 @@ async def _on_a_grid(command: Callable[[Grid, argparse.Namespace], Awaitable[Any
     options: dict[str, Any] = {} if args.address is None else {"address": args.address}
     if args.connect_timeout is not None and args.backend != "local":
         options["connect_timeout"] = args.connect_timeout
-    grid = Grid(args.backend, **options)
+    grid = Grid(args.backend, tenant=args.tenant, **options)
     private = args.address is None and grid.backend.capabilities.remote
     if private and (args.command, getattr(args, "action", None)) in _NEED_A_CLUSTER:
         raise InvalidRequest(

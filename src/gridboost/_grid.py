@@ -20,6 +20,7 @@ from ._batch import make_map
 from ._book import BoostBook
 from ._boost import Boost, BoostBlock, BoostOptions
 from ._checks import flag, text
+from ._checks import tenant as check_tenant
 from ._dispatch import Dispatch
 from ._executor import Executor
 from ._local import LocalBackend
@@ -28,7 +29,7 @@ from ._plugins import GridPluginManager
 from ._policy import DefaultPolicy
 from ._pressure import Monitor, Pressure, PressureChanges, Threshold
 from ._probes import Probe
-from ._records import ClusterSnapshot, Command, CommandResult, Lease, Priority, Strategy
+from ._records import ClusterSnapshot, Command, CommandResult, Lease, Quota
 from ._resources import Resources
 from ._runtime import Runtime, Setting, Settings
 from ._task import TaskHandle, TaskMap
@@ -61,6 +62,7 @@ class Grid:
     is first needed; ``pressure_thresholds`` overrides the default :class:`Threshold`
     of some dimensions. ``auto_offload``, ``auto_offload_limit`` and
     ``auto_offload_backoff`` govern moving queued work (see ``docs/concepts.md``).
+    ``tenant``: whose quota this grid's leases count against (default ``user@host``).
     """
 
     def __init__(
@@ -77,15 +79,11 @@ class Grid:
         probe: Probe | None = None,
         pressure_interval: float = 1.0,
         pressure_thresholds: Mapping[str, Threshold | tuple[float, float]] | None = None,
+        tenant: str | None = None,
         **options: Any,
     ) -> None:
-        settings = Settings.checked(
-            teardown_timeout,
-            flag("auto_offload", auto_offload),
-            auto_offload_limit,
-            auto_offload_backoff,
-            cluster_queue,
-        )
+        auto, limit, backoff = flag("auto_offload", auto_offload), auto_offload_limit, auto_offload_backoff
+        settings = Settings.checked(teardown_timeout, auto, limit, backoff, cluster_queue, tenant)
         host_capacity = None if local_capacity is None else Resources.coerce(local_capacity)
         self._policy = policy = DefaultPolicy()  # bound to the grid's books below, once they exist
         self.plugins = GridPluginManager.for_grid(plugins, policy=policy)
@@ -126,6 +124,7 @@ class Grid:
     auto_offload_backoff = Setting[float]()
     cluster_queue = Setting[float]()  #: How far beyond the cluster's capacity automatic placement queues work.
     teardown_timeout = Setting[float]()  #: The bound of each teardown step, in seconds.
+    tenant = Setting[str]()  #: Whose quota this grid's leases count against.
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -240,22 +239,13 @@ class Grid:
 
     # -- boosting -------------------------------------------------------------------
 
-    async def request_boost(
-        self,
-        resources: _Amount,
-        *,
-        ttl: float,
-        priority: Priority = Priority.NORMAL,
-        wait: float = 30.0,
-        strategy: Strategy = "pack",
-        nodes: Sequence[str] | None = None,
-        labels: Mapping[str, str] | None = None,
-    ) -> Boost:
-        """Take a lease; return once the backend holds it. You release it (or its TTL does)."""
+    async def request_boost(self, resources: _Amount, **request: Unpack[BoostOptions]) -> Boost:
+        """Take a lease; return once the backend holds it. You release it (or its TTL does).
+
+        Keywords: ``ttl`` (seconds, required), ``priority`` (``Priority.NORMAL``), ``wait`` (30 s), ``strategy``
+        (``"pack"``), ``nodes``, ``labels``, ``preemptible`` (``False``); see ``docs/concepts.md``."""
         self._runtime.check_open()
-        boost = self._book.make(
-            resources, ttl=ttl, priority=priority, wait=wait, strategy=strategy, nodes=nodes, labels=labels
-        )
+        boost = self._book.make(resources, **request)
         return await self._book.pending("boost", self._book.grant(boost), boost.id)
 
     async def request_lease(self, resources: _Amount, **request: Unpack[BoostOptions]) -> Lease:
@@ -279,6 +269,16 @@ class Grid:
         """Give back any owner's lease now, awaited (a boost of this grid: ``boost.release``)."""
         self._runtime.check_open()
         await self._book.release_lease(text("a lease id", lease_id))
+
+    async def set_quota(self, tenant: str, limit: _Amount | None) -> None:
+        """Cap what ``tenant``'s leases may hold together on the cluster (``None`` clears it); needs a registry."""
+        self._runtime.check_open()
+        await self.backend.set_quota(check_tenant(tenant), None if limit is None else Resources.coerce(limit))
+
+    async def quotas(self) -> Sequence[Quota]:
+        """Every tenant's quota on the cluster, with what its leases hold now."""
+        self._runtime.check_open()
+        return await self.backend.quotas()
 
     def boost(self, resources: _Amount, **request: Unpack[BoostOptions]) -> BoostBlock:
         """``async with grid.boost(...) as boost:`` — auto-placed work in the block runs inside it.

@@ -34,6 +34,7 @@ from ._spec import TaskSpec
 from ._text import shown
 from .abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from .exceptions import BoostUnavailable, CapacityUnavailable, GridClosed, InvalidRequest, TeardownError
+from .worker_leases import Arbiter
 
 if TYPE_CHECKING:
     from ._procpool import ProcessPool
@@ -114,6 +115,7 @@ class LocalBackend(Backend):
         self._node_id = f"local:{_hostname()}"
         self._pool: _Pool | None = None
         self._reserved: dict[str, tuple[Reservation, _Pool]] = {}
+        self._tokens = Arbiter()  # fencing tokens only: one process has no one else to arbitrate with
         self._expires: dict[str, float] = {}
         # What the engine is doing now, by task id: commands and process calls until
         # their process is gone, threads until the function returns (even once their
@@ -207,7 +209,7 @@ class LocalBackend(Backend):
                 f"{request.resources} is more than this machine has ({pool.total}); missing {missing}"
             )
         await pool.take(request.resources)
-        reservation = Reservation(request=request, placements=(self._node_id,))
+        reservation = Reservation(request=request, placements=(self._node_id,), token=self._tokens.token())
         self._reserved[request.id] = (reservation, _Pool(request.resources))
         self._expires[request.id] = time.time() + request.ttl
         return reservation
@@ -237,6 +239,9 @@ class LocalBackend(Backend):
                 priority=r.request.priority,
                 expires_at=self._expires[r.id],
                 placements=r.placements,
+                token=r.token,
+                tenant=r.request.tenant,
+                preemptible=r.request.preemptible,
             )
             for r, _ in self._reserved.values()
         ]

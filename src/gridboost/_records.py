@@ -27,6 +27,7 @@ __all__ = [
     "Lease",
     "NodeSnapshot",
     "Priority",
+    "Quota",
     "Reservation",
     "ReservationRequest",
     "Strategy",
@@ -61,6 +62,18 @@ def owner_name() -> str:
     import socket  # here, not at the top: the first lease pays for it, not `import gridboost`
 
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def tenant_name() -> str:
+    """The tenant a grid's leases count against unless it names one: ``user@host``."""
+    import getpass  # here, not at the top: `import gridboost` does not pay for it
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name for this uid (a container): the uid says who
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def new_id(prefix: str) -> str:
@@ -196,25 +209,46 @@ class TaskOutcome:
 class Lease:
     """A boost as the engine's lease registry records it, readable from any process on the cluster.
 
-    ``owner`` says who took it (``host:pid``); ``state`` is ``active``, or ``lingering``
-    for capacity a backend keeps a moment after release to serve the next request fast.
-    ``expires_at`` is wall-clock time: past it (plus the backend's grace) the engine
-    removes the lease even when its owner died without releasing it.
+    ``owner`` says who took it (``host:pid``) and ``tenant`` whose quota it counts against;
+    ``state`` is ``active``, ``pending`` for a request that waits for its turn (``requested_at``
+    says since when), or ``lingering`` for capacity a backend keeps a moment after release to
+    serve the next request fast. ``expires_at`` is wall-clock time: past it (plus the backend's
+    grace) the engine removes the lease even when its owner died without releasing it.
+    ``token`` is the grant's fencing token: every grant on a cluster gets a larger one (0 while
+    pending). ``preemptible``: a higher-priority request of another owner may take it back.
     """
 
     id: str
     backend: str
     resources: Resources
     owner: str
-    state: Literal["active", "lingering"]
+    state: Literal["active", "pending", "lingering"]
     priority: Priority
     expires_at: float
     placements: tuple[str, ...] = ()
+    token: int = 0
+    tenant: str = ""
+    preemptible: bool = False
+    requested_at: float = 0.0
 
     @property
     def ttl_left(self) -> float:
-        """Seconds until the lease expires (0 when it has)."""
+        """Seconds until the lease expires (0 when it has, or is still pending)."""
         return max(0.0, self.expires_at - time.time())
+
+    @property
+    def waited(self) -> float:
+        """Seconds a pending request has waited for its turn (0 once granted)."""
+        return max(0.0, time.time() - self.requested_at) if self.state == "pending" else 0.0
+
+
+@frozen
+class Quota:
+    """A tenant's cap on what its granted leases may hold together, and what they hold now."""
+
+    tenant: str
+    limit: Resources
+    used: Resources
 
 
 @frozen
@@ -276,6 +310,9 @@ class ReservationRequest:
 
     ``detached``: a lease that outlives this process, until its TTL; the engine's lease
     registry, not the grid, ends it (only asked of backends with ``shared_leases``).
+    ``tenant`` names whose quota it counts against; ``preemptible``: a higher-priority
+    request of another owner may take it back; ``wait``: how long the grid waits for it
+    (0: a request its tenant's quota holds back fails at once with ``QuotaExceeded``).
     """
 
     id: str
@@ -286,6 +323,9 @@ class ReservationRequest:
     nodes: tuple[str, ...] | None = None
     labels: Mapping[str, str] | None = field(default=None, converter=optional_frozen_map)
     detached: bool = False
+    tenant: str = ""
+    preemptible: bool = False
+    wait: float = 30.0
 
 
 @frozen(eq=False)
@@ -294,12 +334,14 @@ class Reservation:
 
     ``placements`` are the ids of the nodes it landed on (one per bundle for Ray);
     ``handle`` is the engine's own object (a placement group, a lease key), opaque to
-    the core.
+    the core. ``token`` is the grant's fencing token, from the engine's lease registry:
+    every grant on the cluster gets a larger one.
     """
 
     request: ReservationRequest
     placements: tuple[str, ...]
     handle: Any = None
+    token: int = 0
 
     @property
     def id(self) -> str:

@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskGroup
 from attrs import define
 
-from ._checks import bounded, seconds, whole
+from ._checks import bounded, seconds, tenant, whole
 from ._kit import Tracked
 from ._observers import Observers
 from .exceptions import GridClosed
@@ -47,13 +47,17 @@ class Settings:
     auto_offload_limit: int
     auto_offload_backoff: float
     cluster_queue: float
+    tenant: str = ""
 
     @classmethod
     def checked(
-        cls, teardown_timeout: object, auto_offload: bool, limit: object, backoff: object, queue: object
+        cls, teardown_timeout: object, auto_offload: bool, limit: object, backoff: object, queue: object, who: object
     ) -> Settings:
         """The grid's options, each checked (an ``InvalidRequest`` naming the first that is not valid)."""
+        from ._records import tenant_name
+
         return cls(
+            tenant=tenant_name() if who is None else tenant(who),
             teardown_timeout=seconds("teardown_timeout", teardown_timeout),
             auto_offload=auto_offload,
             auto_offload_limit=whole("auto_offload_limit", limit),

@@ -25,7 +25,8 @@ from typing import Any
 
 from attrs import field, frozen
 
-from ._records import ClusterSnapshot, Lease, Reservation, ReservationRequest, frozen_map
+from ._records import ClusterSnapshot, Lease, Quota, Reservation, ReservationRequest, frozen_map
+from ._resources import Resources
 from ._spec import TaskSpec
 from ._text import shown
 from .exceptions import InvalidRequest
@@ -146,6 +147,25 @@ class Backend(abc.ABC):
         raise InvalidRequest(
             f"the {self.name} backend keeps no lease registry: it cannot release lease {shown(lease_id)}"
         )
+
+    async def set_quota(self, tenant: str, limit: Resources | None) -> None:
+        """Cap what ``tenant``'s granted leases may hold together, in the engine's registry; ``None`` clears it.
+
+        Only backends with ``capabilities.shared_leases``: the registry holds a request that would pass the cap
+        until the tenant's own leases make room (requests of other tenants go on being granted).
+        """
+        raise InvalidRequest(f"the {self.name} backend keeps no lease registry: it cannot keep quotas")
+
+    async def quotas(self) -> Sequence[Quota]:
+        """Every tenant's quota in the engine's registry, with what its leases hold now."""
+        return ()
+
+    async def check_quota(self, request: ReservationRequest) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`~gridboost.exceptions.QuotaExceeded` if ``request``'s tenant's quota holds it back.
+
+        The grid asks when a request's ``wait`` ran out (``wait=0`` included), so that its error names the quota
+        and the tenant's use rather than the cluster's free capacity.
+        """
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:  # noqa: B027 - optional hook
         """Report reservations the engine loses on its own: ``await lost(reservation_id, error)``.

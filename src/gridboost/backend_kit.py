@@ -24,6 +24,9 @@ Leases
 
 * :func:`owner_name` — who owns this process's leases, as lease registries record it: ``host:pid``.
 * :func:`lease_from_record` — a lease registry's record as a :class:`gridboost.Lease`, for ``Backend.leases()``.
+* :func:`amounts` — resources as the flat mapping a registry's :class:`~gridboost.worker_leases.Arbiter` sums.
+* :mod:`gridboost.worker_leases` — the turns, quotas and fencing tokens every owner's requests share (standard
+  library only, so it can travel with the registry by value).
 
 Plumbing
 
@@ -51,6 +54,7 @@ __all__ = [
     "LRU",
     "ErrorMap",
     "SendCheck",
+    "amounts",
     "did_you_mean",
     "finite",
     "lease_from_record",
@@ -118,9 +122,10 @@ def lease_from_record(
 
     The record holds ``id``, ``owner`` (:func:`owner_name` of the process that took it), ``resources`` (a
     ``Resources``, its text or its mapping), ``priority`` (an int), ``expires_at`` (wall-clock seconds) and
-    ``placements`` (a node per bundle: each node is listed once, in order), and may hold ``backend`` and ``state``.
-    ``backend`` names the backend when the record does not; ``state``, when given, is reported instead of the
-    record's (for a registry whose own states, such as ``granting``, are not a lease's).
+    ``placements`` (a node per bundle: each node is listed once, in order), and may hold ``backend``, ``state``,
+    ``token``, ``tenant``, ``preemptible`` and ``requested_at``. ``backend`` names the backend when the record does
+    not; ``state``, when given, is reported instead of the record's (for a registry whose own states, such as
+    ``granting``, are not a lease's).
     """
     return Lease(
         id=str(record["id"]),
@@ -129,9 +134,21 @@ def lease_from_record(
         owner=str(record["owner"]),
         state=state or record.get("state", "active"),
         priority=Priority(record["priority"]),
-        expires_at=float(record["expires_at"]),
+        expires_at=float(record.get("expires_at", 0.0)),
         placements=tuple(dict.fromkeys(record.get("placements", ()))),
+        token=int(record.get("token", 0)),
+        tenant=str(record.get("tenant", "")),
+        preemptible=bool(record.get("preemptible", False)),
+        requested_at=float(record.get("requested_at", 0.0)),
     )
+
+
+def amounts(resources: Resources) -> dict[str, float]:
+    """``resources`` as a flat mapping of names to numbers (``cpu``, ``gpu``, ``memory``, ``gpu_memory``, custom
+    names), with zero amounts left out: what a lease registry's :class:`~gridboost.worker_leases.Arbiter` sums."""
+    flat = {key: float(value) for key, value in resources.as_dict().items() if key != "custom" and value}
+    flat.update({key: float(value) for key, value in resources.custom.items() if value})
+    return flat
 
 
 publish(__name__)

@@ -31,6 +31,7 @@ __all__ = [
     "PluginError",
     "PolicyError",
     "ProbeError",
+    "QuotaExceeded",
     "TaskCancelled",
     "TeardownError",
     "UnknownBackend",
@@ -79,6 +80,10 @@ class CapacityUnavailable(GridboostError):
 
 class BoostUnavailable(CapacityUnavailable):
     """A boost could not be granted: it is larger than the cluster, or did not fit in time."""
+
+
+class QuotaExceeded(BoostUnavailable):
+    """A boost would pass its tenant's quota: ``wait=0``, or its wait ran out while the quota held it back."""
 
 
 class BoostExpired(GridboostError):

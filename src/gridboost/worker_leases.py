@@ -1,0 +1,166 @@
+"""What a cluster's lease registry decides for every owner at once: whose turn it is, quotas, fencing tokens.
+
+A lease registry runs inside the engine (the Ray lease keeper actor, the Dask scheduler plugin) and serves every
+process that takes leases on the cluster. :class:`Arbiter` is the part of it that is the same on every engine:
+
+* **Turns.** A request that is not granted at once leaves a *ticket* (owner, tenant, priority, when it was first
+  asked). A ticket gets its turn only when no live ticket is ahead of it: higher priority first, then the oldest.
+  There is no backfill: a request that waits for capacity holds back every request behind it, so a big CRITICAL
+  request is never starved by a stream of small LOW ones. Owners poll (every answer refreshes their ticket); a ticket
+  not refreshed for ``stale`` seconds belongs to an owner that died, stalled or gave up, and is dropped.
+* **Quotas.** Per tenant, a cap on what the tenant's granted leases hold together. A request that would pass it is
+  held back (answer ``quota``, with the quota and the use in one line); it waits, but never holds back another
+  tenant's request.
+* **Tokens.** Every grant gets a fencing token, larger than every token this registry issued before: the larger of
+  the last one plus one and the wall clock in microseconds. So a registry that restarts (and forgets) still issues
+  larger tokens, as long as the clock does not go back and it issued fewer than a million a second before.
+
+Amounts are flat mappings of resource names to numbers (``{"cpu": 2.0, "gpu": 1.0, "memory": 2**30}``), as
+:func:`gridboost.backend_kit.amounts` writes them. Like :mod:`gridboost.worker_command`, this module imports only the
+standard library, so a backend ships it *by value* with the registry that uses it, and a cluster whose nodes lack
+gridboost still runs it. The registry serialises calls (one event loop), so the arbiter takes no lock.
+
+* :class:`Arbiter` — the turns, quotas and fencing tokens of one cluster's registry.
+* :func:`fits` — whether amounts fit in a room.
+* :func:`total` — the sum of the amounts of some lease records.
+* :func:`quota_text` — amounts in one short line, as quotas are written (``cpu=8,gpu=1``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["Arbiter", "fits", "quota_text", "total"]
+
+#: Seconds a waiting owner's ticket lives without being refreshed (owners poll far more often).
+STALE = 10.0
+_EPS = 1e-9
+
+Amounts = dict[str, float]
+
+
+def fits(amounts: Mapping[str, float], room: Mapping[str, float]) -> bool:
+    """Whether ``amounts`` fit in ``room`` (a name ``room`` lacks has none)."""
+    return all(value <= room.get(key, 0.0) + _EPS for key, value in amounts.items() if value > 0)
+
+
+def total(records: Iterable[Mapping[str, Any]]) -> Amounts:
+    """The sum of the ``amounts`` of ``records``."""
+    out: Amounts = {}
+    for record in records:
+        for key, value in record["amounts"].items():
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if value < 1e6 else f"{value / 2**30:.3g}GiB"
+
+
+def quota_text(amounts: Mapping[str, float]) -> str:
+    """Amounts in one short line, as quotas are written: ``cpu=8,gpu=1``."""
+    return ",".join(f"{key}={_number(value)}" for key, value in sorted(amounts.items())) or "nothing"
+
+
+def _key(ticket: Mapping[str, Any]) -> tuple[int, float, str]:
+    return (-int(ticket["priority"]), float(ticket["requested_at"]), str(ticket["id"]))
+
+
+class Arbiter:
+    """Turns, quotas and tokens for one cluster's registry (see the module docstring).
+
+    ``clock`` is wall-clock seconds (tickets carry the wall-clock time of their first request, which every process
+    of a cluster reads alike); tests pass their own.
+    """
+
+    def __init__(self, *, stale: float = STALE, clock: Callable[[], float] = time.time) -> None:
+        self.stale = stale
+        self.clock = clock
+        #: Waiting requests by lease id: id, owner, tenant, priority, requested_at, amounts, preemptible, seen.
+        self.pending: dict[str, dict[str, Any]] = {}
+        #: Caps by tenant.
+        self.quotas: dict[str, Amounts] = {}
+        self.last_token = 0
+
+    # -- tokens ----------------------------------------------------------------------------------------------------
+
+    def token(self) -> int:
+        """A fencing token for a grant: larger than every one issued before (see the module docstring)."""
+        self.last_token = max(self.last_token + 1, int(self.clock() * 1_000_000))
+        return self.last_token
+
+    # -- quotas ----------------------------------------------------------------------------------------------------
+
+    def set_quota(self, tenant: str, amounts: Mapping[str, float] | None) -> None:
+        """Cap what ``tenant``'s granted leases hold together; ``None`` clears the cap."""
+        if amounts is None:
+            self.quotas.pop(tenant, None)
+        else:
+            self.quotas[tenant] = {key: float(value) for key, value in amounts.items()}
+
+    def over_quota(self, tenant: str, amounts: Mapping[str, float], granted: Iterable[Mapping[str, Any]]) -> str:
+        """Why a request of ``amounts`` by ``tenant`` would pass its quota, in one line; ``""`` when it would not.
+
+        ``granted`` are the registry's granted leases (each with ``tenant`` and ``amounts``).
+        """
+        quota = self.quotas.get(tenant)
+        if quota is None:
+            return ""
+        used = total(r for r in granted if r.get("tenant") == tenant)
+        after = {key: used.get(key, 0.0) + float(amounts.get(key, 0.0)) for key in quota}
+        if fits(after, quota):
+            return ""
+        return (
+            f"tenant {tenant!r} is over its quota: quota {quota_text(quota)}, in use {quota_text(used)}, "
+            f"asked {quota_text(amounts)}"
+        )
+
+    def quota_rows(self, granted: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Every quota with what its tenant's granted leases hold now."""
+        return [
+            {"tenant": tenant, "quota": dict(quota), "used": total(r for r in granted if r.get("tenant") == tenant)}
+            for tenant, quota in sorted(self.quotas.items())
+        ]
+
+    # -- turns -----------------------------------------------------------------------------------------------------
+
+    def ask(self, ticket: Mapping[str, Any], granted: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Queue ``ticket`` (or refresh it) and say whether it may be placed now.
+
+        ``{"status": "turn"}``: place it now; ``{"status": "wait", "ahead": n}``: ``n`` live tickets come first;
+        ``{"status": "quota", "why": ...}``: its tenant's quota holds it back. A ticket keeps its place (its first
+        ``requested_at``) across refreshes.
+        """
+        now = self.clock()
+        self.sweep(now)
+        mine = self.pending.get(ticket["id"])
+        if mine is None:
+            mine = self.pending[ticket["id"]] = dict(ticket)
+        mine["seen"] = now
+        why = self.over_quota(mine["tenant"], mine["amounts"], granted)
+        mine["held_back"] = why
+        if why:
+            return {"status": "quota", "why": why}
+        key = _key(mine)
+        ahead = sum(1 for t in self.pending.values() if not t["held_back"] and _key(t) < key)
+        return {"status": "wait", "ahead": ahead} if ahead else {"status": "turn"}
+
+    def leave(self, lease_id: str) -> None:
+        """The request was granted, or its owner gave up: its ticket goes."""
+        self.pending.pop(lease_id, None)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Drop the tickets not refreshed for ``stale`` seconds; their ids."""
+        now = self.clock() if now is None else now
+        gone = [lid for lid, t in self.pending.items() if now - t["seen"] > self.stale]
+        for lid in gone:
+            del self.pending[lid]
+        return gone
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """The live tickets in the order they will be served, each with ``waited`` (seconds since first asked)."""
+        now = self.clock()
+        self.sweep(now)
+        return [{**t, "waited": max(0.0, now - t["requested_at"])} for t in sorted(self.pending.values(), key=_key)]

@@ -1,0 +1,134 @@
+"""The arbitration every lease registry shares: turns by priority then age, quotas per tenant, fencing tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gridboost.worker_leases import Arbiter, fits, quota_text, total
+
+
+class Clock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ticket(lease_id: str, priority: int, at: float, *, tenant: str = "t", cpu: float = 1.0) -> dict[str, Any]:
+    return {
+        "id": lease_id,
+        "owner": "host:1",
+        "tenant": tenant,
+        "priority": priority,
+        "requested_at": at,
+        "amounts": {"cpu": cpu},
+        "preemptible": False,
+    }
+
+
+def test_the_highest_priority_then_the_oldest_ticket_has_the_turn() -> None:
+    """LOW, NORMAL, CRITICAL asked in that order are served CRITICAL, NORMAL, LOW; equals by age."""
+    arbiter = Arbiter(clock=Clock())
+    low, normal, critical = ticket("low", 0, 1.0), ticket("normal", 1, 2.0), ticket("critical", 3, 3.0)
+    for t in (low, normal, critical):
+        arbiter.ask(t, [])
+    order = []
+    while arbiter.pending:
+        turns = [lid for lid, t in list(arbiter.pending.items()) if arbiter.ask(t, [])["status"] == "turn"]
+        assert len(turns) == 1
+        order.append(turns[0])
+        arbiter.leave(turns[0])
+    assert order == ["critical", "normal", "low"]
+    arbiter.ask(ticket("late", 1, 9.0), [])
+    assert arbiter.ask(ticket("early", 1, 5.0), []) == {"status": "turn"}
+    assert arbiter.ask(ticket("late", 1, 9.0), []) == {"status": "wait", "ahead": 1}
+
+
+def test_a_ticket_keeps_its_place_and_a_stale_one_goes() -> None:
+    """A refresh keeps the first ``requested_at``; a ticket not refreshed for ``stale`` seconds stops holding others."""
+    clock = Clock()
+    arbiter = Arbiter(stale=5.0, clock=clock)
+    arbiter.ask(ticket("first", 1, 1.0), [])
+    assert arbiter.ask(ticket("second", 1, 2.0), [])["status"] == "wait"
+    arbiter.ask(ticket("first", 1, 50.0), [])  # the owner's refresh does not move it back
+    assert arbiter.pending["first"]["requested_at"] == 1.0
+    clock.now += 4.0
+    assert arbiter.ask(ticket("second", 1, 2.0), [])["status"] == "wait"
+    clock.now += 2.0  # "first" was last seen 6 s ago
+    assert arbiter.ask(ticket("second", 1, 2.0), []) == {"status": "turn"}
+    assert "first" not in arbiter.pending
+
+
+def test_a_quota_holds_back_its_tenant_only() -> None:
+    """Over its quota a tenant's request waits with the quota and use in the answer; another tenant's goes on."""
+    arbiter = Arbiter(clock=Clock())
+    arbiter.set_quota("team-a", {"cpu": 2.0})
+    granted = [{"tenant": "team-a", "amounts": {"cpu": 1.0}}, {"tenant": "team-a", "amounts": {"cpu": 1.0}}]
+    held = arbiter.ask(ticket("a3", 3, 1.0, tenant="team-a"), granted)
+    assert held == {
+        "status": "quota",
+        "why": "tenant 'team-a' is over its quota: quota cpu=2, in use cpu=2, asked cpu=1",
+    }
+    # A held-back ticket holds back no one, even at a higher priority.
+    assert arbiter.ask(ticket("b1", 0, 2.0, tenant="team-b"), granted) == {"status": "turn"}
+    assert arbiter.ask(ticket("a3", 3, 1.0, tenant="team-a"), granted[:1]) == {"status": "turn"}
+    assert arbiter.quota_rows(granted) == [{"tenant": "team-a", "quota": {"cpu": 2.0}, "used": {"cpu": 2.0}}]
+    arbiter.set_quota("team-a", None)
+    assert arbiter.over_quota("team-a", {"cpu": 99.0}, granted) == ""
+
+
+def test_tokens_increase_across_a_restart() -> None:
+    """Each token is larger than the last; a new arbiter (a restarted registry) still issues larger ones."""
+    clock = Clock()
+    arbiter = Arbiter(clock=clock)
+    tokens = [arbiter.token() for _ in range(1_000)]
+    assert tokens == sorted(set(tokens))
+    clock.now += 1e-3
+    assert Arbiter(clock=clock).token() > tokens[-1]
+
+
+def test_waiting_lists_tickets_in_serving_order_with_time_waited() -> None:
+    clock = Clock(100.0)
+    arbiter = Arbiter(clock=clock)
+    arbiter.ask(ticket("low", 0, 90.0), [])
+    arbiter.ask(ticket("high", 2, 95.0), [])
+    assert [(t["id"], t["waited"]) for t in arbiter.waiting()] == [("high", 5.0), ("low", 10.0)]
+
+
+def test_amount_helpers() -> None:
+    assert fits({"cpu": 2.0}, {"cpu": 2.0, "gpu": 1.0}) and not fits({"gpu": 1.0}, {"cpu": 8.0})
+    assert total([{"amounts": {"cpu": 1.0}}, {"amounts": {"cpu": 2.0, "gpu": 1.0}}]) == {"cpu": 3.0, "gpu": 1.0}
+    assert quota_text({"memory": 2.0 * 2**30, "cpu": 8.0}) == "cpu=8,memory=2GiB"
+    assert quota_text({}) == "nothing"
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 20), st.sampled_from(["a", "b"]), st.integers(1, 3)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_exactly_the_first_ticket_not_held_back_has_the_turn(specs: list[tuple[int, int, str, int]]) -> None:
+    """Whatever the mix, only the best (priority, age) ticket within quota is told to go, and none over quota."""
+    arbiter = Arbiter(clock=Clock())
+    arbiter.set_quota("a", {"cpu": 2.0})
+    tickets = [
+        ticket(f"t{i}", p, float(at), tenant=tenant, cpu=float(cpu)) for i, (p, at, tenant, cpu) in enumerate(specs)
+    ]
+    answers = {t["id"]: arbiter.ask(t, []) for t in tickets}
+    answers = {t["id"]: arbiter.ask(t, []) for t in tickets}  # second round: every ticket is known
+    within = [t for t in tickets if not (t["tenant"] == "a" and t["amounts"]["cpu"] > 2.0)]
+    turns = [lid for lid, answer in answers.items() if answer["status"] == "turn"]
+    if within:
+        best = min(within, key=lambda t: (-t["priority"], t["requested_at"], t["id"]))
+        assert turns == [best["id"]]
+    else:
+        assert turns == []
+    assert {lid for lid, answer in answers.items() if answer["status"] == "quota"} == {
+        t["id"] for t in tickets if t not in within
+    }
