@@ -280,3 +280,14 @@ async def test_the_default_tenant_is_user_at_host_and_the_local_backend_keeps_no
             await grid.set_quota("", "cpu=1")
         assert await grid.quotas() == ()
         assert (await grid.request_boost("cpu=1", ttl=10)).is_active
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_work_under_a_boost_reads_its_lease_and_token(executor: str) -> None:
+    """Inside a boost's work ``current_lease()`` names the lease and its token; outside it is ``None``."""
+    async with gb.Grid(capacity=CAPACITY, executor=executor) as grid:
+        async with grid.boost("cpu=1", ttl=30) as boost:
+            inside = await grid.offload(gb.current_lease, where=boost)
+            assert inside == gb.CurrentLease(boost.id, boost.token) and inside.token > 0
+        assert await grid.offload(gb.current_lease, where="local") is None
+    assert gb.current_lease() is None

@@ -108,3 +108,88 @@ async def test_leases_of_a_closed_grid_are_refused() -> None:
         pass
     with pytest.raises(gb.GridClosed):
         await grid.leases()
+
+
+class SeesTheNotice:
+    """A plugin that reads, at the notice, what a preempted boost says of itself."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, gb.BoostState, float]] = []
+
+    @gb.hookimpl
+    def gridboost_boost_preempted(self, boost: gb.Boost, grace: float) -> None:
+        self.seen.append((boost.id, boost.state, grace))
+
+
+async def test_a_preempted_boost_refuses_new_work_lets_work_finish_within_its_grace_then_ends() -> None:
+    """At the notice the hook fires and new work is refused; work that ends within the grace keeps its result."""
+    log, notice = HookLog(), SeesTheNotice()
+    async with faulty_grid(log, notice) as grid:
+        backend, engine = parts(grid)
+        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
+        quick = grid.submit(nap, 0.3, where=boost)
+        with anyio.fail_after(10):
+            while not engine.running_tasks():
+                await anyio.sleep(0.01)
+        await backend.preempt_reservation(boost.id, grace=5.0, reason="taken for a CRITICAL request")
+        assert boost.state is gb.BoostState.PREEMPTED
+        assert [(a["boost"], a["grace"]) for a in log.of("boost_preempted")] == [(boost, 5.0)]
+        assert notice.seen == [(boost.id, gb.BoostState.PREEMPTED, 5.0)]
+        with pytest.raises(gb.BoostPreempted, match=f"boost {boost.id} was preempted"):
+            await grid.offload(nap, 0, where=boost)
+        with pytest.raises(gb.BoostPreempted):
+            await boost.renew(30)
+        await quick  # finished inside the grace: its result stands
+        with anyio.fail_after(5):  # its work is done, so the boost ends before the grace is over
+            while grid.boosts:
+                await anyio.sleep(0.01)
+        assert await engine.reservations() == []
+        assert grid.stats()["boosts.preempted"] == 1
+        assert log.of("boost_released") == [] and log.failed == []
+
+
+async def test_work_still_running_when_the_grace_ends_gets_boost_preempted() -> None:
+    """What has not finished when the grace is over is stopped with BoostPreempted, and the reservation goes."""
+    async with faulty_grid() as grid:
+        backend, engine = parts(grid)
+        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
+        slow = grid.submit(nap, 30, where=boost)
+        with anyio.fail_after(10):
+            while not engine.running_tasks():
+                await anyio.sleep(0.01)
+        started = time.monotonic()
+        await backend.preempt_reservation(boost.id, grace=0.5)
+        with pytest.raises(gb.BoostPreempted) as caught:
+            await slow
+        assert caught.value.grace == 0.5 and time.monotonic() - started >= 0.45
+        assert boost.error is caught.value
+        with anyio.fail_after(5):  # the release follows the work's end
+            while grid.boosts:
+                await anyio.sleep(0.01)
+        assert await engine.reservations() == []
+        assert await grid.offload(sum, [1, 2], where="cluster") == 3
+
+
+async def test_releasing_a_preempted_boost_during_its_grace_ends_it_at_once() -> None:
+    """A release during the grace stops the work at once (BoostPreempted) and the boost ends as preempted."""
+    async with faulty_grid() as grid:
+        backend, engine = parts(grid)
+        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
+        slow = grid.submit(nap, 30, where=boost)
+        with anyio.fail_after(10):
+            while not engine.running_tasks():
+                await anyio.sleep(0.01)
+        await backend.preempt_reservation(boost.id, grace=30)
+        with anyio.fail_after(10):
+            await boost.release()
+        assert boost.state is gb.BoostState.PREEMPTED
+        with pytest.raises(gb.BoostPreempted):
+            await slow
+        assert await engine.reservations() == [] and grid.stats()["boosts.preempted"] == 1
+
+
+def test_boost_preempted_pickles_with_its_grace() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(gb.BoostPreempted("taken back", grace=2.5)))
+    assert isinstance(error, gb.BoostLost) and str(error) == "taken back" and error.grace == 2.5

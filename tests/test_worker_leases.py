@@ -132,3 +132,43 @@ def test_exactly_the_first_ticket_not_held_back_has_the_turn(specs: list[tuple[i
     assert {lid for lid, answer in answers.items() if answer["status"] == "quota"} == {
         t["id"] for t in tickets if t not in within
     }
+
+
+def lease(
+    lease_id: str, priority: int, cpu: float, *, owner: str = "other:1", at: float = 0.0, **more: Any
+) -> dict[str, Any]:
+    return {
+        "id": lease_id,
+        "owner": owner,
+        "priority": priority,
+        "amounts": {"cpu": cpu},
+        "preemptible": True,
+        "state": "active",
+        "granted_at": at,
+        **more,
+    }
+
+
+def frees_cpu(needed: float, free: float = 0.0) -> Any:
+    return lambda chosen: free + sum(r["amounts"]["cpu"] for r in chosen) >= needed
+
+
+def test_victims_are_the_fewest_lowest_priority_preemptible_leases_of_other_owners() -> None:
+    """LOW before NORMAL, the youngest first among equals, and no more than needed; never the requester's own, a
+    non-preemptible one, one of equal or higher priority, or one already being taken back."""
+    critical = ticket("critical", 3, 0.0, cpu=2.0)
+    granted = [
+        lease("normal", 1, 2.0),
+        lease("low-old", 0, 1.0, at=1.0),
+        lease("low-young", 0, 1.0, at=2.0),
+        lease("mine", 0, 8.0, owner="host:1"),
+        lease("firm", 0, 8.0, preemptible=False),
+        lease("equal", 3, 8.0),
+        lease("going", 0, 8.0, state="preempting"),
+    ]
+    assert [r["id"] for r in Arbiter.victims(critical, granted, frees_cpu(1.0)) or []] == ["low-young"]
+    assert [r["id"] for r in Arbiter.victims(critical, granted, frees_cpu(2.0)) or []] == ["low-young", "low-old"]
+    # Two LOW leases are not enough for 4 CPUs; with the NORMAL one they are more than enough, and one LOW is needless.
+    assert [r["id"] for r in Arbiter.victims(critical, granted, frees_cpu(3.0)) or []] == ["low-young", "normal"]
+    assert Arbiter.victims(critical, granted, frees_cpu(5.0)) is None
+    assert Arbiter.victims(ticket("low", 0, 0.0), granted, frees_cpu(1.0)) is None

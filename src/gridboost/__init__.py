@@ -36,6 +36,7 @@ from .exceptions import (
     BackendError,
     BoostExpired,
     BoostLost,
+    BoostPreempted,
     BoostUnavailable,
     CapacityUnavailable,
     CommandFailed,
@@ -54,6 +55,7 @@ from .exceptions import (
     TeardownError,
     UnknownBackend,
 )
+from .worker_leases import CurrentLease, current_lease
 
 __version__ = "0.1.0"
 
@@ -64,6 +66,7 @@ __all__ = [
     "Boost",
     "BoostExpired",
     "BoostLost",
+    "BoostPreempted",
     "BoostState",
     "BoostUnavailable",
     "CapacityUnavailable",
@@ -72,6 +75,7 @@ __all__ = [
     "CommandFailed",
     "CommandNotFound",
     "CommandResult",
+    "CurrentLease",
     "GpuReading",
     "Grid",
     "GridClosed",
@@ -110,6 +114,7 @@ __all__ = [
     "__version__",
     "abc",
     "current_boost",
+    "current_lease",
     "exceptions",
     "hookimpl",
     "hookspecs",

@@ -30,7 +30,15 @@ from ._records import STRATEGIES, BoostState, Lease, NodeSnapshot, Priority, Res
 from ._resources import Resources
 from ._runtime import Runtime
 from ._text import shown
-from .exceptions import BoostExpired, BoostLost, BoostUnavailable, GridClosed, InvalidRequest, TaskCancelled
+from .exceptions import (
+    BoostExpired,
+    BoostLost,
+    BoostPreempted,
+    BoostUnavailable,
+    GridClosed,
+    InvalidRequest,
+    TaskCancelled,
+)
 
 __all__ = ["BoostBook", "labels_there"]
 
@@ -270,17 +278,20 @@ class BoostBook:
         self._poke()
 
     async def finish(self, boost: Boost, state: BoostState, error: BoostLost | None = None) -> None:
-        """End an active boost: cancel its work, release its reservation; awaited and shielded.
+        """End an active (or preempted) boost: cancel its work, release its reservation; awaited and shielded.
 
         ``state`` is ``released``, ``expired``, or ``failed`` with the ``error`` that
-        says what the engine lost.
+        says what the engine lost. A preempted boost ends as ``preempted`` whoever ends it.
         """
-        if boost.state is not BoostState.ACTIVE:
+        if boost._ending or boost.state not in (BoostState.ACTIVE, BoostState.PREEMPTED):
             return
-        boost.state = state  # first, so a second caller returns at once
+        boost._ending = True  # first, so a second caller returns at once
+        if boost.state is BoostState.PREEMPTED:
+            assert isinstance(boost.error, BoostPreempted)
+            state, error = BoostState.PREEMPTED, boost.error
+        boost.state = state
         boost.expires_at = None
-        if state is BoostState.FAILED:
-            assert error is not None
+        if error is not None:
             reason: Exception = error
             boost.error = error
         elif state is BoostState.EXPIRED:
@@ -315,15 +326,18 @@ class BoostBook:
         if state is BoostState.FAILED:
             assert error is not None
             notify("gridboost_boost_failed", boost=boost, error=error)
-        else:
+        elif state is not BoostState.PREEMPTED:  # a preempted boost's hook fired at the notice
             hook = "gridboost_boost_expired" if state is BoostState.EXPIRED else "gridboost_boost_released"
             notify(hook, boost=boost)
 
     async def lost(self, reservation_id: str, error: BaseException) -> None:
-        """The backend says the engine lost this reservation: fail the boost and stop its work."""
+        """The backend says the engine lost this reservation (or takes it back: ``BoostPreempted``)."""
         boost = self.boosts.get(reservation_id)
         if boost is None or not boost.is_active:
             return  # already ended, or not ours: engines may report a loss twice
+        if isinstance(error, BoostPreempted):
+            self._preempted(boost, error)
+            return
         lost = BoostLost(f"boost {boost.id} lost its reservation: {error}")
         lost.__cause__ = error
         try:
@@ -332,6 +346,22 @@ class BoostBook:
             self._runtime.log_error(f"releasing what is left of lost boost {boost.id} failed", exc)
             self.outcomes["failed"] += 1
             self._runtime.observers.notify("gridboost_boost_failed", boost=boost, error=lost)
+
+    def _preempted(self, boost: Boost, error: BoostPreempted) -> None:
+        """The notice: no new work goes in, the hook fires, and the boost ends once its work is done or the grace
+        is over, whichever comes first (its release meanwhile ends it at once)."""
+        boost.state = BoostState.PREEMPTED
+        boost.error = error
+        self._runtime.observers.notify("gridboost_boost_preempted", boost=boost, grace=error.grace)
+        self._runtime.start_soon(self._end_preempted, boost, error.grace)
+
+    async def _end_preempted(self, boost: Boost, grace: float) -> None:
+        with anyio.move_on_after(grace):
+            await boost.work.emptied()
+        try:
+            await self.finish(boost, BoostState.PREEMPTED)
+        except Exception as exc:  # the engine took it back already; what is left could not be released
+            self._runtime.log_error(f"releasing what is left of preempted boost {boost.id} failed", exc)
 
     async def pending(self, what: str, granting: Coroutine[Any, Any, T], ident: str) -> T:
         """Await a boost or lease request in a scope teardown cancels, so closing never waits on a grant."""
@@ -362,6 +392,9 @@ class BoostBook:
             priority=boost.priority,
             expires_at=boost.expires_at,
             placements=boost.placements,
+            token=boost.token,
+            tenant=boost.tenant,
+            preemptible=boost.preemptible,
         )
 
     async def release_lease(self, lease_id: str) -> None:

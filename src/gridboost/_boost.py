@@ -19,7 +19,7 @@ from ._kit import Tracked
 from ._ledger import Ledger
 from ._records import BoostState, Priority, Reservation, ReservationRequest, Strategy, new_id
 from ._resources import Resources
-from .exceptions import BoostExpired
+from .exceptions import BoostExpired, BoostPreempted
 
 __all__ = ["Boost", "BoostBlock", "BoostOptions", "current_boost"]
 
@@ -99,6 +99,7 @@ class Boost:
         self.error: BaseException | None = None
         self.reservation: Reservation | None = None
         self._deadline = math.inf  # anyio clock
+        self._ending = False  # its end (release, expiry, loss, preemption) has begun
         self._runs: Tracked[_Work] = Tracked()  # the work running inside it, cancelled when it ends
         self._tokens: list[Token[Boost | None]] = []
         self._ledger = Ledger(f"boost {self.id}", resources)  # what the grid placed in it, claimed at placement
@@ -182,6 +183,8 @@ class Boost:
         self._runs.add(work)
 
     def require_active(self) -> None:
+        if self.state is BoostState.PREEMPTED:
+            raise BoostPreempted(f"boost {self.id} was preempted; work cannot run inside it")
         if not self.is_active:
             raise BoostExpired(f"boost {self.id} is {self.state}; work cannot run inside it")
         if anyio.current_time() >= self._deadline:

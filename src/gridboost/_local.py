@@ -34,7 +34,8 @@ from ._spec import TaskSpec
 from ._text import shown
 from .abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
 from .exceptions import BoostUnavailable, CapacityUnavailable, GridClosed, InvalidRequest, TeardownError
-from .worker_leases import Arbiter
+from .worker_leases import Arbiter, CurrentLease, in_lease
+from .worker_leases import _current as _lease
 
 if TYPE_CHECKING:
     from ._procpool import ProcessPool
@@ -322,10 +323,22 @@ class LocalBackend(Backend):
                 return CommandResult(returncode=status, stdout=out, stderr=err, node=self._node_id)
             if self._procs is not None:
                 with self._tracking(task, "worker process"):
-                    return await self._procs.run(task.target, task.args, task.kwargs)
-            return await anyio.to_thread.run_sync(
-                self._call_in_thread, task, abandon_on_cancel=True, limiter=self._limiter
-            )
+                    if reservation is None:
+                        return await self._procs.run(task.target, task.args, task.kwargs)
+                    wrapped = (reservation.id, reservation.token, task.target, *task.args)
+                    return await self._procs.run(in_lease, wrapped, task.kwargs)
+            if reservation is None:
+                return await anyio.to_thread.run_sync(
+                    self._call_in_thread, task, abandon_on_cancel=True, limiter=self._limiter
+                )
+            # The thread runs in a copy of this context: current_lease() there names the boost.
+            under = _lease.set(CurrentLease(reservation.id, reservation.token))
+            try:
+                return await anyio.to_thread.run_sync(
+                    self._call_in_thread, task, abandon_on_cancel=True, limiter=self._limiter
+                )
+            finally:
+                _lease.reset(under)
         finally:
             if amount:
                 pool.give(amount)

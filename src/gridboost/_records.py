@@ -91,13 +91,17 @@ class Priority(enum.IntEnum):
 
 
 class BoostState(enum.StrEnum):
-    """Where a boost is in its life: ``pending → active → released / expired / failed``."""
+    """Where a boost is in its life: ``pending → active → released / expired / failed / preempted``.
+
+    A preempted boost takes no new work from the notice on; its running work has the grace the
+    notice gave, then the boost ends (``BoostPreempted`` for what had not finished)."""
 
     PENDING = "pending"
     ACTIVE = "active"
     RELEASED = "released"
     EXPIRED = "expired"
     FAILED = "failed"
+    PREEMPTED = "preempted"
 
 
 def _argv(value: object) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ __all__ = [
     "BackendError",
     "BoostExpired",
     "BoostLost",
+    "BoostPreempted",
     "BoostUnavailable",
     "CapacityUnavailable",
     "CommandFailed",
@@ -92,6 +93,20 @@ class BoostExpired(GridboostError):
 
 class BoostLost(GridboostError):
     """The engine lost a boost's reservation (a node died under it); its work was stopped."""
+
+
+class BoostPreempted(BoostLost):
+    """A preemptible boost was taken back for another owner's request of higher priority.
+
+    ``grace`` is how long its work had, from the notice, to finish before it was stopped with this error.
+    """
+
+    def __init__(self, message: str, grace: float = 0.0) -> None:
+        super().__init__(message)
+        self.grace = grace
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.grace))
 
 
 class GridClosed(GridboostError, RuntimeError):

@@ -40,6 +40,7 @@ OBSERVERS = (
     "gridboost_boost_released",
     "gridboost_boost_expired",
     "gridboost_boost_failed",
+    "gridboost_boost_preempted",
     "gridboost_task_placed",
     "gridboost_task_finished",
     "gridboost_pressure_changed",
@@ -55,6 +56,7 @@ __all__ = [
     "gridboost_boost_activated",
     "gridboost_boost_expired",
     "gridboost_boost_failed",
+    "gridboost_boost_preempted",
     "gridboost_boost_released",
     "gridboost_choose_placement",
     "gridboost_offload_candidates",
@@ -205,6 +207,23 @@ def gridboost_boost_failed(grid: GridView, boost: Boost, error: BaseException) -
         @gridboost.hookimpl
         def gridboost_boost_failed(boost, error):
             log.error("boost %s failed: %s", boost.id, error)
+    """
+
+
+@hookspec
+def gridboost_boost_preempted(grid: GridView, boost: Boost, grace: float) -> Any:
+    """Another owner's request of higher priority takes this preemptible boost back.
+
+    Called at the notice: the boost takes no new work from now on, its running work has
+    ``grace`` seconds to finish, then what is left is stopped with
+    :class:`~gridboost.exceptions.BoostPreempted` and the engine's reservation goes. Move or
+    checkpoint your work here (``grid.boost(...)`` again, at a priority that may win).
+
+    Example::
+
+        @gridboost.hookimpl
+        def gridboost_boost_preempted(boost, grace):
+            log.warning("lease %s is taken back in %.0fs", boost.id, grace)
     """
 
 

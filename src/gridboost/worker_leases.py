@@ -21,6 +21,9 @@ standard library, so a backend ships it *by value* with the registry that uses i
 gridboost still runs it. The registry serialises calls (one event loop), so the arbiter takes no lock.
 
 * :class:`Arbiter` — the turns, quotas and fencing tokens of one cluster's registry.
+* :func:`current_lease` — inside work that runs under a boost: its lease's id and fencing token.
+* :func:`in_lease` — run a callable so that :func:`current_lease` names a lease (what backends wrap boost work in).
+* :class:`CurrentLease` — what :func:`current_lease` returns: ``(id, token)``.
 * :func:`fits` — whether amounts fit in a room.
 * :func:`total` — the sum of the amounts of some lease records.
 * :func:`quota_text` — amounts in one short line, as quotas are written (``cpu=8,gpu=1``).
@@ -30,9 +33,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
-__all__ = ["Arbiter", "fits", "quota_text", "total"]
+__all__ = ["Arbiter", "CurrentLease", "current_lease", "fits", "in_lease", "quota_text", "total"]
 
 #: Seconds a waiting owner's ticket lives without being refreshed (owners poll far more often).
 STALE = 10.0
@@ -62,6 +66,48 @@ def _number(value: float) -> str:
 def quota_text(amounts: Mapping[str, float]) -> str:
     """Amounts in one short line, as quotas are written: ``cpu=8,gpu=1``."""
     return ",".join(f"{key}={_number(value)}" for key, value in sorted(amounts.items())) or "nothing"
+
+
+class CurrentLease(NamedTuple):
+    """The lease a piece of work runs under: its id and the grant's fencing token."""
+
+    id: str
+    token: int
+
+
+_current: ContextVar[CurrentLease | None] = ContextVar("gridboost_current_lease", default=None)
+
+
+def current_lease() -> CurrentLease | None:
+    """Inside work that runs under a boost (on any backend): the lease's id and fencing token; ``None`` elsewhere.
+
+    Send the token with each write to an outside system, and have it refuse a token smaller than the largest it
+    has seen: a writer whose lease ended (expired, preempted, reaped while its owner was stopped) and was granted to
+    someone else is then refused, however late it wakes::
+
+        lease = gridboost.current_lease()
+        store.put(key, value, fence=lease.token if lease else None)
+    """
+    return _current.get()
+
+
+def in_lease(lease_id: str, token: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` with :func:`current_lease` saying ``(lease_id, token)``.
+
+    Backends wrap the work of a boost in it, on the worker. Shipped by value this function is a copy, so it sets the
+    variable of the gridboost installed on the worker, the one user code reads, when there is one.
+    """
+    try:
+        import gridboost.worker_leases as installed
+
+        var = installed._current
+    except ImportError:  # no gridboost on this worker: nothing there can ask
+        var = _current
+    reset = var.set(CurrentLease(lease_id, token))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        var.reset(reset)
 
 
 def _key(ticket: Mapping[str, Any]) -> tuple[int, float, str]:
@@ -158,6 +204,44 @@ class Arbiter:
         for lid in gone:
             del self.pending[lid]
         return gone
+
+    # -- preemption --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def victims(
+        ticket: Mapping[str, Any],
+        granted: Iterable[Mapping[str, Any]],
+        frees: Callable[[list[Mapping[str, Any]]], bool],
+    ) -> list[Mapping[str, Any]] | None:
+        """The leases to take back so that ``ticket`` fits; ``None`` when all that may be taken is not enough.
+
+        Only a lease that is ``preemptible``, active, of another owner and of strictly lower priority may be taken;
+        the lowest priority goes first, then the most recently granted (``granted_at``), and no more are taken than
+        needed: ``frees(chosen)`` (the engine's placement) says whether ``ticket`` fits once ``chosen`` are gone.
+        """
+        pool = sorted(
+            (
+                r
+                for r in granted
+                if r.get("preemptible")
+                and r.get("state", "active") == "active"
+                and r.get("owner") != ticket.get("owner")
+                and int(r["priority"]) < int(ticket["priority"])
+            ),
+            key=lambda r: (int(r["priority"]), -float(r.get("granted_at", 0.0)), str(r["id"])),
+        )
+        chosen: list[Mapping[str, Any]] = []
+        for record in pool:
+            chosen.append(record)
+            if frees(chosen):
+                break
+        else:
+            return None
+        for record in reversed(chosen[:-1]):  # one taken early may be needless once a larger one is taken
+            rest = [c for c in chosen if c is not record]
+            if frees(rest):
+                chosen = rest
+        return chosen
 
     def waiting(self) -> list[dict[str, Any]]:
         """The live tickets in the order they will be served, each with ``waited`` (seconds since first asked)."""

@@ -95,7 +95,7 @@ from .._records import ClusterSnapshot, Lease
 from .._resources import Resources
 from .._spec import TaskSpec
 from ..abc import Backend, BackendSpec, Capabilities, Reservation, ReservationRequest
-from ..exceptions import BackendError, GridboostError, InvalidRequest, UnknownBackend
+from ..exceptions import BackendError, BoostPreempted, GridboostError, InvalidRequest, UnknownBackend
 
 __all__ = ["Fault", "FaultKind", "FaultPlan", "FaultyBackend", "FaultyPlugin", "InjectedFault", "Operation"]
 
@@ -454,18 +454,26 @@ class FaultyBackend(Backend):
         finally:
             self._lost = None
 
+    async def preempt_reservation(self, reservation_id: str, grace: float, reason: str = "injected preemption") -> None:
+        """Report ``reservation_id`` taken back for another owner, with ``grace`` seconds for its work, as a lease
+        registry that preempts would; the inner backend still holds it until the grid releases it."""
+        await self._report(reservation_id, BoostPreempted(reason, grace=grace))
+
     async def lose_reservation(self, reservation_id: str, reason: str = "injected reservation loss") -> None:
         """Report ``reservation_id`` lost, as an engine whose node died would; the inner one still holds it.
 
         Needs a grid watching this backend (``Grid`` does from start to teardown; its
         watch may take a moment to begin after the grid opens).
         """
+        await self._report(reservation_id, BackendError(reason))
+
+    async def _report(self, reservation_id: str, error: BaseException) -> None:
         with anyio.move_on_after(1):
             while self._lost is None:  # noqa: ASYNC110 - the watch has no event to await
                 await anyio.sleep(0.01)
         if self._lost is None:
             raise InvalidRequest("no grid is watching this backend; open the grid first")
-        await self._lost(reservation_id, BackendError(reason))
+        await self._lost(reservation_id, error)
 
     # -- running --------------------------------------------------------------------
 

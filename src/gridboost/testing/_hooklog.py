@@ -52,6 +52,10 @@ class HookLog:
         self.calls.append(("boost_failed", {"boost": boost, "error": error}))
 
     @hookimpl
+    def gridboost_boost_preempted(self, boost: Boost, grace: float) -> None:
+        self.calls.append(("boost_preempted", {"boost": boost, "grace": grace}))
+
+    @hookimpl
     def gridboost_task_placed(self, task: TaskSpec, placement: Placement) -> None:
         self.calls.append(("task_placed", {"task": task, "placement": placement}))
 
