@@ -110,6 +110,17 @@ async def test_leases_of_a_closed_grid_are_refused() -> None:
         await grid.leases()
 
 
+async def preemptible_with_work(grid: gb.Grid, seconds: float) -> tuple[gb.Boost, gb.TaskHandle[Any]]:
+    """A preemptible boost and a task napping ``seconds`` inside it, once the engine runs the task."""
+    _, engine = parts(grid)
+    boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
+    handle = grid.submit(nap, seconds, where=boost)
+    with anyio.fail_after(10):
+        while not engine.running_tasks():
+            await anyio.sleep(0.01)
+    return boost, handle
+
+
 class SeesTheNotice:
     """A plugin that reads, at the notice, what a preempted boost says of itself."""
 
@@ -126,11 +137,7 @@ async def test_a_preempted_boost_refuses_new_work_lets_work_finish_within_its_gr
     log, notice = HookLog(), SeesTheNotice()
     async with faulty_grid(log, notice) as grid:
         backend, engine = parts(grid)
-        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
-        quick = grid.submit(nap, 0.3, where=boost)
-        with anyio.fail_after(10):
-            while not engine.running_tasks():
-                await anyio.sleep(0.01)
+        boost, quick = await preemptible_with_work(grid, 0.3)
         await backend.preempt_reservation(boost.id, grace=5.0, reason="taken for a CRITICAL request")
         assert boost.state is gb.BoostState.PREEMPTED
         assert [(a["boost"], a["grace"]) for a in log.of("boost_preempted")] == [(boost, 5.0)]
@@ -152,11 +159,7 @@ async def test_work_still_running_when_the_grace_ends_gets_boost_preempted() -> 
     """What has not finished when the grace is over is stopped with BoostPreempted, and the reservation goes."""
     async with faulty_grid() as grid:
         backend, engine = parts(grid)
-        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
-        slow = grid.submit(nap, 30, where=boost)
-        with anyio.fail_after(10):
-            while not engine.running_tasks():
-                await anyio.sleep(0.01)
+        boost, slow = await preemptible_with_work(grid, 30)
         started = time.monotonic()
         await backend.preempt_reservation(boost.id, grace=0.5)
         with pytest.raises(gb.BoostPreempted) as caught:
@@ -174,11 +177,7 @@ async def test_releasing_a_preempted_boost_during_its_grace_ends_it_at_once() ->
     """A release during the grace stops the work at once (BoostPreempted) and the boost ends as preempted."""
     async with faulty_grid() as grid:
         backend, engine = parts(grid)
-        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
-        slow = grid.submit(nap, 30, where=boost)
-        with anyio.fail_after(10):
-            while not engine.running_tasks():
-                await anyio.sleep(0.01)
+        boost, slow = await preemptible_with_work(grid, 30)
         await backend.preempt_reservation(boost.id, grace=30)
         with anyio.fail_after(10):
             await boost.release()
