@@ -69,7 +69,8 @@ def bench(session: nox.Session, package: str) -> None:
     skips, saying why, without Ray). The Ray plugin's session also runs ``bench_policy.py --only
     burst``: the burst scenario needs a real remote backend. Each session then runs
     ``bench_peers.py`` on its engine (local, Ray or Dask): gridboost beside joblib, Ray's Pool,
-    ``client.map``, raw tasks and thread pools; the plugins' ``bench`` groups bring joblib.
+    ``client.map``, raw tasks and thread pools; the plugins' ``bench`` groups bring joblib. The plugins'
+    sessions end with ``bench_leases.py``: many small leases of many owners against the engine's registry.
     """
     name = "local" if package == "core" else package.removeprefix("gridboost-")
     script = ROOT / "benchmarks" / f"bench_{name}.py"
@@ -84,3 +85,5 @@ def bench(session: nox.Session, package: str) -> None:
     elif package == "gridboost-ray":
         session.run("python", policy, "--only", "burst", *quick)
     session.run("python", str(ROOT / "benchmarks" / "bench_peers.py"), "--engine", name, *quick)
+    if package != "core":  # a shared cluster's lease registry: Ray's keeper, Dask's scheduler plugin
+        session.run("python", str(ROOT / "benchmarks" / "bench_leases.py"), "--engine", name, *quick)

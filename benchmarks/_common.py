@@ -62,8 +62,10 @@ def private_ray_cluster(
     prefix: str,
     ships: ModuleType,
     system_config: dict[str, object] | None = None,
+    resources: dict[str, float] | None = None,
 ) -> Iterator[str]:
-    """A head (0 CPUs) and ``workers`` nodes of ``worker_cpus``, the driver joined; yields the address.
+    """A head (0 CPUs) and ``workers`` nodes of ``worker_cpus`` (and custom ``resources``), the driver joined;
+    yields the address.
 
     Everything lives in a temporary directory of its own and is removed after; ``ships`` is the script's module,
     whose functions travel to Ray's workers by value (they cannot import a benchmark script). ``system_config`` is
@@ -100,7 +102,7 @@ def private_ray_cluster(
             },
         )
         for _ in range(workers):
-            cluster.add_node(num_cpus=worker_cpus)
+            cluster.add_node(num_cpus=worker_cpus, resources=resources or {})
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         yield str(cluster.address)

@@ -215,8 +215,9 @@ class Lease:
 
     ``owner`` says who took it (``host:pid``) and ``tenant`` whose quota it counts against;
     ``state`` is ``active``, ``pending`` for a request that waits for its turn (``requested_at``
-    says since when), or ``lingering`` for capacity a backend keeps a moment after release to
-    serve the next request fast. ``expires_at`` is wall-clock time: past it (plus the backend's
+    says since when), ``preempting`` for a lease being taken back for another owner (its work's
+    grace runs), or ``lingering`` for capacity a backend keeps a moment after release to serve
+    the next request fast. ``expires_at`` is wall-clock time: past it (plus the backend's
     grace) the engine removes the lease even when its owner died without releasing it.
     ``token`` is the grant's fencing token: every grant on a cluster gets a larger one (0 while
     pending). ``preemptible``: a higher-priority request of another owner may take it back.
@@ -226,7 +227,7 @@ class Lease:
     backend: str
     resources: Resources
     owner: str
-    state: Literal["active", "pending", "lingering"]
+    state: Literal["active", "pending", "preempting", "lingering"]
     priority: Priority
     expires_at: float
     placements: tuple[str, ...] = ()

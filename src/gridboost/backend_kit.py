@@ -116,7 +116,10 @@ class SendCheck:
 
 
 def lease_from_record(
-    record: Mapping[str, Any], *, backend: str, state: Literal["active", "lingering"] | None = None
+    record: Mapping[str, Any],
+    *,
+    backend: str,
+    state: Literal["active", "pending", "preempting", "lingering"] | None = None,
 ) -> Lease:
     """A lease registry's record as a :class:`gridboost.Lease`.
 
