@@ -5,6 +5,8 @@ report. ``python _fresh_process.py join ADDRESS``: joins ADDRESS and prints the 
 ``python _fresh_process.py lease ADDRESS TTL GRACE``: takes a one-CPU boost, prints ``READY`` with its ids, then
 waits to be killed (or stopped) by the test. ``python _fresh_process.py detached ADDRESS TTL``: takes a one-CPU lease
 with ``grid.request_lease`` (one that outlives this process), prints a JSON report of it and exits normally.
+``python _fresh_process.py serve ADDRESS``: a lease owner that serves many requests, one JSON command a line on
+stdin (see :func:`serve`), and says what happened on stdout, one ``WORD {json}`` line each.
 ``python _fresh_process.py grow``: starts a cluster of its own whose
 head runs Ray's fake-multinode autoscaler, takes a boost only a node it has not got yet can hold, and prints a JSON
 report of how the cluster grew; then ends every process it started, by pid.
@@ -216,6 +218,53 @@ async def grow() -> dict[str, Any]:
     return report
 
 
+async def serve(address: str) -> None:
+    """Commands (JSON lines on stdin): ``{"op": "request", "name", "resources", "priority", "tenant", "grow", "wait",
+    "ttl"}`` asks for a boost in the background (on this process's grid for that tenant and ``grow``) and prints
+    ``GRANTED {name, id, token, pg, took}`` or ``FAILED {name, error, message}``; ``{"op": "release", "name"}``
+    prints ``RELEASED {name}``; end of input (or ``{"op": "exit"}``) closes every grid and exits."""
+    grids: dict[tuple[str, bool], gb.Grid] = {}
+    boosts: dict[str, gb.Boost] = {}
+
+    def say(word: str, **what: Any) -> None:
+        print(f"{word} {json.dumps(what)}", flush=True)
+
+    async def request(grid: gb.Grid, command: dict[str, Any]) -> None:
+        name = command["name"]
+        started = time.monotonic()
+        try:
+            boost = await grid.request_boost(
+                command.get("resources", "slot=1"),
+                ttl=command.get("ttl", 120),
+                priority=command.get("priority", "normal"),
+                wait=command.get("wait", 60),
+            )
+        except gb.GridboostError as exc:
+            say("FAILED", name=name, error=type(exc).__name__, message=str(exc))
+            return
+        assert boost.reservation is not None
+        boosts[name] = boost
+        pg = boost.reservation.handle.pg.id.hex()
+        say("GRANTED", name=name, id=boost.id, token=boost.token, pg=pg, took=time.monotonic() - started)
+
+    async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        say("READY", pid=os.getpid())
+        while line := await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
+            command = json.loads(line)
+            if command["op"] == "exit":
+                break
+            if command["op"] == "release":
+                await boosts.pop(command["name"]).release()
+                say("RELEASED", name=command["name"])
+                continue
+            key = (command.get("tenant", "team-a"), bool(command.get("grow", False)))
+            if key not in grids:
+                grid = gb.Grid("ray", address=address, linger=0, tenant=key[0], grow=key[1])
+                grids[key] = await stack.enter_async_context(grid)
+            tg.start_soon(request, grids[key], command)
+        tg.cancel_scope.cancel()
+
+
 def namespace_node() -> str:
     import ray
 
@@ -229,6 +278,9 @@ def main() -> None:
         return
     if what == "lease":
         anyio.run(lease, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        return
+    if what == "serve":
+        anyio.run(serve, sys.argv[2])
         return
     if what == "detached":
         print("REPORT " + json.dumps(anyio.run(detached, sys.argv[2], float(sys.argv[3]))), flush=True)

@@ -40,13 +40,15 @@ from gridboost import (
     CommandResult,
     Lease,
     NodeSnapshot,
+    Quota,
     Resources,
     TaskSpec,
     worker_chunk,
     worker_command,
+    worker_leases,
 )
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
-from gridboost.backend_kit import LRU, SendCheck, finite, seconds, shown, until_done_on_trio
+from gridboost.backend_kit import LRU, SendCheck, amounts, finite, seconds, shown, until_done_on_trio
 from gridboost.exceptions import (
     BackendError,
     BoostUnavailable,
@@ -54,6 +56,7 @@ from gridboost.exceptions import (
     GridClosed,
     InvalidRequest,
     InvalidResources,
+    QuotaExceeded,
     TeardownError,
 )
 
@@ -84,6 +87,9 @@ _LABEL_VALUE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9_.-]{0,61}[a-zA-Z0-9])?")
 _NODE_ID_LABEL = "ray.io/node-id"
 # How long one wait for a pending placement group blocks a worker thread; between waits, INFEASIBLE is checked.
 _READY_POLL = 0.5
+# How long one ask of a waiting request may wait in the keeper for a change (a grant, a release): its owner learns
+# of its turn at once, and asks again within this (far inside the keeper's STALE of 10 s, after which it forgets).
+_TURN_HOLD = 1.0
 # How often watch() looks for lingering groups whose time is up and for held groups whose node died.
 _WATCH = 0.25
 _EPS = 1e-9
@@ -283,7 +289,8 @@ class RayBackend(Backend):
         self._capabilities = _CAPABILITIES if not grow else evolve(_CAPABILITIES, grow=True)
         self._registry = _leases.Registry(grace=lease_grace_seconds, timeout=self._close_timeout)
         self._lingering = _leases.Lingering(linger_seconds)
-        self._demand = _leases.Demand()
+        #: The leases whose bundles this backend added to the cluster's autoscaler request (the keeper's).
+        self._demanded: set[str] = set()
         #: The boosts this backend holds now, by id: what ``watch`` checks, and which lease each group serves.
         self._held: dict[str, Reservation] = {}
         #: Held boosts whose group Ray lost (a node died): reported to the grid, never kept to linger.
@@ -459,6 +466,7 @@ class RayBackend(Backend):
         # Workers need not have gridboost-ray (nor gridboost) installed: what they run of it travels with the task.
         ray.cloudpickle.register_pickle_by_value(_worker)  # type: ignore[no-untyped-call]
         ray.cloudpickle.register_pickle_by_value(worker_command)  # type: ignore[no-untyped-call]
+        ray.cloudpickle.register_pickle_by_value(worker_leases)  # type: ignore[no-untyped-call]
         ray.cloudpickle.register_pickle_by_value(worker_chunk)  # type: ignore[no-untyped-call]
         self._conn = _connect.connect(
             self._target,
@@ -485,12 +493,12 @@ class RayBackend(Backend):
         leftovers: list[str] = []
         # Lingering groups go with the rest of ours below, and their records with the others of ours.
         self._lingering.drain()
-        if self._demand.bundles:
-            self._demand.bundles.clear()
-            try:
-                await anyio.to_thread.run_sync(self._demand.send)
-            except Exception as exc:
-                leftovers.append(f"could not clear this process's autoscaler request: {exc}")
+        demanded, self._demanded = sorted(self._demanded), set()
+        try:
+            for lease_id in demanded:
+                await self._keeper("undemand", lease_id)
+        except Exception as exc:
+            leftovers.append(f"could not take this process's demand out of the autoscaler request: {exc}")
         # A Ray that goes down with this close (its last user, and gridboost started it) takes every task with it:
         # then the task table need not be waited for.
         going = conn.owned and conn.users == 1 and conn.target.kind == "embedded"
@@ -553,31 +561,80 @@ class RayBackend(Backend):
         _to_ray(request.resources, f"boost {request.id}")  # gpu_memory, and Ray's own names as custom ones
 
     async def reserve(self, request: ReservationRequest) -> Reservation:
+        """Wait for this request's turn among every owner of the cluster (the keeper's tickets), then place it.
+
+        A lingering group of the same shape is reused when it is our turn (checked in the one keeper call that
+        records the grant). Otherwise, once it is our turn, a placement group is made; while Ray has not placed it
+        the turn is asked again now and then, and when another owner's request has come first meanwhile (a higher
+        priority, or the keeper refuses the grant) the group is removed and the request waits again: capacity that
+        frees goes to the request whose turn it is, never to whichever group Ray happens to place first.
+        """
         self._require()
         what = f"boost {request.id}"
-        key = _leases.Lingering.key(*_shape(request))
-        idle = None if request.detached else self._lingering.take(key)
-        if idle is not None:
-            # watch() removes lingering groups Ray no longer holds whole, so this one is whole (as of its last look).
-            group = idle.handle
-            assert isinstance(group, _Group)
-            reservation = Reservation(request=request, placements=group.nodes, handle=group)
-            try:
-                # Awaited: once the grant returns, every process lists the lease active (not the old one lingering).
+        ticket = self._registry.ticket(request)
+        try:
+            idle = None if request.detached else self._lingering.take(_leases.Lingering.key(*_shape(request)))
+            if idle is not None:
+                reused = await self._reuse(idle, request, ticket)
+                if reused is not None:
+                    return reused
+            while True:
                 with map_errors(what):
-                    await self._record_now(reservation, "active", time.time() + request.ttl, idle.lease_id)
-            except BaseException:
-                # The keeper may hold either record now: the group goes, and with it (at the keeper's next look)
-                # the record, rather than a group whose listing is uncertain being kept for reuse.
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._remove_now, group.pg.id.hex(), self._name(request))
-                raise
-            self._held[request.id] = reservation
-            return reservation
-        if self._lingering.idle:
-            with map_errors(what):
-                await self._make_room(request)
+                    await self._until_turn(ticket)
+                    if self._lingering.idle:
+                        await self._make_room(request)
+                placed = await self._place(request, ticket)
+                if placed is not None:
+                    break
+        except BaseException:
+            # Its ticket goes now (else it would hold back the requests behind it until the keeper's STALE); a keeper
+            # this process never reached has no ticket of it (a wait of 0 ends before the first ask).
+            if self._registry.reached:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self._keeper("leave", request.id)
+            raise
+        if not request.detached:  # a detached lease is the keeper's from now on, not this backend's
+            self._held[request.id] = placed
+        return placed
+
+    async def _reuse(
+        self, idle: _leases.Idle, request: ReservationRequest, ticket: dict[str, Any]
+    ) -> Reservation | None:
+        """Grant ``request`` the lingering group ``idle`` in one keeper call, if it is the request's turn; else the
+        group goes (someone else waits for what it holds) and ``None`` comes back."""
+        # watch() removes lingering groups Ray no longer holds whole, so this one is whole (as of its last look).
+        group = idle.handle
+        assert isinstance(group, _Group)
+        reservation = Reservation(request=request, placements=group.nodes, handle=group)
+        record = self._lease_record(reservation, "active", time.time() + request.ttl)
+        try:
+            # Awaited: once the grant returns, every process lists the lease active (not the old one lingering).
+            with map_errors(f"boost {request.id}"):
+                token = await self._keeper("put", record, idle.lease_id, ticket)
+        except BaseException:
+            # The keeper may hold either record now: the group goes, and with it (at the keeper's next look) the
+            # record, rather than a group whose listing is uncertain being kept for reuse.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._remove_now, group.pg.id.hex(), self._name(request))
+            raise
+        if isinstance(token, dict):  # not our turn: the keeper's answer
+            await self._remove_lingering([idle])
+            return None
+        reservation = evolve(reservation, token=token)
+        self._held[request.id] = reservation
+        return reservation
+
+    async def _until_turn(self, ticket: dict[str, Any]) -> None:
+        """Ask the keeper until it is ``ticket``'s turn; each ask waits (up to ``_TURN_HOLD``) for a change."""
+        while (await self._keeper("ask", ticket, _TURN_HOLD))["status"] != "turn":
+            pass
+
+    async def _place(self, request: ReservationRequest, ticket: dict[str, Any]) -> Reservation | None:
+        """Make the request's group, wait until Ray places it, and record the grant; ``None`` (and no group) when
+        another request's turn came first."""
+        what = f"boost {request.id}"
         made: list[_Group] = []
+        demanded = False
         try:
             with map_errors(what):
                 # Not abandoned on cancel, and the group is recorded from the thread: a group made while we were
@@ -585,36 +642,61 @@ class RayBackend(Backend):
                 await anyio.to_thread.run_sync(self._create_group, request, made)
                 group = made[0]
                 if self._grow:
-                    selectors = [group.selector] * len(group.bundles)
-                    await anyio.to_thread.run_sync(self._demand.add, request.id, group.bundles, selectors)
-                await self._until_ready(group, request)
-                nodes = await anyio.to_thread.run_sync(self._bundle_nodes, group.pg, len(group.bundles))
-                held = _Group(pg=group.pg, bundles=group.bundles, nodes=nodes, selector=group.selector)
-                reservation = Reservation(request=request, placements=nodes, handle=held)
-                await anyio.to_thread.run_sync(self._record, reservation, "active", time.time() + request.ttl)
+                    selectors = [dict(group.selector)] * len(group.bundles)
+                    demanded = True
+                    await self._keeper(
+                        "demand", request.id, group.pg.id.hex(), [dict(b) for b in group.bundles], selectors
+                    )
+                token: Any = None
+                if await self._until_ready(group, request, ticket):
+                    nodes = await anyio.to_thread.run_sync(self._bundle_nodes, group.pg, len(group.bundles))
+                    held = _Group(pg=group.pg, bundles=group.bundles, nodes=nodes, selector=group.selector)
+                    reservation = Reservation(request=request, placements=nodes, handle=held)
+                    record = self._lease_record(reservation, "active", time.time() + request.ttl)
+                    token = await self._keeper("put", record, None, ticket)
+                if token is None or isinstance(token, dict):  # another request's turn: give its capacity back
+                    await self._give_back(request, made[0], demanded)
+                    return None
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if self._grow:
-                    with contextlib.suppress(Exception):  # the request is replaced by the next one anyway
-                        await anyio.to_thread.run_sync(self._demand.remove, request.id)
-                if made:
-                    await anyio.to_thread.run_sync(self._remove_now, made[0].pg.id.hex(), self._name(request))
+                await self._give_back(request, made[0] if made else None, demanded)
             raise
-        if not request.detached:  # a detached lease is the keeper's from now on, not this backend's
-            self._held[request.id] = reservation
-        return reservation
+        if demanded:
+            self._demanded.add(request.id)
+        return evolve(reservation, token=token)
+
+    async def _give_back(self, request: ReservationRequest, group: _Group | None, demanded: bool) -> None:
+        if demanded:
+            with contextlib.suppress(Exception):  # the request is replaced by the next one anyway
+                await self._keeper("undemand", request.id)
+        if group is not None:
+            await anyio.to_thread.run_sync(self._remove_now, group.pg.id.hex(), self._name(request))
+
+    async def _keeper(self, method: str, *args: Any) -> Any:
+        """Call the keeper and await its answer (bounded) on this event loop, with no worker thread when the keeper
+        is known: the uncontended grant, and the back-to-back release and reuse of a boost, pay one actor call
+        each and no more."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        ref = self._registry.send(method, *args)
+        if ref is not None:
+            try:
+                with anyio.fail_after(self._close_timeout + _TURN_HOLD):
+                    return await (self._trio_wait(ref) if self._trio else ref)
+            except (ActorDiedError, ActorUnavailableError):
+                pass  # the keeper exited while idle: call() starts another and asks it
+        return await anyio.to_thread.run_sync(self._registry.call, method, *args)
 
     def _lease_record(self, reservation: Reservation, state: str, expires_at: float) -> dict[str, Any]:
         group = reservation.handle
         assert isinstance(group, _Group)
         return self._registry.record(
-            reservation.id,
+            reservation.request,
             pg_id=group.pg.id.hex(),
             state=state,
             expires_at=expires_at,
-            resources=reservation.request.resources,
-            priority=reservation.request.priority,
             placements=reservation.placements,
+            token=reservation.token,
         )
 
     def _record(self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None) -> None:
@@ -623,20 +705,25 @@ class RayBackend(Backend):
     async def _record_now(
         self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None
     ) -> None:
-        """Record a lease and await the keeper's answer (bounded) on this event loop, with no worker thread: the
-        back-to-back release and reuse of a boost pays one actor call each, and no more."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        """Record a lease and await the keeper's answer (bounded) on this event loop (see :meth:`_keeper`)."""
+        await self._keeper("put", self._lease_record(reservation, state, expires_at), replaces)
 
-        record = self._lease_record(reservation, state, expires_at)
-        ref = self._registry.send(record, replaces)
-        if ref is not None:
-            try:
-                with anyio.fail_after(self._close_timeout):
-                    await (self._trio_wait(ref) if self._trio else ref)
-                return
-            except (ActorDiedError, ActorUnavailableError):
-                pass  # the keeper exited while idle: put() starts another and records it there
-        await anyio.to_thread.run_sync(self._registry.put, record, replaces)
+    async def check_quota(self, request: ReservationRequest) -> None:
+        self._require()
+        with map_errors(f"reading the quota of tenant {request.tenant}"):
+            why = await anyio.to_thread.run_sync(self._registry.over_quota, request.tenant, amounts(request.resources))
+        if why:
+            raise QuotaExceeded(f"boost {request.id} ({request.resources.human()}) is held back: {why}")
+
+    async def set_quota(self, tenant: str, limit: Resources | None) -> None:
+        self._require()
+        with map_errors(f"setting the quota of tenant {tenant}"):
+            await anyio.to_thread.run_sync(self._registry.set_quota, tenant, limit)
+
+    async def quotas(self) -> Sequence[Quota]:
+        self._require()
+        with map_errors("reading the cluster's quotas"):
+            return await anyio.to_thread.run_sync(self._registry.quotas)
 
     def _name(self, request: ReservationRequest) -> str:
         # A detached lease is named outside this backend's prefix: the backend neither lists nor removes it.
@@ -755,7 +842,8 @@ class RayBackend(Backend):
             raise InvalidRequest(f"{what}: Ray refused the placement group: {exc}") from exc
         made.append(_Group(pg=pg, bundles=tuple(bundles), nodes=("",) * len(bundles), selector=selector))
 
-    async def _until_ready(self, group: _Group, request: ReservationRequest) -> None:
+    async def _until_ready(self, group: _Group, request: ReservationRequest, ticket: dict[str, Any]) -> bool:
+        """Wait until Ray places the group (``True``), or until another request's turn comes first (``False``)."""
         # pg.wait returns as soon as the group is placed; the thread is given up on if the grid cancels us (it
         # then blocks at most _READY_POLL more seconds, on a group we are removing).
         while not await anyio.to_thread.run_sync(group.pg.wait, _READY_POLL, abandon_on_cancel=True):
@@ -766,6 +854,10 @@ class RayBackend(Backend):
                     "finds no set of nodes that could hold its bundles "
                     f"{[dict(b) for b in group.bundles]}"
                 )
+            # Asking again keeps the ticket alive, and says whether a request that came since goes first.
+            if (await self._keeper("ask", ticket))["status"] != "turn":
+                return False
+        return True
 
     def _scheduling_state(self, pg: PlacementGroup) -> str:
         from ray.util.placement_group import placement_group_table
@@ -829,8 +921,9 @@ class RayBackend(Backend):
         broken = reservation.id in self._lost
         self._lost.discard(reservation.id)
         with map_errors(f"releasing boost {reservation.id}"):
-            if self._grow:
-                await anyio.to_thread.run_sync(self._demand.remove, reservation.id)
+            if reservation.id in self._demanded:
+                self._demanded.discard(reservation.id)
+                await self._keeper("undemand", reservation.id)
             if self._lingering.seconds > 0 and not self._closed and not broken:
                 # Awaited: once release returns, every process lists the lease lingering, never still active.
                 await self._record_now(reservation, "lingering", time.time() + self._lingering.seconds)

@@ -1,16 +1,17 @@
-"""Leases beyond this process: the cluster's lease registry, lingering groups, and the autoscaler request.
+"""Leases beyond this process: the cluster's lease registry and lingering groups.
 
-Three things a placement group alone does not give, each kept apart from the backend's placing and running:
+Two things a placement group alone does not give, each kept apart from the backend's placing and running:
 
-* :class:`Registry` records every lease with the cluster's :class:`~gridboost_ray._worker.LeaseKeeper` (a detached
-  actor on the head node, in the ``gridboost`` namespace), so another process can list the cluster's leases and
-  the keeper removes a lease whose owner stopped renewing it at its TTL plus grace. A group is owned by its
-  creator's job as well, so Ray itself removes it as soon as its owner process dies; the keeper covers the owner
-  that is alive but stuck, and the listing. See ``docs/ray.md`` for why this and not detached groups.
+* :class:`Registry` is this process's side of the cluster's :class:`~gridboost_ray._worker.LeaseKeeper` (a
+  detached actor on the head node, in the ``gridboost`` namespace). Every lease is recorded there, so another
+  process can list the cluster's leases and the keeper removes a lease whose owner stopped renewing it at its TTL
+  plus grace. A group is owned by its creator's job as well, so Ray itself removes it as soon as its owner process
+  dies; the keeper covers the owner that is alive but stuck, and the listing. See ``docs/ray.md`` for why this and
+  not detached groups. The keeper is also where every owner of the cluster takes its turn (tickets), gets its
+  fencing tokens and meets its tenant's quota, and it keeps the cluster's one autoscaler request (the sum of every
+  owner's demand: Ray keeps only the last ``request_resources`` call of a cluster).
 * :class:`Lingering` keeps a released group for ``linger`` seconds, so that a matching request right after reuses it
   instead of paying Ray's removal-then-creation cost (about a second in half the cycles on a small machine).
-* :class:`Demand` keeps the one autoscaler request Ray allows per cluster equal to the bundles of every lease this
-  process holds or waits for, and clears it when the last one goes.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
-from gridboost import Lease, Priority, Resources
-from gridboost.backend_kit import lease_from_record, owner_name
+from gridboost import Lease, Quota, Resources
+from gridboost.abc import ReservationRequest
+from gridboost.backend_kit import amounts, lease_from_record, owner_name
 
 from . import _worker
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
-__all__ = ["KEEPER_NAME", "KEEPER_NAMESPACE", "Demand", "Lingering", "Registry"]
+__all__ = ["KEEPER_NAME", "KEEPER_NAMESPACE", "Lingering", "Registry"]
 
 KEEPER_NAME = "gridboost-lease-keeper"
 KEEPER_NAMESPACE = "gridboost"
@@ -65,8 +67,8 @@ class Registry:
             ).remote(self.grace, _TICK, _IDLE_EXIT)
         return self._keeper
 
-    def _call(self, method: str, *args: Any) -> Any:
-        """Call the keeper and wait (bounded) for its answer."""
+    def call(self, method: str, *args: Any) -> Any:
+        """Call the keeper (started if none runs) and wait (bounded) for its answer."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
@@ -80,41 +82,58 @@ class Registry:
                     raise
         raise AssertionError("unreachable")
 
+    def ticket(self, request: ReservationRequest) -> dict[str, Any]:
+        """A request's ticket, as the keeper queues it (and lists it, pending): made once per request, so that it
+        keeps its place (``requested_at``) however often it is asked again."""
+        return {
+            "id": request.id,
+            "owner": self.owner,
+            "tenant": request.tenant,
+            "priority": int(request.priority),
+            "requested_at": time.time(),
+            "amounts": amounts(request.resources),
+            "preemptible": request.preemptible,
+            "resources": str(request.resources),
+        }
+
     def record(
         self,
-        lease_id: str,
+        request: ReservationRequest,
         *,
         pg_id: str,
         state: str,
         expires_at: float,
-        resources: Resources,
-        priority: Priority,
         placements: Sequence[str],
+        token: int,
     ) -> dict[str, Any]:
-        """A lease's record, as the keeper keeps it."""
+        """A lease's record, as the keeper keeps it (token 0: the keeper gives an active one its token)."""
         return {
-            "id": lease_id,
+            "id": request.id,
             "pg_id": pg_id,
             "owner": self.owner,
             "state": state,
             "expires_at": expires_at,
-            "resources": str(resources),
-            "priority": int(priority),
+            "resources": str(request.resources),
+            "amounts": amounts(request.resources),
+            "priority": int(request.priority),
+            "tenant": request.tenant,
+            "preemptible": request.preemptible,
             "placements": list(placements),
             "grace": self.grace,
+            "token": token,
         }
 
-    def put(self, record: Mapping[str, Any], replaces: str | None = None) -> None:
-        """Record a lease, and wait (bounded) until the keeper has it: a listing after this sees it."""
-        self._call("put", dict(record), replaces)
+    def put(self, record: Mapping[str, Any], replaces: str | None = None) -> Any:
+        """Record a lease, and wait (bounded) until the keeper has it: a listing after this sees it. Its token."""
+        return self.call("put", dict(record), replaces)
 
-    def send(self, record: Mapping[str, Any], replaces: str | None = None) -> Any:
-        """Send a record to the keeper found before, without blocking: its ref, to await; ``None`` when no keeper has
-        been found yet (then :meth:`put` it, which looks the keeper up)."""
-        return None if self._keeper is None else self._keeper.put.remote(dict(record), replaces)
+    def send(self, method: str, *args: Any) -> Any:
+        """Call the keeper found before without blocking: the answer's ref, to await; ``None`` when no keeper has
+        been found yet (then :meth:`call` it, which looks the keeper up)."""
+        return None if self._keeper is None else getattr(self._keeper, method).remote(*args)
 
     def drop(self, lease_id: str) -> None:
-        self._call("drop", lease_id)
+        self.call("drop", lease_id)
 
     def drop_all(self, lease_ids: Sequence[str]) -> None:
         """Drop records, sent together and awaited together (bounded); a keeper that never ran holds none."""
@@ -126,19 +145,25 @@ class Registry:
         ray.get([keeper.drop.remote(lease_id) for lease_id in lease_ids], timeout=self._timeout)
 
     def records(self) -> list[dict[str, Any]]:
-        """The keeper's records as it holds them (with each group's id); none when no keeper runs."""
-        return list(self._call("leases")) if self._found() else []
+        """The keeper's records as it holds them (with each group's id; no pending tickets); none when no keeper
+        runs."""
+        return list(self.call("leases")) if self._found() else []
 
     def renew(self, lease_id: str, expires_at: float) -> Lease | None:
-        record = self._call("renew", lease_id, expires_at)
+        record = self.call("renew", lease_id, expires_at)
         return None if record is None else _lease(record)
 
     def get(self, lease_id: str) -> dict[str, Any] | None:
         """The keeper's record of ``lease_id``, or ``None`` (also when no keeper runs)."""
         if not self._found():
             return None
-        record: dict[str, Any] | None = self._call("get", lease_id)
+        record: dict[str, Any] | None = self.call("get", lease_id)
         return record
+
+    @property
+    def reached(self) -> bool:
+        """Whether this process has found (or started) the keeper."""
+        return self._keeper is not None
 
     def _found(self) -> bool:
         """Whether a keeper runs (looked up, never started: asking must not start one)."""
@@ -152,11 +177,28 @@ class Registry:
         return True
 
     def leases(self) -> list[Lease]:
-        return [_lease(record) for record in self._call("leases")] if self._found() else []
+        """Every lease the keeper records, and every request that waits for its turn (``pending``)."""
+        return [_lease(record) for record in self.call("leases", True)] if self._found() else []
+
+    def over_quota(self, tenant: str, wanted: Mapping[str, float]) -> str:
+        """Why ``wanted`` would pass ``tenant``'s quota now (``""``: it would not, or no keeper runs)."""
+        return str(self.call("over_quota", tenant, dict(wanted))) if self._found() else ""
+
+    def set_quota(self, tenant: str, limit: Resources | None) -> None:
+        self.call("set_quota", tenant, None if limit is None else amounts(limit))
+
+    def quotas(self) -> list[Quota]:
+        rows = self.call("quotas") if self._found() else []
+        return [Quota(tenant=r["tenant"], limit=resources_of(r["quota"]), used=resources_of(r["used"])) for r in rows]
 
 
 def _lease(record: Mapping[str, Any]) -> Lease:
     return lease_from_record(record, backend="ray")
+
+
+def resources_of(flat: Mapping[str, float]) -> Resources:
+    """Flat amounts (as :func:`gridboost.backend_kit.amounts` writes them) as ``Resources``."""
+    return Resources.coerce({k: int(v) if k in ("memory", "gpu_memory") else v for k, v in flat.items()})
 
 
 @define
@@ -217,29 +259,3 @@ class Lingering:
     @property
     def next_due(self) -> float | None:
         return min((idle.until for idle in self.idle.values()), default=None)
-
-
-@define
-class Demand:
-    """The bundles of every lease this process holds or waits for, as one ``request_resources`` call."""
-
-    bundles: dict[str, tuple[list[dict[str, float]], list[dict[str, str]]]] = field(factory=dict)
-
-    def add(
-        self, lease_id: str, bundles: Sequence[Mapping[str, float]], selectors: Sequence[Mapping[str, str]]
-    ) -> None:
-        self.bundles[lease_id] = ([dict(b) for b in bundles], [dict(s) for s in selectors])
-        self.send()
-
-    def remove(self, lease_id: str) -> None:
-        if self.bundles.pop(lease_id, None) is not None:
-            self.send()
-
-    def send(self) -> None:
-        """Replace the cluster's autoscaler request with ours; an empty one clears it. Blocks on the GCS."""
-        from ray.autoscaler.sdk import request_resources
-
-        bundles = [b for shapes, _ in self.bundles.values() for b in shapes]
-        selectors = [s for _, sels in self.bundles.values() for s in sels]
-        # Ray accepts selectors only with one per bundle, and only when some bundle has one.
-        request_resources(bundles=bundles, bundle_label_selectors=selectors if any(selectors) else None)
