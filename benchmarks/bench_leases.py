@@ -205,7 +205,6 @@ def run_size(
         )
         for o, n in zip(owners, leases, strict=True)
     ]
-    registry = registry_processes(engine, scheduler_pid)
     outputs = []
     try:
         for child in children:  # every lease granted: the registry holds them all, and renewals begin
@@ -214,6 +213,7 @@ def run_size(
                 raise SystemExit(f"an owner process failed before its leases were granted ({size} leases)")
         # The registry's CPU at steady load: every lease held and renewed, for most of the window.
         steady = args.window * 0.8
+        registry = registry_processes(engine, scheduler_pid)  # now: Ray starts the keeper at the first lease
         before = cpu_seconds(registry)
         time.sleep(steady)
         after = cpu_seconds(registry)
