@@ -1,4 +1,4 @@
-"""Checks that need a process of their own: run by test_dask_backend.py and test_leases.py.
+"""Checks that need a process of their own: run by test_dask_backend.py, test_leases.py and test_shared.py.
 
 ``python _fresh_process.py embedded``: a grid with no address starts an embedded LocalCluster, runs work on it and
 closes it; prints a JSON report (with the pids of the processes it started, to check they are gone).
@@ -9,10 +9,22 @@ and this process's owner name, then sleeps until it is killed (or stopped) by th
 ``python _fresh_process.py detached ADDRESS TTL GRACE``: joins ADDRESS, takes a detached one-CPU lease for TTL seconds
 (through the backend: ``detached=True``), closes its grid and exits normally; prints a JSON report (the lease's id,
 this process's owner name, and the backend's own reservations while it held the lease).
+``python _fresh_process.py serve ADDRESS``: a lease owner for test_shared.py that serves many rounds without starting
+again. It joins ADDRESS and reads JSON commands, one a line, on stdin; it answers with JSON events, one a line, on
+stdout, the first ``{"event": "ready", "owner": "host:pid"}``:
+
+* ``{"op": "request", "ref": R, "resources": "cpu=1", "priority": "low", "tenant": T, "wait": 60, "ttl": 120,
+  "preemptible": false}`` asks for a boost in the background (one grid per tenant, opened first); then
+  ``{"event": "granted", "ref": R, "id", "token", "placements"}`` or ``{"event": "failed", "ref": R, "error": <class
+  name>, "message"}``.
+* ``{"op": "release", "ref": R}``: releases that boost; ``{"event": "released", "ref": R}``.
+* ``{"op": "leases", "ref": R}``: ``{"event": "leases", "ref": R, "leases": [...]}``, every lease the cluster lists.
+* ``{"op": "quit"}`` (or the end of stdin): closes its grids and exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,6 +108,82 @@ async def chatty() -> dict[str, Any]:
     return {"said": said}
 
 
+def emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def lease_json(lease: gb.Lease) -> dict[str, Any]:
+    return {
+        "id": lease.id,
+        "owner": lease.owner,
+        "state": lease.state,
+        "tenant": lease.tenant,
+        "preemptible": lease.preemptible,
+        "priority": lease.priority.name,
+        "token": lease.token,
+        "waited": lease.waited,
+        "requested_at": lease.requested_at,
+        "expires_at": lease.expires_at,
+        "resources": str(lease.resources),
+    }
+
+
+async def serve(address: str) -> None:
+    """A lease owner that serves many rounds: JSON commands on stdin, JSON events on stdout (see the module
+    docstring)."""
+    grids: dict[str, gb.Grid] = {}
+    boosts: dict[str, gb.Boost] = {}
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def grid_for(tenant: str) -> gb.Grid:
+            # Only in the main task: a grid is entered and exited in one task.
+            if tenant not in grids:
+                grid = gb.Grid("dask", address=address, tenant=tenant, watch_interval=0.2)
+                grids[tenant] = await stack.enter_async_context(grid)
+            return grids[tenant]
+
+        async def request(cmd: dict[str, Any]) -> None:
+            ref = cmd["ref"]
+            try:
+                boost = await grids[cmd.get("tenant") or "default"].request_boost(
+                    cmd.get("resources", "cpu=1"),
+                    ttl=cmd.get("ttl", 120),
+                    priority=gb.Priority[cmd.get("priority", "normal").upper()],
+                    wait=cmd.get("wait", 60),
+                    preemptible=cmd.get("preemptible", False),
+                )
+            except gb.GridboostError as exc:
+                emit({"event": "failed", "ref": ref, "error": type(exc).__name__, "message": str(exc)})
+                return
+            boosts[ref] = boost
+            emit({"event": "granted", "ref": ref, "id": boost.id, "token": boost.token, "placements": boost.placements})
+
+        async def other(cmd: dict[str, Any]) -> None:
+            if cmd["op"] == "release":
+                await boosts.pop(cmd["ref"]).release()
+                emit({"event": "released", "ref": cmd["ref"]})
+            elif cmd["op"] == "leases":
+                leases = await grids[cmd.get("tenant") or "default"].leases()
+                emit({"event": "leases", "ref": cmd["ref"], "leases": [lease_json(x) for x in leases]})
+
+        # The first grid is opened before "ready": the test's first request then costs no connection.
+        await grid_for("default")
+        emit({"event": "ready", "owner": owner_name()})
+        async with anyio.create_task_group() as tasks:
+            while True:
+                line = await anyio.to_thread.run_sync(sys.stdin.readline)
+                if not line.strip():
+                    if not line:  # stdin closed: the test is gone
+                        break
+                    continue
+                cmd = json.loads(line)
+                if cmd["op"] == "quit":
+                    break
+                await grid_for(cmd.get("tenant") or "default")
+                tasks.start_soon(request if cmd["op"] == "request" else other, cmd)
+            tasks.cancel_scope.cancel()
+
+
 def main() -> None:
     what = sys.argv[1]
     if what == "chatter":
@@ -108,6 +196,8 @@ def main() -> None:
         print(
             "REPORT " + json.dumps(anyio.run(detached, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))), flush=True
         )
+    elif what == "serve":
+        anyio.run(serve, sys.argv[2])
     else:
         anyio.run(owner, sys.argv[2], float(sys.argv[3]))
 

@@ -17,6 +17,12 @@ gives each chosen worker the lease's own resource with ``Worker.set_resources``,
 lease holds there (one when it holds no CPU). Work of the boost asks for that resource, so it runs only on the
 boost's workers, and at most as many tasks at once as the boost holds threads there. This process's side of the
 registry, and growing the cluster for a boost, are in ``_leases``.
+
+Owners. Every process that joins the cluster shares that registry: a request that is not placed at once waits in one
+line with every other owner's (priority, then age; no backfill), a tenant's quota holds back its own requests, and
+every grant gets a fencing token (:mod:`gridboost.worker_leases`, run in the scheduler plugin). Only the process that
+holds the cluster manager (the ``LocalCluster`` it started) can grow the cluster, and only once it is its request's
+turn.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,10 +45,12 @@ from gridboost import (
     CommandResult,
     Lease,
     NodeSnapshot,
+    Quota,
     Resources,
     TaskSpec,
     worker_chunk,
     worker_command,
+    worker_leases,
 )
 from gridboost.abc import Backend, Capabilities, Reservation, ReservationRequest
 from gridboost.backend_kit import LRU, SendCheck, finite, seconds, shown
@@ -52,6 +61,7 @@ from gridboost.exceptions import (
     GridClosed,
     InvalidRequest,
     InvalidResources,
+    QuotaExceeded,
     TeardownError,
 )
 
@@ -74,8 +84,11 @@ _SUBMIT_NAMES = frozenset(
     {"key", "workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers", "actor", "pure"}
 )
 _EPS = 1e-9
-# Between two asks of the lease registry while a boost waits for capacity: first fast, then at most this.
+# Between two asks of the lease registry while a boost waits for capacity or its turn: first fast, then at most this
+# (the registry holds a "not yet" back that long unless something changes). Far below worker_leases.STALE: a waiting
+# request's ticket lives only while its owner asks.
 _POLL_MAX = 0.5
+assert _POLL_MAX * 4 < worker_leases.STALE
 # Reaching a scheduler that is up takes milliseconds; a refused or silent address should fail while the user waits.
 _CONNECT_TIMEOUT = 5.0
 # Starting processes (a scheduler, workers that import distributed) on a small, busy machine can take many seconds.
@@ -433,6 +446,9 @@ class DaskBackend(Backend):
         self._held: set[str] = set()
         # Parked data not yet released, by handle id: the Futures that keep each scattered key wanted.
         self._parked: dict[str, Any] = {}
+        # When each request was first asked for (wall clock), by boost id: asked again (the grid's own turn taken
+        # back by a higher priority), it keeps its place in the registry's line.
+        self._asked = LRU()
 
     def __repr__(self) -> str:
         return f"<DaskBackend {self._target} session={self.session}>"
@@ -478,6 +494,7 @@ class DaskBackend(Backend):
         # by value.
         cloudpickle.register_pickle_by_value(_worker)
         cloudpickle.register_pickle_by_value(worker_command)
+        cloudpickle.register_pickle_by_value(worker_leases)
         cloudpickle.register_pickle_by_value(worker_chunk)
         self._worker = _worker
         self._local_hosts = await anyio.to_thread.run_sync(_local_hosts)
@@ -583,18 +600,28 @@ class DaskBackend(Backend):
                 )
             candidates = [node.id for node in matching]
         can_grow = conn.can_grow and candidates is None
+        asked = self._asked.get(request.id)
+        if asked is None:
+            asked = self._asked.remember(request.id, time.time())
+        ticket = self._registry.ticket(request, name, asked)
         grew = False
         pause = 0.02
         try:
             while True:
+                # "Not yet" comes back after up to `pause` seconds, or as soon as the registry's line or room changed.
                 with map_errors(what):
-                    answer = await self._registry.reserve(lease, candidates)
+                    answer = await self._registry.reserve(lease, candidates, ticket, hold=pause)
                 status = answer["status"]
                 if status == "granted":
                     break
                 if status == "taken":
                     raise InvalidRequest(f"{what}: {answer.get('why', 'another owner holds a lease of this id')}")
+                pause = min(pause * 2, _POLL_MAX)
+                if status in ("wait", "quota"):  # others' turn first, or our tenant's quota: ask again
+                    continue
                 missing = Resources.coerce(_leases.from_amounts(answer.get("missing") or {}))
+                # "busy" comes only in our turn, so the cluster grows for the request the line serves next; "never"
+                # (no worker could ever hold it) comes before any turn: without growth it would never be served.
                 if can_grow and not grew and (status == "never" or missing):
                     grew = True
                     await self._growth.grow(request, missing, _to_dask(missing, what))
@@ -605,19 +632,47 @@ class DaskBackend(Backend):
                         f"{answer.get('why', '')}; missing {missing}"
                         + ("" if conn.can_grow else " (the cluster has no manager gridboost could scale)")
                     )
-                await anyio.sleep(pause)
-                pause = min(pause * 2, _POLL_MAX)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):  # failed for good (a cancelled request may be asked again: keep its place)
+                self._asked.pop(request.id, None)
             with anyio.CancelScope(shield=True):
-                # A grant may have landed while we gave up on its answer: the registry undoes it by name (only ours).
+                # A grant may have landed while we gave up on its answer, and our place in line must not hold back
+                # others: the registry undoes both by name (only ours).
                 with contextlib.suppress(Exception), anyio.move_on_after(self._close_timeout):
                     await self._registry.release(name)
                 await self._growth.shrink(request.id)
             raise
+        self._asked.pop(request.id, None)
         if not request.detached:  # a detached lease is the registry's from now on, not this backend's
             self._held.add(request.id)
         lease_handle = _Lease(name=name, slots=dict(answer["slots"]))
-        return Reservation(request=request, placements=tuple(answer["placements"]), handle=lease_handle)
+        return Reservation(
+            request=request,
+            placements=tuple(answer["placements"]),
+            handle=lease_handle,
+            token=int(answer.get("token", 0)),
+        )
+
+    async def check_quota(self, request: ReservationRequest) -> None:
+        """Raise ``QuotaExceeded`` if the registry says ``request``'s tenant's quota holds it back now."""
+        if self._conn is None or self._closed:
+            return
+        with map_errors(f"asking the Dask scheduler about {request.tenant!r}'s quota"):
+            why = await self._registry.over_quota(request.tenant, request.resources)
+        if why:
+            raise QuotaExceeded(f"boost {request.id} ({request.resources}) was not granted: {why}")
+
+    async def set_quota(self, tenant: str, limit: Resources | None) -> None:
+        self._require()
+        if limit is not None:
+            _to_dask(limit, f"the quota of {tenant!r}")  # gpu_memory, which no Dask lease holds, is refused
+        with map_errors(f"setting the quota of {tenant!r} on the Dask scheduler"):
+            await self._registry.set_quota(tenant, limit)
+
+    async def quotas(self) -> Sequence[Quota]:
+        self._require()
+        with map_errors("listing the Dask scheduler's quotas"):
+            return await self._registry.quotas()
 
     async def release(self, reservation: Reservation) -> None:
         lease = reservation.handle
@@ -659,8 +714,12 @@ class DaskBackend(Backend):
     async def leases(self) -> Sequence[Lease]:
         self._require()
         with map_errors("listing the Dask scheduler's leases"):
-            records = await self._registry.records()
-        return [_leases.lease(record) for record in records if record["state"] == "active"]
+            records = await self._registry.records(pending=True)
+        return [
+            _leases.pending_lease(record) if record["state"] == "pending" else _leases.lease(record)
+            for record in records
+            if record["state"] in ("active", "pending")
+        ]
 
     async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
         self._require()

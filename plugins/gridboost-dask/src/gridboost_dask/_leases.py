@@ -8,7 +8,9 @@ Two things the backend's placing and running rely on, each kept apart from them:
   :class:`gridboost.Lease` values, so another process can list, renew and release the cluster's leases. The registry
   removes a lease by itself at its TTL plus grace, or once its owner client has been gone longer than the grace; a
   *detached* lease outlives its owner, until its TTL plus grace. See ``docs/dask.md`` for why the scheduler, and not
-  the grid, is the source of truth.
+  the grid, is the source of truth. The registry also serves requests of every owner in turn, keeps per-tenant
+  quotas and gives every grant a fencing token (:mod:`gridboost.worker_leases`): :meth:`Registry.ticket` is what a
+  request waits in line with.
 * :class:`Growth` adds workers to a cluster gridboost can scale (an embedded ``LocalCluster``) for a boost that does
   not fit, and gives them back when that boost is released.
 
@@ -26,10 +28,11 @@ from typing import Any
 
 import anyio
 
-from gridboost import Lease, Resources
+from gridboost import Lease, Quota, Resources
 from gridboost.abc import ReservationRequest
+from gridboost.backend_kit import amounts as flat_amounts
 from gridboost.backend_kit import lease_from_record, owner_name, shown
-from gridboost.exceptions import BoostUnavailable
+from gridboost.exceptions import BackendError, BoostUnavailable
 
 from ._errors import map_errors
 
@@ -39,9 +42,11 @@ __all__ = [
     "Growth",
     "Registry",
     "from_amounts",
+    "from_flat",
     "held_on_workers",
     "lease",
     "lease_amounts",
+    "pending_lease",
 ]
 
 _log = logging.getLogger("gridboost.dask")
@@ -95,9 +100,26 @@ def from_amounts(amounts: Mapping[str, float]) -> dict[str, Any]:
     return out
 
 
+def from_flat(amounts: Mapping[str, float]) -> Resources:
+    """Flat amounts as :func:`gridboost.backend_kit.amounts` writes them (``cpu``, ``gpu``, ``memory``,
+    ``gpu_memory``, custom names) back as ``Resources``."""
+    own = {"cpu", "gpu", "memory", "gpu_memory"}
+    values: dict[str, Any] = {key: value for key, value in amounts.items() if key in own}
+    for key in ("memory", "gpu_memory"):
+        if key in values:
+            values[key] = math.ceil(values[key])
+    custom = {key: value for key, value in amounts.items() if key not in own}
+    return Resources.coerce({**values, "custom": custom} if custom else values)
+
+
 def lease(record: Mapping[str, Any]) -> Lease:
     """A registry record as a :class:`gridboost.Lease` (active, whatever the registry's own state: granting, lost)."""
     return lease_from_record(record, backend="dask", state="active")
+
+
+def pending_lease(record: Mapping[str, Any]) -> Lease:
+    """A request waiting in the registry's line as a :class:`gridboost.Lease` (``pending``, no token, no expiry)."""
+    return lease_from_record({**record, "state": "pending"}, backend="dask")
 
 
 def held_on_workers(records: Sequence[Mapping[str, Any]]) -> dict[str, Amounts]:
@@ -148,6 +170,28 @@ class Registry:
             "ttl": float(request.ttl),
             "grace": self.grace,
             "detached": request.detached,
+            # What the registry's quotas count: the whole lease, in gridboost's names (``amounts`` are Dask's, and
+            # per worker once placed).
+            "total": flat_amounts(resources),
+            "tenant": request.tenant,
+            "preemptible": request.preemptible,
+        }
+
+    def ticket(self, request: ReservationRequest, name: str, requested_at: float) -> dict[str, Any]:
+        """What ``request`` waits in the registry's line with (an :class:`~gridboost.worker_leases.Arbiter` ticket,
+        keyed by lease name); ``requested_at``: the wall-clock time it was first asked for, so it keeps its place."""
+        return {
+            "id": name,
+            "lease": request.id,
+            "owner": self.owner,
+            "client": str(self.client.id),
+            "backend": self.backend,
+            "tenant": request.tenant,
+            "priority": int(request.priority),
+            "requested_at": requested_at,
+            "amounts": flat_amounts(request.resources),
+            "resources": request.resources.as_dict(),
+            "preemptible": request.preemptible,
         }
 
     def ours(self, record: Mapping[str, Any]) -> bool:
@@ -163,10 +207,48 @@ class Registry:
         # Idempotent by name: every client of the cluster registers it, the first one installs it.
         await self.client.register_plugin(_worker.LeaseRegistry(), name=_worker.REGISTRY)
 
-    async def reserve(self, record: Mapping[str, Any], candidates: list[str] | None) -> dict[str, Any]:
-        """Ask the registry to place and mark a lease now: ``granted``, ``busy``, ``never`` or ``taken``."""
-        answer = await self._call(self.client.scheduler.gridboost_reserve, lease=dict(record), candidates=candidates)
+    async def reserve(
+        self,
+        record: Mapping[str, Any],
+        candidates: list[str] | None,
+        ticket: Mapping[str, Any] | None = None,
+        hold: float = 0.0,
+    ) -> dict[str, Any]:
+        """Ask the registry to place and mark a lease in its turn: ``granted`` (with ``token``), ``wait``, ``quota``,
+        ``busy``, ``never`` or ``taken``; an answer other than a grant comes back after up to ``hold`` seconds, or
+        as soon as something changed in the registry."""
+        try:
+            answer = await self._call(
+                self.client.scheduler.gridboost_reserve,
+                lease=dict(record),
+                candidates=candidates,
+                ticket=None if ticket is None else dict(ticket),
+                hold=float(hold),
+            )
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            # The registry is the first client's (registration is idempotent by name): an older one is still there.
+            raise BackendError(
+                "the Dask scheduler runs the lease registry of an older gridboost-dask (it knows no turns, quotas or "
+                "fencing tokens): restart the scheduler, or run one gridboost-dask on all its clients"
+            ) from exc
         return dict(answer)
+
+    async def set_quota(self, tenant: str, limit: Resources | None) -> None:
+        amounts = None if limit is None else flat_amounts(limit)
+        await self._call(self.client.scheduler.gridboost_set_quota, tenant=tenant, amounts=amounts)
+
+    async def quotas(self) -> list[Quota]:
+        rows = await self._call(self.client.scheduler.gridboost_quotas)
+        return [Quota(tenant=r["tenant"], limit=from_flat(r["quota"]), used=from_flat(r["used"])) for r in rows]
+
+    async def over_quota(self, tenant: str, resources: Resources) -> str:
+        """Why a request of ``resources`` by ``tenant`` would pass its quota now (``""``: it would not)."""
+        why = await self._call(
+            self.client.scheduler.gridboost_over_quota, tenant=tenant, amounts=flat_amounts(resources)
+        )
+        return str(why)
 
     async def release(self, name: str, *, any_owner: bool = False, wait: float = 0.0) -> list[str]:
         """Remove a lease and its marks, awaited; by default only one this client took (idempotent). Waits up to
@@ -201,9 +283,10 @@ class Registry:
         record = await self._call(self.client.scheduler.gridboost_get, lease_id=lease_id)
         return None if record is None else dict(record)
 
-    async def records(self) -> list[dict[str, Any]]:
-        """Every lease the registry holds (granting, active or lost), of any owner."""
-        return list(await self._call(self.client.scheduler.gridboost_leases))
+    async def records(self, *, pending: bool = False) -> list[dict[str, Any]]:
+        """Every lease the registry holds (granting, active or lost), of any owner; with ``pending``, the requests
+        waiting in line too (``state`` ``pending``)."""
+        return list(await self._call(self.client.scheduler.gridboost_leases, pending=pending))
 
     async def state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The scheduler's workers (``identity``) and every lease, in one round trip."""

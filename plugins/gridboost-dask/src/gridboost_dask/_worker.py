@@ -2,9 +2,9 @@
 
 This module is shipped *by value* (``cloudpickle.register_pickle_by_value``), so a cluster whose scheduler and workers
 do not have gridboost-dask installed can still run it. It imports only the standard library, ``distributed``
-(which every Dask process has), and the one part of gridboost made to travel the same way,
-:mod:`gridboost.worker_command` (commands: started, waited for, stopped when cancelled), which the backend ships by
-value too.
+(which every Dask process has), and the two parts of gridboost made to travel the same way,
+:mod:`gridboost.worker_command` (commands: started, waited for, stopped when cancelled) and
+:mod:`gridboost.worker_leases` (turns, quotas and fencing tokens across owners), which the backend ships by value too.
 
 The registry (:class:`LeaseRegistry`, a ``SchedulerPlugin`` named ``gridboost-leases``) is the one source of truth of
 leases: it places a lease on workers with free capacity, marks it there with a resource of its own
@@ -13,6 +13,12 @@ client, and removes — by itself, on a periodic callback — a lease whose TTL 
 has been gone for longer than the grace (a *detached* lease outlives its owner: only its TTL plus grace ends it).
 Capacity is accounted here, in one event loop, so two clients can never book the same threads: a worker's capacity is
 its threads (``cpu``), its ``memory_limit`` and its own resources; what leases hold is subtracted from it.
+
+Across owners the registry keeps one :class:`~gridboost.worker_leases.Arbiter`: a request that is not placed at once
+leaves a ticket, and requests are placed strictly in turn (priority, then age), a tenant's quota holds back its own
+requests only, and every grant gets a fencing token. Owners poll; an answer that says "not yet" is held back here until
+something changes (a release, a grant, a ticket gone, a quota, a worker) or the owner's poll interval passes, so the
+next in line learns of its turn within a round trip. Tickets of a client the scheduler saw leave go at once.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from gridboost.worker_command import run
+from gridboost.worker_leases import Arbiter
 
 if TYPE_CHECKING:
     from distributed import Scheduler, Worker
@@ -218,6 +225,10 @@ class LeaseRegistry(SchedulerPlugin):
         self._marking: dict[str, asyncio.Event] = {}
         # Clients the scheduler saw leave, and when: their leases go after the grace.
         self._gone: dict[str, float] = {}
+        #: Turns across owners, quotas and fencing tokens (tickets are keyed by lease name, unique on the cluster).
+        self.arbiter = Arbiter()
+        # Set (and replaced) whenever a waiting request may get through now; made in the scheduler's loop, at start.
+        self._changed: asyncio.Event | None = None
 
     # -- plugin hooks --------------------------------------------------------------------------------------------------
 
@@ -225,6 +236,7 @@ class LeaseRegistry(SchedulerPlugin):
         from tornado.ioloop import PeriodicCallback
 
         self.scheduler = scheduler
+        self._changed = asyncio.Event()
         scheduler.handlers.update(
             {
                 "gridboost_reserve": self.reserve,
@@ -234,6 +246,9 @@ class LeaseRegistry(SchedulerPlugin):
                 "gridboost_get": self.get,
                 "gridboost_leases": self.list,
                 "gridboost_settle": self.settle,
+                "gridboost_set_quota": self.set_quota,
+                "gridboost_quotas": self.quotas,
+                "gridboost_over_quota": self.over_quota,
             }
         )
         callback = PeriodicCallback(self.reap, self.interval * 1000)
@@ -246,12 +261,73 @@ class LeaseRegistry(SchedulerPlugin):
                 lease["state"] = "lost"
                 lease["lost"] = f"worker {worker} left the cluster ({stimulus_id})"
 
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self._notify()  # more room: the request whose turn it is may fit now
+
     def add_client(self, scheduler: Scheduler, client: str) -> None:
         self._gone.pop(client, None)  # a client that reconnects keeps its leases
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         if any(lease["client"] == client for lease in self.leases.values()):
             self._gone[client] = time.time()
+        # A request of a client that left is nobody's: it must not hold back those behind it until it goes stale.
+        gone = [name for name, ticket in self.arbiter.pending.items() if ticket.get("client") == client]
+        for name in gone:
+            self.arbiter.leave(name)
+        if gone:
+            self._notify()
+
+    # -- turns, quotas, tokens -----------------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake the answers held back (see :meth:`reserve`): their owners ask again at once."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _granted(self) -> list[dict[str, Any]]:
+        """The leases as the arbiter counts them for quotas: tenant and flat total (a lost one holds nothing)."""
+        return [
+            {"tenant": r.get("tenant", ""), "amounts": r.get("total") or {}}
+            for r in self.leases.values()
+            if r["state"] != "lost"
+        ]
+
+    def _leave(self, name: str, client: str | None = None) -> None:
+        """The request ``name`` was granted or given up (by ``client``, when given): its ticket goes."""
+        ticket = self.arbiter.pending.get(name)
+        if ticket is not None and (client is None or ticket.get("client") == client):
+            self.arbiter.leave(name)
+            self._notify()
+
+    def set_quota(self, tenant: str, amounts: Mapping[str, float] | None) -> None:
+        """Cap what ``tenant``'s leases hold together (flat amounts); ``None`` clears the cap."""
+        self.arbiter.set_quota(tenant, amounts)
+        self._notify()
+
+    def quotas(self) -> list[dict[str, Any]]:
+        """Every quota with what its tenant's leases hold now."""
+        return self.arbiter.quota_rows(self._granted())
+
+    def over_quota(self, tenant: str, amounts: Mapping[str, float]) -> str:
+        """Why a request of ``amounts`` by ``tenant`` would pass its quota now; ``""`` when it would not."""
+        return self.arbiter.over_quota(tenant, amounts, self._granted())
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The waiting requests in the order they will be served, as lease records (``state`` ``pending``)."""
+        return [
+            {
+                **ticket,
+                "name": ticket["id"],
+                "id": ticket.get("lease", ticket["id"]),
+                "state": "pending",
+                "expires_at": 0.0,
+                "token": 0,
+                "placements": [],
+                "position": position,
+            }
+            for position, ticket in enumerate(self.arbiter.waiting())
+        ]
 
     # -- handlers ------------------------------------------------------------------------------------------------------
 
@@ -273,18 +349,50 @@ class LeaseRegistry(SchedulerPlugin):
                         _add(rooms[addr], amounts, -1.0)
         return rooms
 
-    async def reserve(self, lease: dict[str, Any], candidates: list[str] | None = None) -> dict[str, Any]:
-        """Place and mark ``lease`` if it fits now: ``granted``, ``busy`` (not now), ``never`` (not here)."""
+    async def reserve(
+        self,
+        lease: dict[str, Any],
+        candidates: list[str] | None = None,
+        ticket: dict[str, Any] | None = None,
+        hold: float = 0.0,
+    ) -> dict[str, Any]:
+        """Place and mark ``lease`` if it is its turn and it fits now: ``granted`` (with its fencing ``token``),
+        ``wait`` (``ahead`` requests come first), ``quota`` (``why``: its tenant's quota holds it back), ``busy`` (its
+        turn, no room yet), ``never`` (not here) or ``taken`` (another owner's lease of that id).
+
+        ``ticket`` (see :class:`~gridboost.worker_leases.Arbiter`) queues the request across owners: it stays while
+        the request waits or is busy, so it holds back those behind it, and goes when it is granted, can never be
+        placed, or is given up (:meth:`release`). An answer that is not a grant is held back up to ``hold`` seconds,
+        until something changes that may let a request through: the owner, polling, asks again at once.
+        """
+        assert self._changed is not None
+        changed = self._changed
+        answer = await self._reserve(lease, candidates, ticket)
+        if answer["status"] in ("wait", "quota", "busy") and hold > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Capped well below worker_leases.STALE: the owner's next ask is what keeps its ticket alive.
+                await asyncio.wait_for(changed.wait(), min(hold, 2.0))
+        return answer
+
+    async def _reserve(
+        self, lease: dict[str, Any], candidates: list[str] | None, ticket: dict[str, Any] | None
+    ) -> dict[str, Any]:
         name = lease["name"]
         if name in self.leases:
             record = self.leases[name]
             if record["client"] != lease["client"]:  # a detached lease of the same id, of another owner
                 return {"status": "taken", "why": f"lease {record['id']} is held by {record['owner']}"}
-            return {"status": "granted", "placements": record["placements"], "slots": record["slots"]}
+            return {
+                "status": "granted",
+                "placements": record["placements"],
+                "slots": record["slots"],
+                "token": record.get("token", 0),
+            }
         amounts: Amounts = lease["amounts"]
         strategy = lease["strategy"]
         totals = self._rooms(candidates, free=False)
         if not totals:
+            self._leave(name)
             return {"status": "never", "why": "no running worker matches", "missing": amounts}
         one_node = any(_fits(amounts, room) for room in totals.values())
         bundles = split(amounts, strategy, one_node)
@@ -296,7 +404,13 @@ class LeaseRegistry(SchedulerPlugin):
                 f"no set of the {len(totals)} matching workers could ever hold its bundles {bundles} "
                 f"(strategy {strategy})"
             )
+            self._leave(name)
             return {"status": "never", "why": why, "missing": _missing(amounts, whole)}
+        if ticket is not None:
+            # The granted leases matter only to a quota: with none set, no pass over every lease on each ask.
+            turn = self.arbiter.ask({**ticket, "id": name}, self._granted() if self.arbiter.quotas else [])
+            if turn["status"] != "turn":
+                return turn
         rooms = self._rooms(candidates, free=True)
         chosen = place(bundles, rooms, strategy)
         if chosen is None:
@@ -316,8 +430,14 @@ class LeaseRegistry(SchedulerPlugin):
             "state": "granting",
             "lost": "",
             "expires_at": time.time() + lease["ttl"],
+            # Taken before the first await: tokens grow in the order leases are placed.
+            "token": self.arbiter.token(),
+            "requested_at": float(ticket["requested_at"]) if ticket is not None else time.time(),
         }
         self.leases[name] = record
+        # Its capacity is booked: the next in line may be placed while this one is marked (should marking fail, the
+        # owner asks again with the same ticket, which keeps its place by the time it was first asked).
+        self._leave(name)
         marked = self._marking[name] = asyncio.Event()
         try:
             failed = await self._mark(name, record["slots"])
@@ -331,7 +451,7 @@ class LeaseRegistry(SchedulerPlugin):
             self.leases.pop(name, None)
             return {"status": "busy", "missing": {}, "free": {}, "why": failed}
         record["state"] = "active"
-        return {"status": "granted", "placements": chosen, "slots": record["slots"]}
+        return {"status": "granted", "placements": chosen, "slots": record["slots"], "token": record["token"]}
 
     async def release(self, name: str, client: str | None = None, wait: float = 0.0) -> dict[str, Any]:
         """Remove a lease and its marks; idempotent (``released`` is false when there was none). With ``client``: only
@@ -344,10 +464,12 @@ class LeaseRegistry(SchedulerPlugin):
         record = self.leases.get(name)
         if record is not None and client is not None and record["client"] != client:
             return {"released": False, "marked": []}  # another owner's: not ours to touch
+        self._leave(name, client)  # a request given up, or released as it was granted
         if record is None:  # released already; a mark may still wait for its last task
             left = await self._unmark(name, self._marked(name)) if wait else self._marked(name)
             return {"released": False, "marked": await self._until_unmarked(name, left, wait)}
         del self.leases[name]
+        self._notify()  # room, and quota, for the request whose turn it is
         left = await self._unmark(name, list(record["slots"]))
         return {"released": True, "marked": await self._until_unmarked(name, left, wait)}
 
@@ -434,8 +556,10 @@ class LeaseRegistry(SchedulerPlugin):
         record = self._find(lease_id)
         return None if record is None else dict(record)
 
-    def list(self) -> list[dict[str, Any]]:
-        return [dict(record) for record in self.leases.values()]
+    def list(self, pending: bool = False) -> list[dict[str, Any]]:
+        """Every lease record; with ``pending``, the waiting requests too (see :meth:`pending`)."""
+        records = [dict(record) for record in self.leases.values()]
+        return records + self.pending() if pending else records
 
     # -- marks on workers ----------------------------------------------------------------------------------------------
 
@@ -519,6 +643,8 @@ class LeaseRegistry(SchedulerPlugin):
                     await self.release(name)
         clients = {record["client"] for record in self.leases.values()}
         self._gone = {c: t for c, t in self._gone.items() if c in clients}
+        if self.arbiter.sweep():  # owners that stopped asking: those behind them move up
+            self._notify()
         await self._sweep()
 
     async def _sweep(self) -> None:

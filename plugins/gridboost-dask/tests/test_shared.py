@@ -1,0 +1,490 @@
+"""One cluster, many owners: requests served in turn across processes, quotas per tenant, fencing tokens.
+
+The owners are processes of their own (``_fresh_process.py serve``, driven over stdin and stdout, each serving many rounds); every
+verdict reads the scheduler plugin's own state: its lease records (and their tokens) and its arbiter's line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import cloudpickle
+import pytest
+from distributed import Client
+
+import gridboost as gb
+from conftest import SETTLE, eventually
+from gridboost import Grid
+from gridboost.worker_leases import STALE
+
+HERE = Path(__file__).parent
+#: The lease registry's name among the scheduler's plugins (gridboost_dask._worker.REGISTRY).
+REGISTRY = "gridboost-leases"
+#: Rounds of the priority test: each one frees three slots one at a time for three owners.
+ROUNDS = 20
+#: Seconds one ``gridboost`` command may take (Python and distributed start on a loaded 2-core machine).
+COMMAND_TIMEOUT = 90
+
+# The scheduler runs what this module sends: it travels by value (see conftest).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+
+# -- the scheduler plugin's own state --------------------------------------------------------------------------------
+
+
+def _registry(dask_scheduler: Any = None) -> dict[str, Any]:
+    """On the scheduler: the registry's line (in serving order), its lease records and its quotas."""
+    plugin = dask_scheduler.plugins[REGISTRY]
+    keys = ("id", "lease", "owner", "tenant", "priority", "held_back", "requested_at")
+    return {
+        "pending": [{k: t.get(k) for k in keys} for t in plugin.arbiter.waiting()],
+        "leases": [
+            {k: r.get(k) for k in ("id", "owner", "tenant", "token", "state", "total")} for r in plugin.leases.values()
+        ],
+        "quotas": {tenant: dict(q) for tenant, q in plugin.arbiter.quotas.items()},
+    }
+
+
+async def registry(client: Client) -> dict[str, Any]:
+    state: dict[str, Any] = await anyio.to_thread.run_sync(client.run_on_scheduler, _registry)
+    return state
+
+
+async def until(check: Callable[[dict[str, Any]], bool], client: Client, what: str, timeout: float = SETTLE) -> None:
+    """Wait (bounded) until ``check`` holds of the registry's state."""
+
+    async def holds() -> bool:
+        return check(await registry(client))
+
+    await eventually(holds, what, timeout)
+
+
+# -- owner processes -------------------------------------------------------------------------------------------------
+
+
+class Owner:
+    """A process of its own that takes leases when told (``_fresh_process.py serve``); its events, by kind and ref."""
+
+    def __init__(self, address: str, log: Path) -> None:
+        self.log = log
+        with log.open("w") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, str(HERE / "_fresh_process.py"), "serve", address],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        self.events: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self.exited = False
+        self.owner = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                event = json.loads(line)
+                self.events[(event["event"], event.get("ref"))] = event
+        self.exited = True
+
+    def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    async def expect(self, event: str, ref: str | None = None, timeout: float = SETTLE) -> dict[str, Any]:
+        """The event ``event`` of ``ref``, once it came (bounded); a request that failed instead fails the test."""
+        with anyio.move_on_after(timeout):
+            while (event, ref) not in self.events:
+                failed = self.events.get(("failed", ref))
+                if event != "failed" and failed is not None:
+                    pytest.fail(f"{self.owner}: {ref} failed: {failed['error']}: {failed['message']}")
+                if self.exited:
+                    pytest.fail(f"owner process exited {self.process.wait()}\n{self.log.read_text()[-3000:]}")
+                await anyio.sleep(0.02)
+            return self.events.pop((event, ref))
+        pytest.fail(f"{self.owner}: no {event} event for {ref} after {timeout:g}s\n{self.log.read_text()[-3000:]}")
+
+    async def start(self) -> Owner:
+        self.owner = (await self.expect("ready", timeout=90))["owner"]
+        return self
+
+    def stop(self) -> None:
+        """Ask it to quit (it closes its grids), then end it by its pid if it does not."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        with contextlib.suppress(OSError, ValueError):  # it may be gone already (killed)
+            self.send(op="quit")
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(30)
+        self._reader.join(30)
+        self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def owners(cluster_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Owner]]:
+    """Three owner processes for the whole module, started together."""
+    logs = tmp_path_factory.mktemp("owners")
+    started = [Owner(cluster_address, logs / f"owner-{i}.log") for i in range(3)]
+    try:
+        for owner in started:
+            anyio.run(owner.start)
+        yield started
+    finally:
+        for owner in started:
+            owner.stop()
+
+
+async def fill(grid: Grid) -> list[gb.Boost]:
+    """Take every free CPU of the cluster with one-CPU boosts of this test's own grid."""
+    snapshot = await grid.snapshot()
+    free = int(sum(node.available.cpu for node in snapshot.alive) + 1e-9)
+    assert free >= 3, f"the session's cluster has only {free} free CPUs: a lease of another test is still held"
+    return [await grid.request_boost("cpu=1", ttl=120) for _ in range(free)]
+
+
+async def release_all(boosts: list[gb.Boost]) -> None:
+    for boost in boosts:
+        await boost.release()
+
+
+def pending_of(state: dict[str, Any], owner: Owner) -> list[dict[str, Any]]:
+    return [t for t in state["pending"] if t["owner"] == owner.owner]
+
+
+def leases_of(state: dict[str, Any], owner: Owner) -> list[dict[str, Any]]:
+    return [r for r in state["leases"] if r["owner"] == owner.owner and r["state"] == "active"]
+
+
+# -- turns across owners ---------------------------------------------------------------------------------------------
+
+
+async def test_three_owners_are_served_by_priority_whatever_the_order_they_asked_in(
+    grid: Grid, owners: list[Owner], dask_client: Client
+) -> None:
+    """On a full cluster, LOW, NORMAL and CRITICAL requests of three processes (asked in that order) get the slots
+    freed one at a time in the order CRITICAL, NORMAL, LOW, the registry's line and tokens say, round after round."""
+    held = await fill(grid)
+    order = list(zip(owners, ("low", "normal", "critical"), strict=True))
+    served = [owners[2], owners[1], owners[0]]
+    try:
+        for round_ in range(ROUNDS):
+            for owner, priority in order:
+                owner.send(op="request", ref=f"{round_}", resources="cpu=1", priority=priority, ttl=120, wait=60)
+                await until(lambda s, o=owner: bool(pending_of(s, o)), dask_client, f"{priority} is not in line")
+            state = await registry(dask_client)
+            assert [t["owner"] for t in state["pending"]] == [o.owner for o in served], state["pending"]
+            for n, owner in enumerate(served):
+                await held.pop().release()
+                await until(lambda s, o=owner: bool(leases_of(s, o)), dask_client, f"round {round_}: no grant #{n}")
+                state = await registry(dask_client)
+                # The others still wait, in their order: the slot went to the first in line, and only to it.
+                assert [t["owner"] for t in state["pending"]] == [o.owner for o in served[n + 1 :]], state
+                assert not any(leases_of(state, o) for o in served[n + 1 :]), state
+            state = await registry(dask_client)
+            granted = sorted((r for o in served for r in leases_of(state, o)), key=lambda r: r["token"])
+            assert [r["owner"] for r in granted] == [o.owner for o in served]
+            for owner in served:
+                event = await owner.expect("granted", f"{round_}")
+                assert event["token"] == next(r["token"] for r in granted if r["id"] == event["id"])
+                owner.send(op="release", ref=f"{round_}")
+            for owner in served:
+                await owner.expect("released", f"{round_}")
+            held += [await grid.request_boost("cpu=1", ttl=120) for _ in range(len(served))]
+    finally:
+        await release_all(held)
+
+
+async def test_another_process_lists_a_pending_request_with_owner_tenant_priority_and_wait(
+    grid: Grid, owners: list[Owner], dask_client: Client
+) -> None:
+    """A request waiting on a full cluster is listed by another process as pending, with its owner, tenant,
+    priority, the time it has waited, and no token or expiry yet; once granted, as active with its token."""
+    held = await fill(grid)
+    asker, lister = owners[0], owners[1]
+    try:
+        asker.send(
+            op="request", ref="listed", resources="cpu=1", priority="high", tenant="team-x", wait=60, preemptible=True
+        )
+        await until(lambda s: bool(pending_of(s, asker)), dask_client, "the request is not in line")
+        await anyio.sleep(0.2)  # so that it has waited a measurable time
+        lister.send(op="leases", ref="listed")
+        leases = (await lister.expect("leases", "listed"))["leases"]
+        mine = [le for le in leases if le["owner"] == asker.owner]
+        assert len(mine) == 1, leases
+        (lease,) = mine
+        assert lease["state"] == "pending" and lease["tenant"] == "team-x" and lease["priority"] == "HIGH"
+        assert lease["waited"] > 0 and lease["token"] == 0 and lease["expires_at"] == 0 and lease["preemptible"]
+        (ticket,) = pending_of(await registry(dask_client), asker)
+        assert ticket["lease"] == lease["id"] and ticket["requested_at"] == pytest.approx(lease["requested_at"])
+        await held.pop().release()
+        granted = await asker.expect("granted", "listed")
+        lister.send(op="leases", ref="granted")
+        (lease,) = [le for le in (await lister.expect("leases", "granted"))["leases"] if le["owner"] == asker.owner]
+        assert lease["state"] == "active" and lease["tenant"] == "team-x" and lease["preemptible"]
+        assert lease["token"] == granted["token"] > 0 and lease["expires_at"] > 0
+        asker.send(op="release", ref="listed")
+        await asker.expect("released", "listed")
+    finally:
+        await release_all(held)
+
+
+# -- quotas ----------------------------------------------------------------------------------------------------------
+
+
+async def test_a_quota_holds_back_its_tenants_third_request_but_not_another_tenants(
+    grid: Grid, owners: list[Owner], dask_client: Client
+) -> None:
+    """With team-a capped at cpu=2 and holding two 1-CPU leases, its third request waits (the registry says quota)
+    while team-b's is granted; it is granted once one of team-a's leases ends. wait=0 over the quota, or a wait that
+    runs out while the quota holds it back, ends in QuotaExceeded naming the quota and the use."""
+    team_a, team_b = owners[0], owners[1]
+    await grid.set_quota("team-a", "cpu=2")
+    refs: list[tuple[Owner, str]] = []
+    try:
+        assert (await registry(dask_client))["quotas"]["team-a"] == {"cpu": 2.0}
+        for ref in ("a1", "a2"):
+            team_a.send(op="request", ref=ref, resources="cpu=1", tenant="team-a", wait=60)
+            await team_a.expect("granted", ref)
+            refs.append((team_a, ref))
+        team_a.send(op="request", ref="a3", resources="cpu=1", tenant="team-a", wait=60)
+        await until(
+            lambda s: any("quota cpu=2" in (t["held_back"] or "") for t in pending_of(s, team_a)),
+            dask_client,
+            "team-a's third request is not held back by its quota",
+        )
+        team_b.send(op="request", ref="b1", resources="cpu=1", tenant="team-b", wait=60)
+        await team_b.expect("granted", "b1")
+        refs.append((team_b, "b1"))
+        state = await registry(dask_client)
+        assert len(pending_of(state, team_a)) == 1 and len(leases_of(state, team_a)) == 2, state
+        assert [q.tenant for q in await grid.quotas()] == ["team-a"]
+        (quota,) = await grid.quotas()
+        assert quota.limit == gb.Resources(cpu=2) and quota.used == gb.Resources(cpu=2)
+
+        team_a.send(op="release", ref="a1")
+        await team_a.expect("released", "a1")
+        refs.remove((team_a, "a1"))
+        await team_a.expect("granted", "a3")
+        refs.append((team_a, "a3"))
+        state = await registry(dask_client)
+        assert not pending_of(state, team_a) and len(leases_of(state, team_a)) == 2, state
+
+        team_a.send(op="request", ref="now", resources="cpu=1", tenant="team-a", wait=0)
+        failed = await team_a.expect("failed", "now")
+        assert failed["error"] == "QuotaExceeded", failed
+        assert "quota cpu=2" in failed["message"] and "in use cpu=2" in failed["message"], failed
+        team_a.send(op="request", ref="later", resources="cpu=1", tenant="team-a", wait=1)
+        failed = await team_a.expect("failed", "later")
+        assert failed["error"] == "QuotaExceeded" and "quota cpu=2" in failed["message"], failed
+        await until(lambda s: not pending_of(s, team_a), dask_client, "a request given up is still in line")
+    finally:
+        for owner, ref in refs:
+            owner.send(op="release", ref=ref)
+            await owner.expect("released", ref)
+        await grid.set_quota("team-a", None)
+    assert "team-a" not in (await registry(dask_client))["quotas"]
+
+
+# -- fencing tokens --------------------------------------------------------------------------------------------------
+
+
+async def test_tokens_grow_across_grants_of_two_processes_and_match_the_registrys(
+    owners: list[Owner], dask_client: Client
+) -> None:
+    """Grants that alternate between two processes get strictly growing tokens; each boost's token is the one its
+    record in the registry carries."""
+    tokens = []
+    for n in range(6):
+        owner = owners[n % 2]
+        owner.send(op="request", ref=f"t{n}", resources="cpu=1", wait=60)
+        event = await owner.expect("granted", f"t{n}")
+        record = next(r for r in (await registry(dask_client))["leases"] if r["id"] == event["id"])
+        assert event["token"] == record["token"] > 0
+        tokens.append(event["token"])
+        owner.send(op="release", ref=f"t{n}")
+        await owner.expect("released", f"t{n}")
+    assert tokens == sorted(set(tokens)), tokens
+
+
+# -- an owner that dies in line --------------------------------------------------------------------------------------
+
+
+async def test_the_request_of_a_killed_owner_stops_holding_back_those_behind_it(
+    grid: Grid, owners: list[Owner], cluster_address: str, dask_client: Client, tmp_path: Path
+) -> None:
+    """A CRITICAL request whose process is SIGKILLed leaves the line as soon as the scheduler sees its client go
+    (well before a ticket goes stale), and the LOW request behind it gets the freed slot."""
+    held = await fill(grid)
+    doomed = Owner(cluster_address, tmp_path / "doomed.log")
+    behind = owners[0]
+    try:
+        await doomed.start()
+        doomed.send(op="request", ref="first", resources="cpu=1", priority="critical", wait=60)
+        await until(lambda s: bool(pending_of(s, doomed)), dask_client, "the doomed request is not in line")
+        behind.send(op="request", ref="behind", resources="cpu=1", priority="low", wait=60)
+        await until(lambda s: bool(pending_of(s, behind)), dask_client, "the low request is not in line")
+        assert [t["owner"] for t in (await registry(dask_client))["pending"]] == [doomed.owner, behind.owner]
+        os.kill(doomed.process.pid, signal.SIGKILL)  # the process this test started, by its pid
+        await until(lambda s: not pending_of(s, doomed), dask_client, "the killed owner is in line", STALE / 2)
+        await held.pop().release()
+        await behind.expect("granted", "behind")
+        behind.send(op="release", ref="behind")
+        await behind.expect("released", "behind")
+    finally:
+        doomed.stop()
+        await release_all(held)
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+
+
+def gridboost(address: str, *args: str) -> Any:
+    """Run ``python -m gridboost --backend dask --address ADDRESS --json ARGS``; it must succeed; its JSON."""
+    env = {k: v for k, v in os.environ.items() if k not in {"GRIDBOOST_BACKEND", "GRIDBOOST_ADDRESS"}}
+    done = subprocess.run(
+        [sys.executable, "-m", "gridboost", "--backend", "dask", "--address", address, "--json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, f"gridboost {' '.join(args)} exited {done.returncode}\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout)
+
+
+async def cli(address: str, *args: str) -> Any:
+    return await anyio.to_thread.run_sync(lambda: gridboost(address, *args))
+
+
+async def test_the_cli_sets_lists_and_clears_quotas_and_lists_pending_requests(
+    grid: Grid, owners: list[Owner], cluster_address: str, dask_client: Client
+) -> None:
+    """``quota set/list/clear`` change and show the registry's quotas (with the use of granted leases); ``boost list
+    --json`` shows a waiting request as pending with its tenant, priority and no token, and each grant's token as
+    the registry records it."""
+    held = await fill(grid)
+    asker = owners[0]
+    granted = False
+    try:
+        set_ = await cli(cluster_address, "quota", "set", "team-cli", "cpu=3")
+        assert any(q["tenant"] == "team-cli" and q["limit"] == "cpu=3" for q in set_), set_
+        assert (await registry(dask_client))["quotas"]["team-cli"] == {"cpu": 3.0}
+
+        asker.send(op="request", ref="cli", resources="cpu=1", priority="high", tenant="team-cli", wait=60)
+        await until(lambda s: bool(pending_of(s, asker)), dask_client, "the request is not in line")
+        listed = await cli(cluster_address, "boost", "list")
+        (pending,) = [le for le in listed if le["owner"] == asker.owner]
+        assert pending["state"] == "pending" and pending["tenant"] == "team-cli" and pending["priority"] == "HIGH"
+        assert pending["token"] == 0 and pending["waited"] > 0
+        state = await registry(dask_client)
+        tokens = {r["id"]: r["token"] for r in state["leases"]}
+        for boost in held:
+            (mine,) = [le for le in listed if le["id"] == boost.id]
+            assert mine["state"] == "active" and mine["token"] == tokens[boost.id] == boost.token > 0
+
+        await held.pop().release()
+        await asker.expect("granted", "cli")
+        granted = True
+        (row,) = [q for q in await cli(cluster_address, "quota", "list") if q["tenant"] == "team-cli"]
+        assert row == {"tenant": "team-cli", "limit": "cpu=3", "used": "cpu=1"}
+
+        cleared = await cli(cluster_address, "quota", "clear", "team-cli")
+        assert not any(q["tenant"] == "team-cli" for q in cleared)
+        assert "team-cli" not in (await registry(dask_client))["quotas"]
+    finally:
+        if granted:
+            asker.send(op="release", ref="cli")
+            await asker.expect("released", "cli")
+        await grid.set_quota("team-cli", None)
+        await release_all(held)
+
+
+# -- growth: only the cluster manager's owner, only in its turn ------------------------------------------------------
+
+
+async def test_the_cluster_managers_owner_grows_the_cluster_only_when_it_is_its_turn() -> None:
+    """On a full embedded cluster, the owner of its LocalCluster does not grow it while another owner's HIGH request
+    is ahead in line (its NORMAL boost times out, one worker still); that request cannot grow it and gets the slot
+    once it is released; then the manager's owner, first in line, grows the cluster for its own boost."""
+    async with Grid("dask", n_workers=1, threads_per_worker=1, max_workers=2, grow_timeout=60) as manager:
+        client = manager.backend.client  # type: ignore[attr-defined]
+
+        async def workers() -> int:
+            return len((await client.scheduler.identity(n_workers=-1))["workers"])
+
+        async def line() -> list[dict[str, Any]]:
+            state: dict[str, Any] = await client.run_on_scheduler(_registry)
+            return list(state["pending"])
+
+        held = await manager.request_boost("cpu=1", ttl=120)
+        address = client.scheduler.address
+        async with Grid("dask", address=address) as other, anyio.create_task_group() as tasks:
+            assert not other.backend.capabilities.grow
+            granted: list[gb.Boost] = []
+
+            async def ask() -> None:
+                granted.append(await other.request_boost("cpu=1", ttl=120, priority=gb.Priority.HIGH, wait=60))
+
+            tasks.start_soon(ask)
+
+            async def waiting() -> bool:
+                return len(await line()) == 1
+
+            await eventually(waiting, "the other owner's request is not in line")
+            with pytest.raises(gb.BoostUnavailable):
+                await manager.request_boost("cpu=1", ttl=120, wait=2)
+            assert await workers() == 1
+            await held.release()
+
+            async def served() -> bool:
+                return bool(granted)
+
+            await eventually(served, "the other owner's request was not granted")
+            assert await workers() == 1 and not await line()
+            async with manager.boost("cpu=1", ttl=120, wait=90) as grown:
+                assert await workers() == 2 and grown.token > granted[0].token
+            await granted[0].release()
+
+
+# -- a scheduler that runs an older registry ------------------------------------------------------------------------
+
+
+async def test_a_scheduler_with_an_older_registry_fails_a_boost_with_backend_error_saying_so() -> None:
+    """A registry registered by an older gridboost-dask (its reserve takes no ticket) stays on the scheduler; a boost
+    there fails with BackendError naming the older registry, not a bare TypeError."""
+    from distributed import Scheduler, Worker
+    from gridboost_dask import _worker
+
+    class Older(_worker.LeaseRegistry):  # type: ignore[misc]  # distributed has no types here
+        async def reserve(self, lease: dict[str, Any], candidates: list[str] | None = None) -> dict[str, Any]:
+            return await self._reserve(lease, candidates, None)
+
+    async with (
+        Scheduler(host="127.0.0.1", dashboard_address=":0") as scheduler,
+        Worker(scheduler.address, nthreads=1),
+    ):
+        await scheduler.register_scheduler_plugin(cloudpickle.dumps(Older()), name=REGISTRY, idempotent=True)
+        async with Grid("dask", address=scheduler.address) as grid:
+            with pytest.raises(gb.BackendError, match="older gridboost-dask"):
+                await grid.request_boost("cpu=1", ttl=30, wait=10)
+            assert not scheduler.plugins[REGISTRY].leases
