@@ -291,3 +291,14 @@ async def test_work_under_a_boost_reads_its_lease_and_token(executor: str) -> No
             assert inside == gb.CurrentLease(boost.id, boost.token) and inside.token > 0
         assert await grid.offload(gb.current_lease, where="local") is None
     assert gb.current_lease() is None
+
+
+async def test_wait_zero_grants_what_fits_now_and_refuses_what_does_not_within_a_second() -> None:
+    """``wait=0`` is one look: a boost that fits is granted; one that does not fails within about a second."""
+    async with gb.Grid(capacity=CAPACITY) as grid:
+        boost = await grid.request_boost("cpu=2", ttl=10, wait=0)
+        assert boost.is_active
+        started = time.monotonic()
+        with pytest.raises(gb.BoostUnavailable, match="was not granted within 0s"):
+            await grid.request_boost("cpu=1", ttl=10, wait=0)
+        assert time.monotonic() - started < 5

@@ -44,6 +44,10 @@ __all__ = ["BoostBook", "labels_there"]
 
 T = TypeVar("T")
 
+#: What ``wait=0`` gives a request: one look at the engine, which answers in milliseconds when there is room (a
+#: bound of 0 would cancel the request at its first await, before any engine is even asked).
+ONE_LOOK = 1.0
+
 
 class _Waiter:
     __slots__ = ("event", "granted", "key", "left", "scope")
@@ -163,7 +167,7 @@ class BoostBook:
             key = (-boost.priority, next(self._seq))
             # move_on_after, not fail_after: an engine's own TimeoutError (Ray's
             # GetTimeoutError is one) must not pass for our `wait` running out.
-            with anyio.move_on_after(boost.wait) as waited:
+            with anyio.move_on_after(boost.wait or ONE_LOOK) as waited:
                 reservation = await self._reserve_in_turn(boost, key)
             if waited.cancelled_caught:
                 raise await self._not_granted(boost) from None
@@ -201,7 +205,7 @@ class BoostBook:
             )
         await self._refuse_impossible(boost)
         key = (-boost.priority, next(self._seq))
-        with anyio.move_on_after(boost.wait) as waited:
+        with anyio.move_on_after(boost.wait or ONE_LOOK) as waited:
             reservation = await self._reserve_in_turn(boost, key, detached=True)
         if waited.cancelled_caught:
             raise await self._not_granted(boost) from None
