@@ -61,24 +61,38 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _owner(grid: gridboost.Grid, leases: int, window: float, stats: dict[str, list[float]], granted: Any) -> None:
-    boosts = []
-    for _ in range(leases):
-        started = time.perf_counter()
-        boosts.append(await grid.request_boost(gridboost.Resources(custom={"slot": 1}), ttl=TTL, wait=300))
-        stats["grant"].append(time.perf_counter() - started)
-    granted()
-    # Renew every lease at TTL/3, spread evenly over the period, for the window.
+    """Take ``leases`` one after another, renewing each every TTL/3 from its grant on; hold them all for ``window``."""
+    boosts: list[gridboost.Boost] = []
+    due: list[float] = []
     period = TTL / 3
-    start = anyio.current_time()
-    due = [start + period * (i + 1) / len(boosts) for i in range(len(boosts))] if boosts else []
-    while due and anyio.current_time() - start < window:
-        i = min(range(len(due)), key=due.__getitem__)
-        await anyio.sleep_until(due[i])
-        stats["late"].append(max(0.0, anyio.current_time() - due[i]))
-        begun = time.perf_counter()
-        await boosts[i].renew()
-        stats["renew"].append(time.perf_counter() - begun)
-        due[i] += period
+    done = anyio.Event()
+
+    async def renew_each_at_its_time() -> None:
+        while True:
+            soonest = min(range(len(due)), key=due.__getitem__, default=None)
+            wake = math.inf if soonest is None else due[soonest]
+            with anyio.move_on_after(max(0.0, wake - anyio.current_time()) if soonest is not None else 0.05):
+                await done.wait()
+            if done.is_set():
+                return
+            if soonest is None:
+                continue
+            stats["late"].append(max(0.0, anyio.current_time() - due[soonest]))
+            begun = time.perf_counter()
+            await boosts[soonest].renew()
+            stats["renew"].append(time.perf_counter() - begun)
+            due[soonest] += period
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(renew_each_at_its_time)
+        for _ in range(leases):
+            started = time.perf_counter()
+            boosts.append(await grid.request_boost(gridboost.Resources(custom={"slot": 1}), ttl=TTL, wait=300))
+            stats["grant"].append(time.perf_counter() - started)
+            due.append(anyio.current_time() + period)
+        granted()
+        await anyio.sleep(window)
+        done.set()
     for boost in boosts:
         await boost.release()
 

@@ -88,26 +88,38 @@ def current_lease() -> CurrentLease | None:
         lease = gridboost.current_lease()
         store.put(key, value, fence=lease.token if lease else None)
     """
-    return _current.get()
+    installed = _installed()
+    return None if installed is None else installed._current.get()
 
 
 def in_lease(lease_id: str, token: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn(*args, **kwargs)`` with :func:`current_lease` saying ``(lease_id, token)``.
 
-    Backends wrap the work of a boost in it, on the worker. Shipped by value this function is a copy, so it sets the
-    variable of the gridboost installed on the worker, the one user code reads, when there is one.
+    Backends wrap the work of a boost in it, on the worker.
     """
-    try:
-        import gridboost.worker_leases as installed
-
-        var = installed._current
-    except ImportError:  # no gridboost on this worker: nothing there can ask
-        var = _current
+    installed = _installed()
+    if installed is None:  # no gridboost on this worker: nothing there can ask
+        return fn(*args, **kwargs)
+    var = installed._current
     reset = var.set(CurrentLease(lease_id, token))
     try:
         return fn(*args, **kwargs)
     finally:
         var.reset(reset)
+
+
+def _installed() -> Any:
+    """This module as the worker's Python has it installed, or ``None``.
+
+    Shipped by value (see the module docstring), a function of this module is a copy with globals of its own, and a
+    ``ContextVar`` cannot travel at all: so both functions above reach the variable through the installed module,
+    the one user code on the worker imports. A cached import, so the cost is a dictionary lookup.
+    """
+    try:
+        import gridboost.worker_leases as installed
+    except ImportError:
+        return None
+    return installed
 
 
 def _key(ticket: Mapping[str, Any]) -> tuple[int, float, str]:
