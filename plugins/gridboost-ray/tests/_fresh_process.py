@@ -7,6 +7,8 @@ waits to be killed (or stopped) by the test. ``python _fresh_process.py detached
 with ``grid.request_lease`` (one that outlives this process), prints a JSON report of it and exits normally.
 ``python _fresh_process.py serve ADDRESS``: a lease owner that serves many requests, one JSON command a line on
 stdin (see :func:`serve`), and says what happened on stdout, one ``WORD {json}`` line each.
+``python _fresh_process.py chaos ADDRESS SEED OPS``: a lease owner that makes ``OPS`` seeded random requests,
+releases and renewals of small boosts, then prints ``REPORT`` with what it did and exits.
 ``python _fresh_process.py grow``: starts a cluster of its own whose
 head runs Ray's fake-multinode autoscaler, takes a boost only a node it has not got yet can hold, and prints a JSON
 report of how the cluster grew; then ends every process it started, by pid.
@@ -218,16 +220,65 @@ async def grow() -> dict[str, Any]:
     return report
 
 
+def nap(seconds: float) -> float:
+    """Work that sleeps (in small steps, so that a polite cancel reaches it) and says for how long."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        time.sleep(0.01)
+    return seconds
+
+
+def say(word: str, **what: Any) -> None:
+    print(f"{word} {json.dumps(what)}", flush=True)
+
+
+class Notices:
+    """Says ``NOTICE {id, grace, at}`` when a boost of this process is preempted (the grid's hook)."""
+
+    @gb.hookimpl
+    def gridboost_boost_preempted(self, boost: gb.Boost, grace: float) -> None:
+        say("NOTICE", id=boost.id, grace=grace, at=time.time(), state=boost.state.value)
+
+
+async def _work(grid: gb.Grid, boost: gb.Boost, command: dict[str, Any]) -> None:
+    """Submit ``count`` naps of ``seconds`` under ``boost``; say ``SUBMITTED`` with their Ray task ids once Ray has
+    them, then ``DONE`` or ``ERROR {error, at}`` for each."""
+    name, tag = command["name"], command.get("tag", "")
+    try:
+        resources = command.get("resources")
+        count = command.get("count", 1)
+        handles = [grid.submit(nap, command.get("seconds", 60), where=boost, resources=resources) for _ in range(count)]
+        with anyio.fail_after(30):
+            while not all(h.id in grid.backend.ray_task_ids() for h in handles):  # type: ignore[attr-defined]
+                await anyio.sleep(0.01)
+        ids = grid.backend.ray_task_ids()  # type: ignore[attr-defined]
+        say("SUBMITTED", name=name, tag=tag, ray_ids=[ids[h.id] for h in handles])
+    except Exception as exc:
+        say("ERROR", name=name, tag=tag, error=type(exc).__name__, message=str(exc), at=time.time())
+        return
+
+    async def one(handle: gb.TaskHandle[Any]) -> None:
+        try:
+            say("DONE", name=name, tag=tag, result=await handle)
+        except Exception as exc:
+            say("ERROR", name=name, tag=tag, error=type(exc).__name__, message=str(exc), at=time.time())
+
+    async with anyio.create_task_group() as tg:
+        for handle in handles:
+            tg.start_soon(one, handle)
+
+
 async def serve(address: str) -> None:
     """Commands (JSON lines on stdin): ``{"op": "request", "name", "resources", "priority", "tenant", "grow", "wait",
-    "ttl"}`` asks for a boost in the background (on this process's grid for that tenant and ``grow``) and prints
-    ``GRANTED {name, id, token, pg, took}`` or ``FAILED {name, error, message}``; ``{"op": "release", "name"}``
-    prints ``RELEASED {name}``; end of input (or ``{"op": "exit"}``) closes every grid and exits."""
-    grids: dict[tuple[str, bool], gb.Grid] = {}
+    "ttl", "preemptible", "preempt_grace", "lease_grace"}`` asks for a boost in the background (on this process's
+    grid for that tenant and options) and prints ``GRANTED {name, id, token, pg, took}`` or ``FAILED {name, error,
+    message, took}``; ``{"op": "release", "name"}`` prints ``RELEASED {name}``; ``{"op": "work", "name", "tag",
+    "seconds", "count", "resources"}`` runs naps under the boost (see :func:`_work`); ``{"op": "lease", "name"}`` prints
+    ``LEASE {name, id, lease}`` (``current_lease()`` in a task under the boost, and without one); a preempted boost
+    prints ``NOTICE``. End of input (or ``{"op": "exit"}``) closes every grid and exits."""
+    grids: dict[tuple[Any, ...], gb.Grid] = {}
     boosts: dict[str, gb.Boost] = {}
-
-    def say(word: str, **what: Any) -> None:
-        print(f"{word} {json.dumps(what)}", flush=True)
+    granted: dict[str, gb.Grid] = {}
 
     async def request(grid: gb.Grid, command: dict[str, Any]) -> None:
         name = command["name"]
@@ -238,12 +289,14 @@ async def serve(address: str) -> None:
                 ttl=command.get("ttl", 120),
                 priority=command.get("priority", "normal"),
                 wait=command.get("wait", 60),
+                preemptible=command.get("preemptible", False),
             )
         except gb.GridboostError as exc:
-            say("FAILED", name=name, error=type(exc).__name__, message=str(exc))
+            say("FAILED", name=name, error=type(exc).__name__, message=str(exc), took=time.monotonic() - started)
             return
         assert boost.reservation is not None
         boosts[name] = boost
+        granted[name] = grid
         pg = boost.reservation.handle.pg.id.hex()
         say("GRANTED", name=name, id=boost.id, token=boost.token, pg=pg, took=time.monotonic() - started)
 
@@ -257,12 +310,81 @@ async def serve(address: str) -> None:
                 await boosts.pop(command["name"]).release()
                 say("RELEASED", name=command["name"])
                 continue
-            key = (command.get("tenant", "team-a"), bool(command.get("grow", False)))
+            if command["op"] == "work":
+                name = command["name"]
+                tg.start_soon(_work, granted[name], boosts[name], command)
+                continue
+            if command["op"] == "lease":
+                name = command["name"]
+                inside = await granted[name].offload(gb.current_lease, where=boosts[name])
+                outside = await granted[name].offload(gb.current_lease, where="cluster")
+                say("LEASE", name=name, id=boosts[name].id, token=boosts[name].token, inside=inside, outside=outside)
+                continue
+            key = (
+                command.get("tenant", "team-a"),
+                bool(command.get("grow", False)),
+                command.get("preempt_grace", 10.0),
+                command.get("lease_grace", 5.0),
+            )
             if key not in grids:
-                grid = gb.Grid("ray", address=address, linger=0, tenant=key[0], grow=key[1])
+                grid = gb.Grid(
+                    "ray",
+                    address=address,
+                    linger=0,
+                    tenant=key[0],
+                    grow=key[1],
+                    preempt_grace=key[2],
+                    lease_grace=key[3],
+                    plugins=[Notices()],
+                )
                 grids[key] = await stack.enter_async_context(grid)
             tg.start_soon(request, grids[key], command)
         tg.cancel_scope.cancel()
+
+
+async def chaos(address: str, seed: int, ops: int) -> dict[str, Any]:
+    """``ops`` seeded random steps on one grid: request a small boost (random size, priority, preemptibility, short
+    wait and TTL), release one held, or renew one held; each step's outcome is counted by what it raised."""
+    import random
+
+    rng = random.Random(seed)
+    counts: dict[str, int] = {}
+    held: list[gb.Boost] = []
+
+    def count(what: str) -> None:
+        counts[what] = counts.get(what, 0) + 1
+
+    async with gb.Grid("ray", address=address, linger=0, preempt_grace=0.5, lease_grace=1.0) as grid:
+        say("READY", pid=os.getpid())
+        for step in range(ops):
+            held = [b for b in held if b.is_active]
+            roll = rng.random()
+            try:
+                if roll < 0.5 or not held:
+                    boost = await grid.request_boost(
+                        f"slot={rng.choice((1, 1, 2))}",
+                        ttl=rng.uniform(1.5, 4.0),
+                        priority=rng.choice(("low", "normal", "high", "critical")),
+                        preemptible=rng.random() < 0.5,
+                        wait=rng.uniform(0.2, 1.5),
+                    )
+                    held.append(boost)
+                    count("granted")
+                elif roll < 0.75:
+                    await held.pop(rng.randrange(len(held))).release()
+                    count("released")
+                else:
+                    await held[rng.randrange(len(held))].renew(rng.uniform(1.5, 4.0))
+                    count("renewed")
+            except gb.GridboostError as exc:
+                count(type(exc).__name__)
+            say("STEP", step=step)
+            await anyio.sleep(rng.uniform(0.0, 0.1))
+        for boost in held:
+            if boost.is_active:
+                await boost.release()
+                count("released")
+    return {"pid": os.getpid(), "counts": counts}
 
 
 def namespace_node() -> str:
@@ -281,6 +403,9 @@ def main() -> None:
         return
     if what == "serve":
         anyio.run(serve, sys.argv[2])
+        return
+    if what == "chaos":
+        print("REPORT " + json.dumps(anyio.run(chaos, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))), flush=True)
         return
     if what == "detached":
         print("REPORT " + json.dumps(anyio.run(detached, sys.argv[2], float(sys.argv[3]))), flush=True)

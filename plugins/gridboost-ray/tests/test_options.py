@@ -37,6 +37,7 @@ OPTIONS = (
     "close_timeout",
     "linger",
     "lease_grace",
+    "preempt_grace",
     "grow",
 )
 
@@ -80,6 +81,9 @@ BAD = [
     ("cancel_grace", "0.5"),
     ("close_timeout", -1),
     ("lease_grace", math.nan),
+    ("preempt_grace", -1),
+    ("preempt_grace", math.inf),
+    ("preempt_grace", "10"),
     ("temp_dir", 3),
     ("temp_dir", "a\0b"),
     ("address", "host:" + "9" * 5000),
@@ -106,3 +110,12 @@ def test_cancel_grace_is_one_of_the_backends_documented_options() -> None:
     RayBackend(cancel_grace=0)
     RayBackend(cancel_grace=0.25)
     assert "cancel_grace" in _OPTIONS and "grace" in _OPTIONS
+
+
+def test_preempt_grace_is_checked_at_the_boundary_and_documented() -> None:
+    """``preempt_grace`` is accepted (0 included: at once), written into every lease record, and listed."""
+    from gridboost_ray._backend import _OPTIONS
+
+    assert RayBackend(preempt_grace=0)._registry.preempt_grace == 0
+    assert RayBackend()._registry.preempt_grace == 10
+    assert "preempt_grace" in _OPTIONS

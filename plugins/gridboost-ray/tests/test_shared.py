@@ -1,4 +1,5 @@
-"""A cluster shared by many owners: turns by priority across processes, quotas, fencing tokens, one autoscaler request.
+"""A cluster shared by many owners: turns by priority across processes, quotas, fencing tokens, one autoscaler request,
+preemption, fencing of a stopped owner, and no double booking under chaos.
 
 The owners are real processes (``_fresh_process.py serve``), each with its own grid joined to the session's cluster
 and driven over stdin, so that one process serves many rounds. Capacity is a custom resource (``slot``) of a node of
@@ -8,35 +9,55 @@ lease keeper's records or the GCS's autoscaler request, never what an owner says
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import pytest
 import ray
+from _owners import (
+    RUNNING,
+    SETTLE,
+    SLOTS,
+    Owner,
+    all_ended,
+    call,
+    eventually,
+    free,
+    gone,
+    hold_all,
+    keeper_all,
+    keeper_call,
+    none_left,
+    of,
+    pg_state,
+    preempted_count,
+    running_worker,
+    sample,
+    task_states,
+    until_step,
+)
 from gridboost_ray._leases import KEEPER_NAME, KEEPER_NAMESPACE
+from gridboost_ray._worker import first_fit
 from ray.cluster_utils import Cluster
-from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from test_leases import autoscaler_request
 
 import gridboost as gb
 from test_cli import on_ray
 
-HERE = Path(__file__).parent
-SLOTS = 4
-SETTLE = 30.0
+# Ray's workers cannot import this module (pytest put its directory on sys.path; Ray does not): its functions travel
+# by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # type: ignore[no-untyped-call]
+
 ROUNDS = 20
 #: The keeper's arbiter forgets a ticket not asked again for this long (gridboost.worker_leases.STALE).
 STALE = 10.0
-WORDS = frozenset({"READY", "GRANTED", "FAILED", "RELEASED"})
 
 pytestmark = pytest.mark.anyio
 
@@ -55,58 +76,6 @@ def slots(cluster: Cluster) -> Iterator[None]:
         yield
     finally:
         cluster.remove_node(node)
-
-
-class Owner:
-    """A lease owner process, driven over stdin; what it prints is kept by word until a test takes it."""
-
-    def __init__(self, address: str, log: Path) -> None:
-        self.log = log
-        self._err: IO[bytes] = log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "_fresh_process.py"), "serve", address],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            bufsize=0,
-        )
-        self.said: list[tuple[str, dict[str, Any]]] = []
-        self.pid = self.process.pid
-
-    def send(self, **command: Any) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write((json.dumps(command) + "\n").encode())
-
-    def expect(self, word: str, name: str | None = None, within: float = SETTLE) -> dict[str, Any]:
-        """The next ``word`` line (for ``name``) this owner printed, waiting up to ``within`` seconds for it."""
-        out = self.process.stdout
-        assert out is not None
-        deadline = time.monotonic() + within
-        while True:
-            for i, (said, what) in enumerate(self.said):
-                if said == word and (name is None or what.get("name") == name):
-                    return self.said.pop(i)[1]
-            left = deadline - time.monotonic()
-            # select first: a silent owner must not hold readline() past the deadline (it prints whole lines).
-            if left <= 0 or not select.select([out], [], [], left)[0]:
-                pytest.fail(f"owner {self.pid} never said {word} {name or ''}; it said {self.said}\n{self.tail()}")
-            line = out.readline().decode()
-            if not line:
-                pytest.fail(f"owner {self.pid} exited ({self.process.poll()}) before {word} {name}\n{self.tail()}")
-            said, _, rest = line.strip().partition(" ")
-            if said in WORDS:
-                self.said.append((said, json.loads(rest)))
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()  # ours, by its pid
-        self.process.wait(30)
-        for stream in (self.process.stdin, self.process.stdout, self._err):
-            if stream is not None:
-                stream.close()
 
 
 @pytest.fixture(scope="module")
@@ -136,55 +105,6 @@ def spare(cluster_address: str, tmp_path: Path) -> Iterator[Callable[[], Owner]]
     yield make
     for owner in made:
         owner.close()
-
-
-# -- reading the engine ---------------------------------------------------------------------------------------------
-
-
-def keeper_all() -> list[dict[str, Any]]:
-    """The keeper's records and its waiting tickets (``state`` pending), as the keeper itself holds them (none
-    before an owner has started the keeper)."""
-    try:
-        keeper = ray.get_actor(KEEPER_NAME, namespace=KEEPER_NAMESPACE)
-    except ValueError:
-        return []
-    return list(ray.get(keeper.leases.remote(True), timeout=SETTLE))
-
-
-def of(owner: Owner, state: str) -> list[dict[str, Any]]:
-    """The keeper's entries of ``owner`` in ``state``, oldest grant first."""
-    rows = [r for r in keeper_all() if r["owner"].endswith(f":{owner.pid}") and r["state"] == state]
-    return sorted(rows, key=lambda r: r.get("token", 0))
-
-
-def pg_state(pg_id: str) -> str:
-    row = placement_group_table().get(pg_id)
-    return str(row["state"]) if row else "REMOVED"
-
-
-async def eventually(check: Callable[[], Any], what: str, within: float = SETTLE) -> Any:
-    """Run ``check`` (blocking, in a thread) until it returns something true; return that."""
-    with anyio.move_on_after(within):
-        while not (found := await anyio.to_thread.run_sync(check)):
-            await anyio.sleep(0.02)
-        return found
-    pytest.fail(f"after {within:g}s: {what}")
-
-
-def hold_all() -> list[PlacementGroup]:
-    """Fill every slot with a group of the test's own (placed before this returns)."""
-    groups = [placement_group([{"slot": 1}]) for _ in range(SLOTS)]
-    assert all(pg.wait(SETTLE) for pg in groups)
-    return groups
-
-
-def free(groups: list[PlacementGroup]) -> None:
-    for pg in groups:
-        remove_placement_group(pg)
-
-
-async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
 # -- turns ----------------------------------------------------------------------------------------------------------
@@ -398,3 +318,196 @@ async def test_the_demand_of_a_killed_owner_leaves_the_autoscaler_request(
     survivor.send(op="release", name="kept")
     await call(survivor.expect, "RELEASED", "kept")
     assert await call(autoscaler_request) == []
+
+
+# -- current_lease() on the workers ---------------------------------------------------------------------------------
+
+
+def lease_of(item: int) -> tuple[int, Any]:
+    """Run on a worker: the item and what ``current_lease()`` says there."""
+    return item, gb.current_lease()
+
+
+async def test_work_under_a_boost_sees_its_lease_and_token_on_the_engine_and_none_outside(
+    slots: None, cluster_address: str
+) -> None:
+    """``current_lease()`` in a task, a callable object and every map chunk under a boost is the boost's id and
+    token, read on a Ray worker; outside a boost it is ``None``."""
+    async with gb.Grid("ray", address=cluster_address, linger=0) as grid:
+        async with grid.boost("slot=1", ttl=60) as boost:
+            assert boost.token > 0
+            expected = gb.CurrentLease(boost.id, boost.token)
+            assert await grid.offload(gb.current_lease, where=boost) == expected
+            assert await grid.offload(functools.partial(lease_of, 7), where=boost) == (7, expected)
+            mapped = [out async for out in grid.map(lease_of, range(20), where=boost, batch_size=4)]
+            assert mapped == [(i, expected) for i in range(20)]
+            assert await grid.offload(gb.current_lease, where="cluster") is None
+            assert await grid.offload(lease_of, 1, where="cluster") == (1, None)
+        assert gb.current_lease() is None
+
+
+# -- preemption -----------------------------------------------------------------------------------------------------
+
+
+GRACE = 3.0
+
+
+async def test_a_critical_request_preempts_a_preemptible_low_lease_of_another_process_after_its_grace(
+    owners: list[Owner], cluster_address: str
+) -> None:
+    """On a full cluster, process B's CRITICAL request takes back process A's preemptible LOW lease: A is told
+    (its hook, with the grace), A's running work ends with BoostPreempted after the grace, Ray shows A's group
+    removed and B's placed; A's non-preemptible LOW lease is never taken, so B's next request times out."""
+    a, b = owners[0], owners[1]
+    a.send(op="request", name="keep", resources="slot=2", priority="low")
+    a.send(op="request", name="prey", resources="slot=2", priority="low", preemptible=True, preempt_grace=GRACE)
+    keep, prey = await call(a.expect, "GRANTED", "keep"), await call(a.expect, "GRANTED", "prey")
+    a.send(op="work", name="prey", tag="long", seconds=120)
+    submitted = await call(a.expect, "SUBMITTED", "prey")
+    asked = time.time()
+    b.send(op="request", name="crit", resources="slot=2", priority="critical", wait=60)
+    notice = await call(a.expect, "NOTICE")
+    assert notice["id"] == prey["id"] and notice["state"] == "preempted"
+    assert GRACE - 1.5 < notice["grace"] <= GRACE, notice
+    (marked,) = [r for r in await call(keeper_all) if r["id"] == prey["id"]]
+    assert marked["state"] == "preempting" and marked["preempted_for"] in {
+        t["id"] for t in await call(of, b, "pending")
+    }
+    async with gb.Grid("ray", address=cluster_address, linger=0) as grid:
+        listed = {le.id: le.state for le in await grid.leases()}
+    assert listed[prey["id"]] == "preempting" and listed[keep["id"]] == "active"
+    error = await call(a.expect, "ERROR", "prey", within=GRACE + SETTLE)
+    assert error["error"] == "BoostPreempted", error
+    assert error["at"] - notice["at"] >= notice["grace"] - 0.25, (error, notice)
+    crit = await call(b.expect, "GRANTED", "crit")
+    latency = crit["took"]
+    assert await call(pg_state, prey["pg"]) == "REMOVED"
+    assert await call(pg_state, crit["pg"]) == "CREATED" and await call(pg_state, keep["pg"]) == "CREATED"
+    await eventually(lambda: all_ended(submitted["ray_ids"]), "Ray's task table never showed A's work ended")
+    assert prey["id"] in await call(keeper_call, "preempted_ids")
+    # Only A's non-preemptible lease and B's own are left: B's next CRITICAL request finds nothing to take.
+    b.send(op="request", name="crit2", resources="slot=2", priority="critical", wait=4)
+    failed = await call(b.expect, "FAILED", "crit2")
+    assert failed["error"] == "BoostUnavailable", failed
+    (kept,) = [r for r in await call(keeper_all) if r["id"] == keep["id"]]
+    assert kept["state"] == "active" and await call(pg_state, keep["pg"]) == "CREATED"
+    for owner, name in ((a, "keep"), (b, "crit")):
+        owner.send(op="release", name=name)
+        await call(owner.expect, "RELEASED", name)
+    print(
+        f"\npreemption latency (CRITICAL request -> grant): {latency:.2f} s with preempt_grace {GRACE:g} s "
+        f"(request -> notice {notice['at'] - asked:.2f} s)"
+    )
+
+
+def test_the_keepers_fit_check_places_bundles_as_rays_strategies_do() -> None:
+    """``first_fit`` (what the keeper checks victims with) packs STRICT_PACK on one node, spreads STRICT_SPREAD over
+    distinct nodes and lets PACK and SPREAD bundles share a node."""
+    rooms = {"n1": {"slot": 2.0}, "n2": {"slot": 2.0}}
+    two = [{"slot": 1.0}, {"slot": 1.0}]
+    assert first_fit(two, "STRICT_PACK", rooms) and not first_fit([*two, {"slot": 1.0}], "STRICT_PACK", rooms)
+    assert first_fit([*two, {"slot": 1.0}], "PACK", rooms) and first_fit([{"slot": 2.0}] * 2, "SPREAD", rooms)
+    assert first_fit(two, "STRICT_SPREAD", rooms) and not first_fit([*two, {"slot": 0.5}], "STRICT_SPREAD", rooms)
+    assert not first_fit([{"slot": 3.0}], "PACK", rooms) and not first_fit([{"cpu": 1.0}], "PACK", rooms)
+
+
+# -- fencing --------------------------------------------------------------------------------------------------------
+
+
+async def test_a_stopped_owners_lease_is_reaped_and_its_work_killed_on_the_engine_and_it_is_fenced_when_it_wakes(
+    owners: list[Owner], spare: Callable[[], Owner]
+) -> None:
+    """An owner SIGSTOPped past its lease's TTL plus grace: the keeper removes its group (Ray kills its running and
+    queued work), another owner is granted the slots with a larger token; woken, its submit raises BoostExpired."""
+    stopped, other = spare(), owners[1]
+    stopped.send(op="request", name="fenced", resources=f"slot={SLOTS}", ttl=3, lease_grace=1.0)
+    fenced = await call(stopped.expect, "GRANTED", "fenced")
+    # Each nap needs every slot: one runs, the other queues in the group.
+    stopped.send(op="work", name="fenced", tag="before", seconds=120, count=2, resources=f"slot={SLOTS}")
+    submitted = await call(stopped.expect, "SUBMITTED", "fenced")
+    ray_ids = submitted["ray_ids"]
+    worker = await eventually(lambda: running_worker(ray_ids), "Ray's task table never showed the work running")
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        other.send(op="request", name="after", resources=f"slot={SLOTS}", wait=60)
+        after = await call(other.expect, "GRANTED", "after")
+        assert after["token"] > fenced["token"]
+        assert await call(pg_state, fenced["pg"]) == "REMOVED" and await call(pg_state, after["pg"]) == "CREATED"
+        assert fenced["id"] in await call(keeper_call, "reaped_ids")
+        # The owner, stopped, reports nothing to Ray's task table: the running task's worker process is what shows
+        # that Ray killed the work when the group went.
+        await eventually(lambda: gone(worker), f"Ray's worker {worker} running the stopped owner's work lives on")
+        stopped.send(op="work", name="fenced", tag="woken", seconds=0.1)
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    woken = await call(stopped.expect, "ERROR", "fenced", within=SETTLE)
+    while woken["tag"] != "woken":  # the work of before the stop fails too, whichever way it learns it
+        woken = await call(stopped.expect, "ERROR", "fenced", within=SETTLE)
+    assert woken["error"] == "BoostExpired", woken
+    # Woken, the owner reports its tasks: both ended, and the one that was queued in the group never ran.
+    await eventually(lambda: all_ended(ray_ids), "Ray's task table never showed the stopped owner's work ended")
+    assert sum(RUNNING in states for states in (await call(task_states, ray_ids)).values()) == 1
+    other.send(op="release", name="after")
+    await call(other.expect, "RELEASED", "after")
+
+
+# -- no double booking ----------------------------------------------------------------------------------------------
+
+CHAOS_OPS = (67, 67, 66)
+#: The step of a chaos owner after which it is killed (the first) or stopped (the second).
+MIDWAY = 25
+
+
+async def test_no_double_booking_under_random_requests_releases_renewals_a_kill_and_a_stop(
+    slots: None, cluster_address: str, tmp_path: Path
+) -> None:
+    """200 seeded random requests, releases and renewals (priorities, preemptible or not) by three processes, one
+    SIGKILLed and one SIGSTOPped (then woken) midway: at every sampled instant Ray's placed groups and the keeper's
+    held leases fit in the slots; at the end no lease of theirs is left, in the keeper or in Ray."""
+    chaos = [
+        Owner(cluster_address, tmp_path / f"chaos{i}.log", str(i + 1), str(ops), action="chaos")
+        for i, ops in enumerate(CHAOS_OPS)
+    ]
+    samples: list[tuple[float, float, int]] = []
+    done = anyio.Event()
+
+    async def sampler() -> None:
+        while not done.is_set():
+            samples.append(await call(sample))
+            await anyio.sleep(0.02)
+
+    started = time.monotonic()
+    try:
+        for owner in chaos:
+            await call(owner.expect, "READY", within=90)
+        preempted_before = await call(preempted_count)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sampler)
+            killed, stopped, calm = chaos
+            await call(until_step, killed, MIDWAY)
+            os.kill(killed.pid, signal.SIGKILL)
+            await call(until_step, stopped, MIDWAY)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            try:
+                # Stopped past every TTL plus grace it holds: the keeper reaps its leases.
+                await eventually(
+                    lambda: not [r for r in keeper_all() if r["owner"].endswith(f":{stopped.pid}")],
+                    "the keeper kept the stopped owner's leases",
+                )
+            finally:
+                os.kill(stopped.pid, signal.SIGCONT)
+            reports = [await call(owner.expect, "REPORT", within=120) for owner in (stopped, calm)]
+            done.set()
+        await eventually(lambda: none_left([o.pid for o in chaos]), "a lease of the chaos owners was left")
+    finally:
+        for owner in chaos:
+            owner.close()
+    engine = max(s[0] for s in samples)
+    keeper = max(s[1] for s in samples)
+    assert len(samples) > 50 and engine <= SLOTS and keeper <= SLOTS, (len(samples), engine, keeper)
+    assert max(s[2] for s in samples) > 0
+    preempted = await call(preempted_count) - preempted_before
+    print(
+        f"\nchaos: {time.monotonic() - started:.0f} s, {len(samples)} samples, most slots held {engine:g}/{SLOTS}, "
+        f"leases taken back {preempted}, outcomes {[r['counts'] for r in reports]}"
+    )

@@ -118,6 +118,8 @@ class _Group:
     nodes: tuple[str, ...]
     #: The label selector every bundle carries (the request's labels and nodes), for the autoscaler too.
     selector: Mapping[str, str] = field(factory=dict)
+    #: The ids of the nodes the group may go to (those of the request's nodes and labels), when it was made.
+    candidates: tuple[str, ...] = ()
     #: What the group holds on each node: a task placed with bundle index -1 may use all of it.
     rooms: Mapping[str, Mapping[str, float]] = field(init=False)
 
@@ -226,6 +228,14 @@ def _ray_name(task: TaskSpec) -> str:
     return task.name
 
 
+def _runnable(target: FunctionType) -> Any:
+    """What Ray is given to run ``target``: itself, or, for a function of a gridboost module shipped by value
+    (``gridboost.current_lease``), a call of the worker's installed one by name (see ``_worker.by_name``)."""
+    if target.__module__ == worker_leases.__name__:
+        return _worker.by_name(target.__module__, target.__qualname__)
+    return target
+
+
 def _on_trio() -> bool:
     trio = sys.modules.get("trio")
     return trio is not None and bool(trio.lowlevel.in_trio_run())
@@ -251,6 +261,7 @@ class RayBackend(Backend):
         close_timeout: float = 30.0,
         linger: float = 2.0,
         lease_grace: float = 5.0,
+        preempt_grace: float = 10.0,
         grow: bool = False,
     ) -> None:
         # Every option is checked here, whatever its type or size: a bad one raises InvalidRequest with a one-line
@@ -279,6 +290,7 @@ class RayBackend(Backend):
         self._close_timeout = seconds("close_timeout", close_timeout)
         linger_seconds = seconds("linger", linger, allow_zero=True)
         lease_grace_seconds = seconds("lease_grace", lease_grace)
+        preempt_grace_seconds = seconds("preempt_grace", preempt_grace, allow_zero=True)
         if not isinstance(grow, bool):
             raise InvalidRequest(f"grow must be True or False, got {shown(grow)}")
         self._namespace = namespace
@@ -287,13 +299,16 @@ class RayBackend(Backend):
         self._temp_dir = path
         self._grow = grow
         self._capabilities = _CAPABILITIES if not grow else evolve(_CAPABILITIES, grow=True)
-        self._registry = _leases.Registry(grace=lease_grace_seconds, timeout=self._close_timeout)
+        self._registry = _leases.Registry(
+            grace=lease_grace_seconds, timeout=self._close_timeout, preempt_grace=preempt_grace_seconds
+        )
         self._lingering = _leases.Lingering(linger_seconds)
         #: The leases whose bundles this backend added to the cluster's autoscaler request (the keeper's).
         self._demanded: set[str] = set()
         #: The boosts this backend holds now, by id: what ``watch`` checks, and which lease each group serves.
         self._held: dict[str, Reservation] = {}
-        #: Held boosts whose group Ray lost (a node died): reported to the grid, never kept to linger.
+        #: Held boosts whose group Ray lost (a node died) or the keeper takes back: reported to the grid (once),
+        #: never kept to linger.
         self._lost: set[str] = set()
         #: Random per backend: the middle part of every name this backend gives in Ray.
         self.session = secrets.token_hex(4)
@@ -310,6 +325,9 @@ class RayBackend(Backend):
         self._sendable = SendCheck("Ray", _dumps)
         self._call_remote: Any = None
         self._command_remote: Any = None
+        #: What runs a boost's work under its lease (current_lease()): a remote per function, and one for the rest.
+        self._leased_remotes = LRU()
+        self._lease_call_remote: Any = None
         #: Refs of cancelled runs not yet stopped (with their submission number and polite seconds), and the batch
         #: that will take them.
         self._stopping: dict[ObjectRef[Any], tuple[int, float]] = {}
@@ -479,6 +497,7 @@ class RayBackend(Backend):
         )
         self._ray = ray
         self._call_remote = ray.remote(_worker.call)
+        self._lease_call_remote = ray.remote(_worker.in_lease)
         self._command_remote = ray.remote(_worker.run_command)
         self._hold_remote = ray.remote(_worker.hold)
 
@@ -697,6 +716,7 @@ class RayBackend(Backend):
             expires_at=expires_at,
             placements=reservation.placements,
             token=reservation.token,
+            bundles=group.bundles,
         )
 
     def _record(self, reservation: Reservation, state: str, expires_at: float, replaces: str | None = None) -> None:
@@ -840,10 +860,20 @@ class RayBackend(Backend):
             )
         except ValueError as exc:
             raise InvalidRequest(f"{what}: Ray refused the placement group: {exc}") from exc
-        made.append(_Group(pg=pg, bundles=tuple(bundles), nodes=("",) * len(bundles), selector=selector))
+        made.append(
+            _Group(
+                pg=pg,
+                bundles=tuple(bundles),
+                nodes=("",) * len(bundles),
+                selector=selector,
+                candidates=tuple(node["NodeID"] for node in candidates),
+            )
+        )
 
     async def _until_ready(self, group: _Group, request: ReservationRequest, ticket: dict[str, Any]) -> bool:
         """Wait until Ray places the group (``True``), or until another request's turn comes first (``False``)."""
+        candidates = group.candidates if request.nodes is not None or request.labels else None
+        busy = _leases.Registry.busy(group.bundles, request.strategy, candidates)
         # pg.wait returns as soon as the group is placed; the thread is given up on if the grid cancels us (it
         # then blocks at most _READY_POLL more seconds, on a group we are removing).
         while not await anyio.to_thread.run_sync(group.pg.wait, _READY_POLL, abandon_on_cancel=True):
@@ -854,8 +884,9 @@ class RayBackend(Backend):
                     "finds no set of nodes that could hold its bundles "
                     f"{[dict(b) for b in group.bundles]}"
                 )
-            # Asking again keeps the ticket alive, and says whether a request that came since goes first.
-            if (await self._keeper("ask", ticket))["status"] != "turn":
+            # Asking again keeps the ticket alive, and says whether a request that came since goes first; saying
+            # that Ray has not placed the group lets the keeper take preemptible leases back for it.
+            if (await self._keeper("ask", ticket, 0.0, busy))["status"] != "turn":
                 return False
         return True
 
@@ -987,12 +1018,21 @@ class RayBackend(Backend):
             return await anyio.to_thread.run_sync(self._registry.leases)
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
-        """Every ``_WATCH`` seconds: remove lingering groups whose time is up or that Ray no longer holds whole, and
-        report held groups Ray lost."""
+        """Every ``_WATCH`` seconds: report held leases the keeper takes back for another owner (BoostPreempted,
+        with the grace left), remove lingering groups whose time is up or that Ray no longer holds whole, and report
+        held groups Ray lost."""
         while True:
             await anyio.sleep(_WATCH)
-            idle = {i.lease_id: i for i in self._lingering.idle.values()}
             watched = {k: v for k, v in self._held.items() if k not in self._lost}
+            if watched:
+                with map_errors("reading the lease keeper's notices"):
+                    notices = await self._keeper("notices", sorted(watched))
+                for lease_id, notice in notices.items():
+                    if lease_id in self._held and lease_id not in self._lost:
+                        self._lost.add(lease_id)  # reported once; the grid releases it within the grace
+                        watched.pop(lease_id, None)
+                        await lost(lease_id, _leases.preempted(lease_id, notice))
+            idle = {i.lease_id: i for i in self._lingering.idle.values()}
             if watched or idle:
                 groups = {**{k: v.handle for k, v in watched.items()}, **{k: i.handle for k, i in idle.items()}}
                 with map_errors("reading placement groups"):
@@ -1081,7 +1121,10 @@ class RayBackend(Backend):
         resources = task.resources
         if resources.gpu_memory or (resources.custom and not _RAY_OWN.isdisjoint(resources.custom)):
             _to_ray(resources, f"task {task.name}")
-        self._sendable(task.target)
+        target = task.target
+        if type(target) is FunctionType and target.__module__ == worker_leases.__name__:
+            return  # sent by name, called as the worker's own (see _runnable)
+        self._sendable(target)
 
     async def run(
         self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
@@ -1140,14 +1183,24 @@ class RayBackend(Backend):
             args: tuple[Any, ...] = (target.argv, dict(target.env) if target.env else None, target.cwd, self._grace)
             kwargs: Mapping[str, Any] = {}
         elif type(target) is FunctionType:
-            remote = self._remotes.get(target)
+            # Under a boost the function runs inside in_lease (current_lease() names the boost); not otherwise.
+            made = self._remotes if reservation is None else self._leased_remotes
+            remote = made.get(target)
             if remote is None:
                 assert self._ray is not None
-                remote = self._remotes.remember(target, self._ray.remote(target))
+                runnable = _runnable(target)
+                remote = made.remember(
+                    target, self._ray.remote(runnable if made is self._remotes else _worker.leased(runnable))
+                )
             args, kwargs = task.args, task.kwargs
-        else:  # a builtin, a partial, a callable object: ray.remote takes only functions
+            if reservation is not None:
+                args = (reservation.id, reservation.token, *args)
+        elif reservation is None:  # a builtin, a partial, a callable object: ray.remote takes only functions
             remote = self._call_remote
             args, kwargs = (target, *task.args), task.kwargs
+        else:
+            remote = self._lease_call_remote
+            args, kwargs = (reservation.id, reservation.token, target, *task.args), task.kwargs
         # RemoteFunction.options() validates and builds a wrapper class on every call, a third of what submitting
         # costs: it runs once per remote function and set of options, and each task then goes to what .remote()
         # itself calls (_remote), with the options merged as options() merges them, and its own name.
@@ -1288,6 +1341,8 @@ _OPTIONS = {
     "remove at once)",
     "lease_grace": "seconds past a lease's expiry after which the cluster's lease keeper removes it, when its owner "
     "did not (default 5)",
+    "preempt_grace": "seconds a preemptible boost of this process's has to finish its work once the cluster's lease "
+    "keeper takes it back for another owner's request of higher priority (default 10; 0: at once)",
     "grow": "ask Ray's autoscaler (request_resources) for boosts that do not fit now, instead of refusing them "
     "(default False)",
 }

@@ -10,6 +10,10 @@ Two things a placement group alone does not give, each kept apart from the backe
   not detached groups. The keeper is also where every owner of the cluster takes its turn (tickets), gets its
   fencing tokens and meets its tenant's quota, and it keeps the cluster's one autoscaler request (the sum of every
   owner's demand: Ray keeps only the last ``request_resources`` call of a cluster).
+* Preemption, the owner's side: :meth:`Registry.busy` is what an owner whose group Ray has not placed tells the
+  keeper when it asks again (the keeper may then take preemptible leases back for it); :meth:`Registry.notices`
+  and :func:`preempted` are how an owner's watch learns that the keeper is taking one of its leases back, and with
+  what grace, reported once per lease as :class:`~gridboost.exceptions.BoostPreempted`.
 * :class:`Lingering` keeps a released group for ``linger`` seconds, so that a matching request right after reuses it
   instead of paying Ray's removal-then-creation cost (about a second in half the cycles on a small machine).
 """
@@ -25,13 +29,14 @@ from attrs import define, field
 from gridboost import Lease, Quota, Resources
 from gridboost.abc import ReservationRequest
 from gridboost.backend_kit import amounts, lease_from_record, owner_name
+from gridboost.exceptions import BoostPreempted
 
 from . import _worker
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
-__all__ = ["KEEPER_NAME", "KEEPER_NAMESPACE", "Lingering", "Registry"]
+__all__ = ["KEEPER_NAME", "KEEPER_NAMESPACE", "Lingering", "Registry", "preempted"]
 
 KEEPER_NAME = "gridboost-lease-keeper"
 KEEPER_NAMESPACE = "gridboost"
@@ -45,8 +50,10 @@ _HEAD = "node:__internal_head__"
 class Registry:
     """This process's side of the cluster's lease keeper; every method blocks (run it in a worker thread)."""
 
-    def __init__(self, *, grace: float, timeout: float) -> None:
+    def __init__(self, *, grace: float, timeout: float, preempt_grace: float = 10.0) -> None:
         self.grace = grace
+        #: Seconds a lease of this process's has, once the keeper takes it back for another owner, before it goes.
+        self.preempt_grace = preempt_grace
         self._timeout = timeout
         self._keeper: Any = None  # a ray ActorHandle of LeaseKeeper
         self.owner = owner_name()
@@ -105,8 +112,10 @@ class Registry:
         expires_at: float,
         placements: Sequence[str],
         token: int,
+        bundles: Sequence[Mapping[str, float]] = (),
     ) -> dict[str, Any]:
-        """A lease's record, as the keeper keeps it (token 0: the keeper gives an active one its token)."""
+        """A lease's record, as the keeper keeps it (token 0: the keeper gives an active one its token); ``bundles``
+        (Ray's names, one per node of ``placements``) are what the keeper counts as freed if it takes it back."""
         return {
             "id": request.id,
             "pg_id": pg_id,
@@ -121,6 +130,18 @@ class Registry:
             "placements": list(placements),
             "grace": self.grace,
             "token": token,
+            "bundles": [dict(bundle) for bundle in bundles],
+            "preempt_grace": self.preempt_grace,
+        }
+
+    @staticmethod
+    def busy(bundles: Sequence[Mapping[str, float]], strategy: str, candidates: Sequence[str] | None) -> dict[str, Any]:
+        """What an owner whose group Ray has not placed says when it asks again: its bundles, Ray's strategy and the
+        nodes it may go to (``None``: any)."""
+        return {
+            "bundles": [dict(bundle) for bundle in bundles],
+            "strategy": strategy.upper(),
+            "candidates": None if candidates is None else list(candidates),
         }
 
     def put(self, record: Mapping[str, Any], replaces: str | None = None) -> Any:
@@ -190,6 +211,18 @@ class Registry:
     def quotas(self) -> list[Quota]:
         rows = self.call("quotas") if self._found() else []
         return [Quota(tenant=r["tenant"], limit=resources_of(r["quota"]), used=resources_of(r["used"])) for r in rows]
+
+
+def preempted(lease_id: str, notice: Mapping[str, Any], now: float | None = None) -> BoostPreempted:
+    """The keeper's notice (:meth:`~gridboost_ray._worker.LeaseKeeper.notices`) of a lease taken back, as the error
+    its owner's watch reports: the grace is what is left until ``preempt_at`` (none once it is gone)."""
+    now = time.time() if now is None else now
+    grace = max(0.0, float(notice["preempt_at"]) - now) if notice["state"] == "preempting" else 0.0
+    return BoostPreempted(
+        f"boost {lease_id} was preempted: the cluster's lease keeper takes it back for request "
+        f"{notice['preempted_for']} of another owner",
+        grace=grace,
+    )
 
 
 def _lease(record: Mapping[str, Any]) -> Lease:

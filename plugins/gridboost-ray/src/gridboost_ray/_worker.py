@@ -6,6 +6,11 @@ library at the top, ray inside the functions (every Ray worker has it), and the 
 travel the same way, which the backend ships by value too: :mod:`gridboost.worker_command` (commands: started,
 waited for, stopped when cancelled) and :mod:`gridboost.worker_leases` (the lease keeper's turns, quotas and fencing
 tokens).
+
+Work under a boost runs inside :func:`in_lease`, so that ``gridboost.current_lease()`` names the lease there. It calls
+the ``in_lease`` of the gridboost *installed* on the worker, imported when the task runs: shipped by value, a copy of
+gridboost's own would carry a copy of its context variable, which cannot be pickled (and is not the one user code
+reads).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from typing import Any
 from gridboost.worker_command import run
 from gridboost.worker_leases import Arbiter
 
-__all__ = ["LeaseKeeper", "call", "hold", "run_command"]
+__all__ = ["LeaseKeeper", "by_name", "call", "first_fit", "hold", "in_lease", "leased", "run_command"]
+
+#: How many leases taken back for other owners the keeper remembers (for their owners' watch, and tests).
+_PREEMPTED_KEPT = 1000
+#: Seconds past a preempted lease's ``preempt_at`` before the keeper removes its group: its owner, told the grace,
+#: ends its work with BoostPreempted and releases the lease itself at ``preempt_at``; the keeper fences only an owner
+#: that did not (stopped, stuck).
+PREEMPT_SLACK = 1.0
 
 
 def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -28,6 +40,74 @@ def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     Its arguments are this task's own, not a tuple of them: Ray resolves an ``ObjectRef`` (parked data) only where
     it is a whole argument."""
     return fn(*args, **kwargs)
+
+
+def in_lease(lease_id: str, token: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` with ``gridboost.current_lease()`` saying ``(lease_id, token)`` on this worker.
+
+    Its gridboost's :func:`gridboost.worker_leases.in_lease`, imported here (see the module docstring); a worker
+    without gridboost has nothing that could ask, and ``fn`` runs as it is."""
+    try:
+        from gridboost.worker_leases import in_lease as installed
+    except ImportError:
+        return fn(*args, **kwargs)
+    return installed(lease_id, token, fn, *args, **kwargs)
+
+
+def leased(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run under a lease named by its first two arguments (id, token): what a boost's function is made remote
+    as, once per function, so that ``fn`` travels with the remote function and not with every task."""
+
+    def under(lease_id: str, token: int, /, *args: Any, **kwargs: Any) -> Any:
+        return in_lease(lease_id, token, fn, *args, **kwargs)
+
+    under.__name__ = under.__qualname__ = getattr(fn, "__name__", "under")
+    return under
+
+
+def by_name(module: str, qualname: str) -> Callable[..., Any]:
+    """A function of a module shipped by value (``gridboost.current_lease``), called as the worker's installed one:
+    a copy would read state of its own (a context variable, which cannot even be pickled)."""
+
+    def named(*args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        target: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        return target(*args, **kwargs)
+
+    named.__name__ = named.__qualname__ = qualname
+    return named
+
+
+def first_fit(bundles: Sequence[Mapping[str, float]], strategy: str, rooms: Mapping[str, Mapping[str, float]]) -> bool:
+    """Whether ``bundles`` fit in ``rooms`` (what each node has free, by node id) the way Ray places a group of
+    ``strategy``: one node for ``STRICT_PACK``, distinct nodes for ``STRICT_SPREAD``, anywhere for the others;
+    largest bundle first, each in the first node with room (a simple check, not Ray's own scheduler)."""
+    free = {node: dict(room) for node, room in rooms.items()}
+
+    def fits(bundle: Mapping[str, float], room: Mapping[str, float]) -> bool:
+        return all(value <= room.get(key, 0.0) + 1e-9 for key, value in bundle.items() if value > 0)
+
+    if strategy == "STRICT_PACK":
+        whole: dict[str, float] = {}
+        for bundle in bundles:
+            for key, value in bundle.items():
+                whole[key] = whole.get(key, 0.0) + value
+        return any(fits(whole, room) for room in free.values())
+    used: set[str] = set()
+    for bundle in sorted(bundles, key=lambda b: -sum(b.values())):
+        spot = next(
+            (n for n, room in free.items() if fits(bundle, room) and not (strategy == "STRICT_SPREAD" and n in used)),
+            None,
+        )
+        if spot is None:
+            return False
+        used.add(spot)
+        for key, value in bundle.items():
+            free[spot][key] = free[spot].get(key, 0.0) - value
+    return True
 
 
 def hold(value: Any) -> Any:
@@ -61,6 +141,15 @@ class LeaseKeeper:
     And it keeps the cluster's one autoscaler request (``demand``): Ray keeps only the last ``request_resources``
     call of a cluster, so the sum of every owner's demand must be sent from one place.
 
+    Preemption. An owner whose turn it is but whose group Ray has not placed says so when it asks again (``busy``:
+    its bundles, strategy and candidate nodes). The keeper then picks victims (``Arbiter.victims``: preemptible
+    leases of lower priority of other owners, the fewest that make room, checked by :func:`first_fit` against what
+    Ray reports free on each node plus what the victims' groups hold there) and marks them ``preempting``, with
+    ``preempt_at`` (now plus the victim's ``preempt_grace``) and ``preempted_for``. A preempting lease still counts
+    as held (quotas, turns). Its owner learns it from ``notices`` (its ``watch``), ends its work within the grace
+    and releases it; at ``preempt_at`` plus ``PREEMPT_SLACK`` the keeper removes the group itself, which makes Ray
+    kill the tasks still in it. No new victims are picked for a ticket while its victims are being taken back.
+
     With no record, ticket, demand or quota for ``idle_exit`` seconds the keeper exits, so a cluster that gridboost
     stopped using is left as it was found. An async actor: its methods run on one event loop, so nothing needs a
     lock; the ones that wait (``ask`` with ``hold``) await an event that every change sets.
@@ -77,13 +166,17 @@ class LeaseKeeper:
         self._reaper: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
         self.reaped: list[str] = []
+        #: Leases this keeper took back for other owners, by id: when, for which request, and whether the keeper
+        #: removed the group itself (``fenced``: its owner had not released it by then). The last ones only.
+        self.preempted: dict[str, dict[str, Any]] = {}
 
     def _start(self) -> None:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
     def _granted(self) -> list[dict[str, Any]]:
-        return [record for record in self._records.values() if record.get("state") == "active"]
+        """The leases that hold capacity for their owners: active ones, and those being taken back (until they go)."""
+        return [record for record in self._records.values() if record.get("state") in ("active", "preempting")]
 
     def _notify(self) -> None:
         """Wake every ``ask`` that waits: a grant, a release, a ticket gone or a quota may have made a turn."""
@@ -93,16 +186,22 @@ class LeaseKeeper:
 
     # -- turns, grants and tokens ------------------------------------------------------------------------------------
 
-    async def ask(self, ticket: dict[str, Any], hold: float = 0.0) -> dict[str, Any]:
+    async def ask(
+        self, ticket: dict[str, Any], hold: float = 0.0, busy: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Queue ``ticket`` (or refresh it) and say whether its owner may place it now (the arbiter's answer).
 
         With ``hold``, an answer other than ``turn`` waits up to that many seconds for something to change first:
-        an owner that waits learns of its turn at once, without polling fast.
+        an owner that waits learns of its turn at once, without polling fast. ``busy`` (``bundles``, ``strategy``,
+        ``candidates``: node ids) says that the ticket's group is made but Ray has not placed it: when it is the
+        ticket's turn, preemptible leases may be taken back for it (see the class docstring).
         """
         self._start()
         deadline = time.monotonic() + hold
         while True:
             answer = self._arbiter.ask(ticket, self._granted())
+            if answer["status"] == "turn" and busy is not None:
+                self._preempt_for(ticket, busy)
             left = deadline - time.monotonic()
             if answer["status"] == "turn" or left <= 0:
                 return answer
@@ -135,8 +234,16 @@ class LeaseKeeper:
             for key in ("token", "requested_at"):
                 if not record.get(key) and old.get(key):
                     record[key] = old[key]
+        if old is not None and old.get("state") == "preempting" and replaces is None:
+            # Being taken back: a renewal (or anything else its owner puts meanwhile) does not undo that.
+            for key in ("state", "preempt_at", "preempted_for", "granted_at"):
+                if key in old:
+                    record[key] = old[key]
         if record.get("state") == "active" and not record.get("token"):
             record["token"] = self._arbiter.token()
+            record["granted_at"] = time.time()
+        elif old is not None and "granted_at" in old:
+            record.setdefault("granted_at", old["granted_at"])
         if replaces is not None:
             self._records.pop(replaces, None)
         self._records[record["id"]] = record
@@ -162,7 +269,10 @@ class LeaseKeeper:
 
     async def drop(self, lease_id: str) -> None:
         self._start()
-        if self._records.pop(lease_id, None) is not None:
+        record = self._records.pop(lease_id, None)
+        if record is not None:
+            if record.get("state") == "preempting":  # its owner gave it back within the grace
+                self._remember_preempted(record, fenced=False)
             self._notify()
 
     async def leases(self, pending: bool = False) -> list[dict[str, Any]]:
@@ -179,6 +289,73 @@ class LeaseKeeper:
     async def reaped_ids(self) -> list[str]:
         """The leases this keeper removed at their expiry (for tests and the CLI)."""
         return list(self.reaped)
+
+    # -- preemption --------------------------------------------------------------------------------------------------
+
+    def _preempt_for(self, ticket: Mapping[str, Any], busy: Mapping[str, Any]) -> None:
+        """Mark the leases to take back so that ``ticket`` (its turn; its group not placed) fits, if any may be."""
+        if any(r.get("preempted_for") == ticket["id"] for r in self._records.values()):
+            return  # its victims are being taken back: none more until they are gone
+        granted = self._granted()
+        if not any(r.get("preemptible") and r.get("state") == "active" for r in granted):
+            return  # nothing may be taken: no need to read Ray's nodes
+        from ray._private.state import state
+
+        available = state.available_resources_per_node()
+        candidates = busy.get("candidates")
+        rooms = {
+            node: {k: float(v) for k, v in room.items()}
+            for node, room in available.items()
+            if candidates is None or node in candidates
+        }
+        bundles, strategy = busy["bundles"], str(busy["strategy"])
+
+        def frees(chosen: list[Mapping[str, Any]]) -> bool:
+            room = {node: dict(free) for node, free in rooms.items()}
+            for record in chosen:
+                for bundle, node in zip(record.get("bundles", ()), record.get("placements", ()), strict=False):
+                    if node in room:
+                        for key, value in bundle.items():
+                            room[node][key] = room[node].get(key, 0.0) + float(value)
+            return first_fit(bundles, strategy, room)
+
+        if frees([]):
+            return  # it fits as things are: Ray is about to place it
+        victims = Arbiter.victims(ticket, granted, frees)
+        if not victims:
+            return
+        now = time.time()
+        for victim in victims:
+            record = self._records[victim["id"]]
+            record["state"] = "preempting"
+            record["preempt_at"] = now + float(record.get("preempt_grace", 0.0))
+            record["preempted_for"] = ticket["id"]
+        self._notify()
+
+    async def notices(self, lease_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Of ``lease_ids``, those being taken back (``preempting``, with ``preempt_at`` and ``preempted_for``) or
+        taken back already (``preempted``): what an owner's watch asks for its leases."""
+        out: dict[str, dict[str, Any]] = {}
+        for lease_id in lease_ids:
+            record = self._records.get(lease_id)
+            if record is not None and record.get("state") == "preempting":
+                out[lease_id] = {k: record[k] for k in ("state", "preempt_at", "preempted_for")}
+            elif lease_id in self.preempted:
+                out[lease_id] = {"state": "preempted", **self.preempted[lease_id]}
+        return out
+
+    async def preempted_ids(self) -> dict[str, dict[str, Any]]:
+        """The leases this keeper took back for other owners (for tests and the CLI)."""
+        return dict(self.preempted)
+
+    def _remember_preempted(self, record: Mapping[str, Any], fenced: bool) -> None:
+        self.preempted[record["id"]] = {
+            "preempt_at": record["preempt_at"],
+            "preempted_for": record["preempted_for"],
+            "fenced": fenced,
+        }
+        while len(self.preempted) > _PREEMPTED_KEPT:
+            del self.preempted[next(iter(self.preempted))]
 
     # -- quotas ------------------------------------------------------------------------------------------------------
 
@@ -248,8 +425,18 @@ class LeaseKeeper:
             changed = False
             for lease_id, record in list(self._records.items()):
                 row = table.get(record["pg_id"])
+                preempting = record.get("state") == "preempting"
                 if row is None or row.get("state") == "REMOVED":
                     self._records.pop(lease_id, None)
+                    if preempting:
+                        self._remember_preempted(record, fenced=False)
+                    changed = True
+                elif preempting and now >= record["preempt_at"] + PREEMPT_SLACK:
+                    # Its owner did not give it back in its grace: removing the group makes Ray kill its tasks.
+                    with contextlib.suppress(Exception):  # already being removed: the next tick drops it
+                        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record["pg_id"]))))
+                    self._records.pop(lease_id, None)
+                    self._remember_preempted(record, fenced=True)
                     changed = True
                 elif now >= record["expires_at"] + record.get("grace", self._grace):
                     with contextlib.suppress(Exception):  # already being removed: the next tick drops it
