@@ -519,3 +519,10 @@ def test_bad_input_that_once_escaped_as_another_error(make: Callable[[], object]
 
     assert field in str(excinfo.value)
     assert value in str(excinfo.value)
+
+
+def test_a_very_long_resource_name_is_cut_short_in_the_error() -> None:
+    """A hostile name (hypothesis found a 200-character one) keeps the message short."""
+    with pytest.raises(InvalidResources) as caught:
+        Resources.parse("0" * 180 + "_=0A")
+    assert len(str(caught.value)) < 100 and "takes no unit" in str(caught.value)

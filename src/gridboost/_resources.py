@@ -45,6 +45,11 @@ _CUSTOM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
 _ALIASES = {"cpus": "cpu", "cores": "cpu", "gpus": "gpu", "mem": "memory", "ram": "memory", "vram": "gpu_memory"}
 
 
+def _label(name: str, most: int = 40) -> str:
+    """A resource's name as an error message gives it: cut short, so that a hostile name keeps the message one line."""
+    return name if len(name) <= most else name[: most - 1] + "\u2026"
+
+
 def _not_a_typo(name: str) -> None:
     hint = did_you_mean(name, _BUILTIN, _ALIASES)
     if hint:
@@ -54,15 +59,15 @@ def _not_a_typo(name: str) -> None:
 def _amount(name: str, value: object) -> float:
     # bool is an int to Python, but cpu=True is a bug, not one core.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidResources(f"{name} must be a number, got {shown(value)}")
+        raise InvalidResources(f"{_label(name)} must be a number, got {shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an int too large for a float is as unusable as inf
-        raise InvalidResources(f"{name} must be finite, got {shown(value)}") from None
+        raise InvalidResources(f"{_label(name)} must be finite, got {shown(value)}") from None
     if math.isnan(number) or math.isinf(number):
-        raise InvalidResources(f"{name} must be finite, got {shown(value)}")
+        raise InvalidResources(f"{_label(name)} must be finite, got {shown(value)}")
     if number < 0:
-        raise InvalidResources(f"{name} must not be negative, got {shown(value)}")
+        raise InvalidResources(f"{_label(name)} must not be negative, got {shown(value)}")
     return number
 
 
@@ -176,28 +181,31 @@ class Resources:
             if name not in _BUILTIN:
                 _not_a_typo(name)  # before the amount: "mem=8GiB" is a typo, not a custom amount with a unit
             if name in values or name in custom:
-                raise InvalidResources(f"{name} is given twice in {shown(text)}")
+                raise InvalidResources(f"{_label(name)} is given twice in {shown(text)}")
             raw = raw.strip()
             if raw.startswith("-"):
-                raise InvalidResources(f"{name} must not be negative, got {shown(raw)}")
+                raise InvalidResources(f"{_label(name)} must not be negative, got {shown(raw)}")
             match = _AMOUNT.match(raw) if len(raw) <= _MAX_DIGITS + 16 else None
             if match is None:
                 raise InvalidResources(
-                    f"{name} must be a plain number (at most {_MAX_DIGITS} digits, 3 in an exponent), got {shown(raw)}"
+                    f"{_label(name)} must be a plain number (at most {_MAX_DIGITS} digits, 3 in an exponent), "
+                    f"got {shown(raw)}"
                 )
             # Exact arithmetic: 1.07GB is 1070000000 bytes, not float noise rounded up.
             from fractions import Fraction  # Resources.parse only
 
             exact, unit = Fraction(match.group(1)), match.group(2).lower()
             if unit and name not in _BYTE_FIELDS:
-                raise InvalidResources(f"{name} takes no unit, got {shown(raw)}")
+                raise InvalidResources(f"{_label(name)} takes no unit, got {shown(raw)}")
             if unit not in _UNITS:
-                raise InvalidResources(f"{name} has an unknown unit {shown(match.group(2))}; use B, KB..TB or KiB..TiB")
+                raise InvalidResources(
+                    f"{_label(name)} has an unknown unit {shown(match.group(2))}; use B, KB..TB or KiB..TiB"
+                )
             exact *= _UNITS[unit]
             try:
                 number: float = math.ceil(exact) if name in _BYTE_FIELDS else float(exact)
             except OverflowError:
-                raise InvalidResources(f"{name} must be finite, got {shown(raw)}") from None
+                raise InvalidResources(f"{_label(name)} must be finite, got {shown(raw)}") from None
             if name in _BUILTIN:
                 values[name] = number
             else:
