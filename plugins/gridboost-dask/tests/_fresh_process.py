@@ -19,7 +19,19 @@ stdout, the first ``{"event": "ready", "owner": "host:pid"}``:
   name>, "message"}``.
 * ``{"op": "release", "ref": R}``: releases that boost; ``{"event": "released", "ref": R}``.
 * ``{"op": "leases", "ref": R}``: ``{"event": "leases", "ref": R, "leases": [...]}``, every lease the cluster lists.
+* ``{"op": "renew", "ref": R, "ttl": T}``: renews that boost; ``{"event": "renewed", "ref": R}`` (or ``failed``).
+* ``{"op": "work", "ref": R, "count": N, "seconds": S}``: submits ``N`` naps of ``S`` seconds under that boost;
+  ``{"event": "submitted", "ref": R, "keys": [...]}`` (the scheduler's keys), then for each ``i``
+  ``{"event": "done" or "error", "ref": "R#i", "error", "at"}``; a submission refused: ``error`` of ``R``.
+* ``{"op": "lease", "ref": R}``: ``{"event": "lease", "ref": R, "inside": [id, token], "outside": null}``
+  (``current_lease()`` offloaded under the boost, and without one).
+* A boost of this process that is preempted says ``{"event": "preempted", "ref": R, "grace", "at"}`` (the hook).
 * ``{"op": "quit"}`` (or the end of stdin): closes its grids and exits.
+
+``serve ADDRESS OPTIONS`` (JSON) passes grid options (``preempt_grace``, ``lease_grace``) to every grid.
+``python _fresh_process.py chaos ADDRESS SEED OPS``: a lease owner that makes ``OPS`` seeded random requests, releases,
+renewals and short works under its boosts, saying ``{"event": "step", "ref": n}`` after each, then ``{"event":
+"report", "counts"}`` and exits.
 """
 
 from __future__ import annotations
@@ -37,8 +49,9 @@ import anyio
 import psutil
 
 import gridboost as gb
-from gridboost._records import owner_name
 from gridboost.abc import ReservationRequest
+from gridboost.backend_kit import owner_name
+from gridboost.testing import lease_chaos
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -112,6 +125,54 @@ def emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
+def nap(seconds: float) -> float:
+    """Work that sleeps in small steps and stops as soon as Dask cancels its task (a thread cannot be interrupted)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    key = worker.get_current_task()
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        ts = worker.state.tasks.get(key)
+        if ts is None or ts.state in ("cancelled", "released", "forgotten"):
+            raise RuntimeError("cancelled")
+        time.sleep(0.01)
+    return seconds
+
+
+class Notices:
+    """Says ``preempted`` when a boost of this process is preempted (the grid's hook)."""
+
+    def __init__(self, refs: dict[str, str]) -> None:
+        self.refs = refs
+
+    @gb.hookimpl
+    def gridboost_boost_preempted(self, boost: gb.Boost, grace: float) -> None:
+        emit({"event": "preempted", "ref": self.refs.get(boost.id), "grace": grace, "at": time.time()})
+
+
+async def work(grid: gb.Grid, boost: gb.Boost, cmd: dict[str, Any]) -> None:
+    ref = cmd["ref"]
+    try:
+        handles = [grid.submit(nap, cmd.get("seconds", 60), where=boost) for _ in range(cmd.get("count", 1))]
+    except gb.GridboostError as exc:
+        emit({"event": "error", "ref": ref, "error": type(exc).__name__, "message": str(exc), "at": time.time()})
+        return
+    prefix = grid.backend.task_prefix  # type: ignore[attr-defined]
+    emit({"event": "submitted", "ref": ref, "keys": [prefix + h.id for h in handles]})
+
+    async def one(i: int, handle: gb.TaskHandle[Any]) -> None:
+        try:
+            await handle
+            emit({"event": "done", "ref": f"{ref}#{i}", "at": time.time()})
+        except Exception as exc:
+            emit({"event": "error", "ref": f"{ref}#{i}", "error": type(exc).__name__, "at": time.time()})
+
+    async with anyio.create_task_group() as tasks:
+        for i, handle in enumerate(handles):
+            tasks.start_soon(one, i, handle)
+
+
 def lease_json(lease: gb.Lease) -> dict[str, Any]:
     return {
         "id": lease.id,
@@ -128,17 +189,20 @@ def lease_json(lease: gb.Lease) -> dict[str, Any]:
     }
 
 
-async def serve(address: str) -> None:
+async def serve(address: str, options: dict[str, Any]) -> None:
     """A lease owner that serves many rounds: JSON commands on stdin, JSON events on stdout (see the module
     docstring)."""
     grids: dict[str, gb.Grid] = {}
     boosts: dict[str, gb.Boost] = {}
+    refs: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
 
         async def grid_for(tenant: str) -> gb.Grid:
             # Only in the main task: a grid is entered and exited in one task.
             if tenant not in grids:
-                grid = gb.Grid("dask", address=address, tenant=tenant, watch_interval=0.2)
+                grid = gb.Grid(
+                    "dask", address=address, tenant=tenant, watch_interval=0.2, plugins=[Notices(refs)], **options
+                )
                 grids[tenant] = await stack.enter_async_context(grid)
             return grids[tenant]
 
@@ -156,12 +220,27 @@ async def serve(address: str) -> None:
                 emit({"event": "failed", "ref": ref, "error": type(exc).__name__, "message": str(exc)})
                 return
             boosts[ref] = boost
+            refs[boost.id] = ref
             emit({"event": "granted", "ref": ref, "id": boost.id, "token": boost.token, "placements": boost.placements})
 
         async def other(cmd: dict[str, Any]) -> None:
             if cmd["op"] == "release":
                 await boosts.pop(cmd["ref"]).release()
                 emit({"event": "released", "ref": cmd["ref"]})
+            elif cmd["op"] == "renew":
+                try:
+                    await boosts[cmd["ref"]].renew(cmd.get("ttl", 120))
+                except gb.GridboostError as exc:
+                    emit({"event": "failed", "ref": cmd["ref"], "error": type(exc).__name__, "message": str(exc)})
+                    return
+                emit({"event": "renewed", "ref": cmd["ref"]})
+            elif cmd["op"] == "work":
+                await work(grids[cmd.get("tenant") or "default"], boosts[cmd["ref"]], cmd)
+            elif cmd["op"] == "lease":
+                grid, boost = grids[cmd.get("tenant") or "default"], boosts[cmd["ref"]]
+                inside = await grid.offload(gb.current_lease, where=boost)
+                outside = await grid.offload(gb.current_lease, where="cluster")
+                emit({"event": "lease", "ref": cmd["ref"], "inside": inside, "outside": outside})
             elif cmd["op"] == "leases":
                 leases = await grids[cmd.get("tenant") or "default"].leases()
                 emit({"event": "leases", "ref": cmd["ref"], "leases": [lease_json(x) for x in leases]})
@@ -184,6 +263,14 @@ async def serve(address: str) -> None:
             tasks.cancel_scope.cancel()
 
 
+async def chaos(address: str, seed: int, ops: int) -> None:
+    """``ops`` seeded random steps on one grid (:func:`gridboost.testing.lease_chaos`), each step reported."""
+    async with gb.Grid("dask", address=address, preempt_grace=0.5, lease_grace=1.0, watch_interval=0.2) as grid:
+        emit({"event": "ready", "owner": owner_name()})
+        counts = await lease_chaos(grid, seed, ops, on_step=lambda step: emit({"event": "step", "ref": str(step)}))
+    emit({"event": "report", "counts": counts})
+
+
 def main() -> None:
     what = sys.argv[1]
     if what == "chatter":
@@ -197,7 +284,9 @@ def main() -> None:
             "REPORT " + json.dumps(anyio.run(detached, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))), flush=True
         )
     elif what == "serve":
-        anyio.run(serve, sys.argv[2])
+        anyio.run(serve, sys.argv[2], json.loads(sys.argv[3]) if sys.argv[3:] else {})
+    elif what == "chaos":
+        anyio.run(chaos, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         anyio.run(owner, sys.argv[2], float(sys.argv[3]))
 

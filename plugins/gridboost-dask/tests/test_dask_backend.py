@@ -397,3 +397,27 @@ def test_quiet_engine_logs_keeps_dask_warnings_of_host_and_workers_off_stderr(qu
         assert said == [], done.stderr[-3000:]
     else:  # the check can see them: both reach stderr when nothing quiets them
         assert len(said) == 2 and any("worker process" in x for x in said) and any("client" in x for x in said), said
+
+
+def lease_here(item: int) -> tuple[int, Any, str]:
+    """Run as a task (or a map item): the lease ``gridboost.current_lease()`` names on the worker, and where it ran."""
+    from distributed import get_worker
+
+    return item, gb.current_lease(), str(get_worker().address)
+
+
+@pytest.mark.anyio
+async def test_work_under_a_boost_reads_its_lease_and_token_on_the_worker(grid: Grid) -> None:
+    """``gridboost.current_lease`` offloaded under a boost returns the boost's id and token on a Dask worker (a map
+    chunk's items too, and keywords named like Client.submit's go through); without a boost, None."""
+    async with grid.boost("cpu=1", ttl=60) as boost:
+        expected = gb.CurrentLease(boost.id, boost.token)
+        assert boost.token > 0
+        assert await grid.offload(gb.current_lease, where=boost) == expected
+        items = [item async for item in grid.map(lease_here, range(6), where=boost, batch_size=3)]
+        assert [(i, lease) for i, lease, _ in items] == [(i, expected) for i in range(6)]
+        assert {where for _, _, where in items} <= set(boost.placements)
+        assert await grid.offload(lambda key: (key, gb.current_lease()), key="k", where=boost) == ("k", expected)
+        assert await grid.offload(gb.current_lease, where="cluster") is None
+        assert (await grid.offload(lease_here, 1, where="cluster"))[1] is None
+    assert gb.current_lease() is None

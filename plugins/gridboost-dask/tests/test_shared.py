@@ -1,7 +1,8 @@
-"""One cluster, many owners: requests served in turn across processes, quotas per tenant, fencing tokens.
+"""One cluster, many owners: turns across processes, quotas per tenant, fencing tokens, preemption, fencing.
 
-The owners are processes of their own (``_fresh_process.py serve``, driven over stdin and stdout, each serving many rounds); every
-verdict reads the scheduler plugin's own state: its lease records (and their tokens) and its arbiter's line.
+The owners are processes of their own (``_fresh_process.py serve`` or ``chaos``, see ``_owners.py``); every verdict
+reads the scheduler's own state: the lease registry plugin's records (and their tokens), its arbiter's line, the
+workers' lease marks and the tasks in the scheduler's books.
 """
 
 from __future__ import annotations
@@ -12,14 +13,26 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import cloudpickle
 import pytest
+from _owners import (
+    REGISTRY,
+    Owner,
+    _registry,
+    engine_leases,
+    fill,
+    leases_of,
+    pending_of,
+    registry,
+    release_all,
+    until,
+)
 from distributed import Client
 
 import gridboost as gb
@@ -27,9 +40,6 @@ from conftest import SETTLE, eventually
 from gridboost import Grid
 from gridboost.worker_leases import STALE
 
-HERE = Path(__file__).parent
-#: The lease registry's name among the scheduler's plugins (gridboost_dask._worker.REGISTRY).
-REGISTRY = "gridboost-leases"
 #: Rounds of the priority test: each one frees three slots one at a time for three owners.
 ROUNDS = 20
 #: Seconds one ``gridboost`` command may take (Python and distributed start on a loaded 2-core machine).
@@ -39,104 +49,6 @@ COMMAND_TIMEOUT = 90
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
-
-
-# -- the scheduler plugin's own state --------------------------------------------------------------------------------
-
-
-def _registry(dask_scheduler: Any = None) -> dict[str, Any]:
-    """On the scheduler: the registry's line (in serving order), its lease records and its quotas."""
-    plugin = dask_scheduler.plugins[REGISTRY]
-    keys = ("id", "lease", "owner", "tenant", "priority", "held_back", "requested_at")
-    return {
-        "pending": [{k: t.get(k) for k in keys} for t in plugin.arbiter.waiting()],
-        "leases": [
-            {k: r.get(k) for k in ("id", "owner", "tenant", "token", "state", "total")} for r in plugin.leases.values()
-        ],
-        "quotas": {tenant: dict(q) for tenant, q in plugin.arbiter.quotas.items()},
-    }
-
-
-async def registry(client: Client) -> dict[str, Any]:
-    state: dict[str, Any] = await anyio.to_thread.run_sync(client.run_on_scheduler, _registry)
-    return state
-
-
-async def until(check: Callable[[dict[str, Any]], bool], client: Client, what: str, timeout: float = SETTLE) -> None:
-    """Wait (bounded) until ``check`` holds of the registry's state."""
-
-    async def holds() -> bool:
-        return check(await registry(client))
-
-    await eventually(holds, what, timeout)
-
-
-# -- owner processes -------------------------------------------------------------------------------------------------
-
-
-class Owner:
-    """A process of its own that takes leases when told (``_fresh_process.py serve``); its events, by kind and ref."""
-
-    def __init__(self, address: str, log: Path) -> None:
-        self.log = log
-        with log.open("w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, str(HERE / "_fresh_process.py"), "serve", address],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self.events: dict[tuple[str, str | None], dict[str, Any]] = {}
-        self.exited = False
-        self.owner = ""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("{"):
-                event = json.loads(line)
-                self.events[(event["event"], event.get("ref"))] = event
-        self.exited = True
-
-    def send(self, **command: Any) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-
-    async def expect(self, event: str, ref: str | None = None, timeout: float = SETTLE) -> dict[str, Any]:
-        """The event ``event`` of ``ref``, once it came (bounded); a request that failed instead fails the test."""
-        with anyio.move_on_after(timeout):
-            while (event, ref) not in self.events:
-                failed = self.events.get(("failed", ref))
-                if event != "failed" and failed is not None:
-                    pytest.fail(f"{self.owner}: {ref} failed: {failed['error']}: {failed['message']}")
-                if self.exited:
-                    pytest.fail(f"owner process exited {self.process.wait()}\n{self.log.read_text()[-3000:]}")
-                await anyio.sleep(0.02)
-            return self.events.pop((event, ref))
-        pytest.fail(f"{self.owner}: no {event} event for {ref} after {timeout:g}s\n{self.log.read_text()[-3000:]}")
-
-    async def start(self) -> Owner:
-        self.owner = (await self.expect("ready", timeout=90))["owner"]
-        return self
-
-    def stop(self) -> None:
-        """Ask it to quit (it closes its grids), then end it by its pid if it does not."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        with contextlib.suppress(OSError, ValueError):  # it may be gone already (killed)
-            self.send(op="quit")
-        with contextlib.suppress(OSError, ValueError):
-            self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(30)
-        self._reader.join(30)
-        self.process.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -151,27 +63,6 @@ def owners(cluster_address: str, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         for owner in started:
             owner.stop()
-
-
-async def fill(grid: Grid) -> list[gb.Boost]:
-    """Take every free CPU of the cluster with one-CPU boosts of this test's own grid."""
-    snapshot = await grid.snapshot()
-    free = int(sum(node.available.cpu for node in snapshot.alive) + 1e-9)
-    assert free >= 3, f"the session's cluster has only {free} free CPUs: a lease of another test is still held"
-    return [await grid.request_boost("cpu=1", ttl=120) for _ in range(free)]
-
-
-async def release_all(boosts: list[gb.Boost]) -> None:
-    for boost in boosts:
-        await boost.release()
-
-
-def pending_of(state: dict[str, Any], owner: Owner) -> list[dict[str, Any]]:
-    return [t for t in state["pending"] if t["owner"] == owner.owner]
-
-
-def leases_of(state: dict[str, Any], owner: Owner) -> list[dict[str, Any]]:
-    return [r for r in state["leases"] if r["owner"] == owner.owner and r["state"] == "active"]
 
 
 # -- turns across owners ---------------------------------------------------------------------------------------------
@@ -488,3 +379,236 @@ async def test_a_scheduler_with_an_older_registry_fails_a_boost_with_backend_err
             with pytest.raises(gb.BackendError, match="older gridboost-dask"):
                 await grid.request_boost("cpu=1", ttl=30, wait=10)
             assert not scheduler.plugins[REGISTRY].leases
+
+
+# -- preemption ------------------------------------------------------------------------------------------------------
+
+PREEMPT_GRACE = 3.0
+
+
+@pytest.fixture
+async def graceful(cluster_address: str, tmp_path: Path) -> AsyncIterator[list[Owner]]:
+    """Two owner processes whose grids give a preempted boost PREEMPT_GRACE seconds."""
+    options = json.dumps({"preempt_grace": PREEMPT_GRACE, "lease_grace": 1.0})
+    started = [Owner(cluster_address, tmp_path / f"graceful-{i}.log", options) for i in range(2)]
+    try:
+        for owner in started:
+            await owner.start()
+        yield started
+    finally:
+        for owner in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner.process.pid, signal.SIGCONT)  # ours, by pid: a test may have stopped it
+            await anyio.to_thread.run_sync(owner.stop)
+
+
+async def test_a_critical_request_takes_a_preemptible_low_lease_of_another_process_back_after_its_grace(
+    grid: Grid, graceful: list[Owner], dask_client: Client
+) -> None:
+    """On a full cluster a CRITICAL request of B marks A's preemptible LOW lease preempting; A's hook fires with the
+    grace, A's running work fails with BoostPreempted once the grace is over, and the scheduler then shows A's mark
+    and record gone and B's granted; a non-preemptible LOW lease is never taken (B times out, BoostUnavailable)."""
+    a, b = graceful
+    held = await fill(grid, leave=1)
+    try:
+        a.send(op="request", ref="low", resources="cpu=1", priority="low", preemptible=True, wait=30)
+        victim = await a.expect("granted", "low")
+        a.send(op="work", ref="low", count=1, seconds=60)
+        await a.expect("submitted", "low")
+        asked = time.time()
+        b.send(op="request", ref="urgent", resources="cpu=1", priority="critical", wait=30)
+        notice = await a.expect("preempted", "low")
+        assert 0 < notice["grace"] <= PREEMPT_GRACE and notice["at"] - asked < PREEMPT_GRACE
+        state = await registry(dask_client)
+        (record,) = [r for r in state["leases"] if r["id"] == victim["id"]]
+        assert record["state"] == "preempting", state
+        assert victim["id"] in (await engine_leases(dask_client))["marks"]  # still held within the grace
+        b.send(op="leases", ref="during")
+        listed = {le["id"]: le for le in (await b.expect("leases", "during"))["leases"]}
+        assert listed[victim["id"]]["state"] == "preempting", listed
+        failed = await a.expect("error", "low#0")
+        assert failed["error"] == "BoostPreempted", failed
+        assert failed["at"] - notice["at"] >= notice["grace"] - 0.5, (failed, notice)
+        granted = await b.expect("granted", "urgent")
+        latency = time.time() - asked
+        marks = (await engine_leases(dask_client))["marks"]
+        assert victim["id"] not in marks and granted["id"] in marks, marks
+        taken = (await registry(dask_client))["preempted"]
+        assert taken[victim["id"]]["preempted_for"] == granted["id"], taken
+        print(f"preemption latency request->grant {latency:.2f}s with preempt_grace={PREEMPT_GRACE:g}s")
+        assert PREEMPT_GRACE - 0.5 <= latency <= PREEMPT_GRACE + 5, latency
+        b.send(op="release", ref="urgent")
+        await b.expect("released", "urgent")
+
+        a.send(op="request", ref="kept", resources="cpu=1", priority="low", preemptible=False, wait=30)
+        kept = await a.expect("granted", "kept")
+        b.send(op="request", ref="refused", resources="cpu=1", priority="critical", wait=3)
+        failed = await b.expect("failed", "refused", timeout=30)
+        assert failed["error"] == "BoostUnavailable", failed
+        (record,) = [r for r in (await registry(dask_client))["leases"] if r["id"] == kept["id"]]
+        assert record["state"] == "active" and kept["id"] in (await engine_leases(dask_client))["marks"]
+        a.send(op="release", ref="kept")
+        await a.expect("released", "kept")
+    finally:
+        await release_all(held)
+
+
+# -- fencing ---------------------------------------------------------------------------------------------------------
+
+
+async def test_a_stopped_owners_lease_is_reaped_its_queued_work_cancelled_and_its_boost_refuses_work_after(
+    graceful: list[Owner], dask_client: Client
+) -> None:
+    """An owner SIGSTOPped past TTL + grace loses its lease on the scheduler (mark and record gone, its queued and
+    running tasks cancelled there), another owner gets the slot with a larger token; woken, a submit under its boost
+    raises BoostExpired."""
+    stopped, other = graceful
+    stopped.send(op="request", ref="short", resources="cpu=2", ttl=3, wait=30)
+    lease = await stopped.expect("granted", "short")
+    stopped.send(op="work", ref="short", count=4, seconds=60)
+    keys = (await stopped.expect("submitted", "short"))["keys"]
+
+    async def queued() -> bool:
+        return len(await call(dask_client.run_on_scheduler, _live_keys, keys)) == len(keys)
+
+    await eventually(queued, "the stopped owner's work is not on the scheduler")
+    os.kill(stopped.process.pid, signal.SIGSTOP)  # the process this test started, by its pid
+    try:
+
+        async def reaped() -> bool:
+            return lease["id"] not in (await engine_leases(dask_client))["marks"]
+
+        await eventually(reaped, "the stopped owner's lease is still marked", 3 + 1 + SETTLE)
+        assert not [r for r in (await registry(dask_client))["leases"] if r["id"] == lease["id"]]
+        assert not await call(dask_client.run_on_scheduler, _live_keys, keys)  # cancelled on the scheduler
+        other.send(op="request", ref="next", resources="cpu=2", wait=30)
+        granted = await other.expect("granted", "next")
+        assert granted["token"] > lease["token"]
+    finally:
+        os.kill(stopped.process.pid, signal.SIGCONT)
+    stopped.send(op="work", ref="short", count=1, seconds=1)
+    refused = await stopped.expect("error", "short")
+    assert refused["error"] == "BoostExpired", refused
+    other.send(op="release", ref="next")
+    await other.expect("released", "next")
+
+
+def _live_keys(keys: list[str], dask_scheduler: Any = None) -> list[str]:
+    """On the scheduler: those of ``keys`` it still means to run or holds (not released, forgotten or erred)."""
+    live = []
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        if ts is not None and ts.state not in ("released", "forgotten", "erred"):
+            live.append(key)
+    return live
+
+
+async def call(fn: Callable[..., Any], *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(lambda: fn(*args))
+
+
+# -- no double booking -----------------------------------------------------------------------------------------------
+
+#: Steps of each chaos owner: with one killed a third of the way, about 200 in all.
+CHAOS_OPS = 90
+
+
+def _sampling(dask_scheduler: Any = None) -> None:
+    """On the scheduler: check :func:`_booked` every millisecond in its own event loop (between any two of its steps,
+    so between a release and a grant too), keeping the count and what was over capacity on the scheduler object."""
+    import asyncio
+
+    found: dict[str, Any] = {"samples": 0, "over": []}
+
+    async def loop() -> None:
+        while True:
+            over = _booked(dask_scheduler)
+            found["samples"] += 1
+            if over and len(found["over"]) < 10:
+                found["over"].append(over)
+            await asyncio.sleep(0.001)
+
+    dask_scheduler.gridboost_sampler = (found, asyncio.get_running_loop().create_task(loop()))
+
+
+def _sampled(dask_scheduler: Any = None) -> dict[str, Any]:
+    """On the scheduler: stop :func:`_sampling`; what it found."""
+    found, task = dask_scheduler.gridboost_sampler
+    task.cancel()
+    del dask_scheduler.gridboost_sampler
+    return dict(found)
+
+
+def _booked(dask_scheduler: Any = None) -> list[str]:
+    """On the scheduler: each worker whose lease marks (Dask's own resource books) or whose registry leases (those
+    being released included) hold more threads than it has, named; empty when everything fits."""
+    plugin = dask_scheduler.plugins[REGISTRY]
+    over = []
+    for addr, ws in dask_scheduler.workers.items():
+        marked = sum(v for k, v in ws.resources.items() if k.startswith("gridboost-lease:") and v > 0)
+        booked = sum(
+            r["amounts"].get(addr, {}).get("cpu", 0.0) for r in [*plugin.leases.values(), *plugin._releasing.values()]
+        )
+        if marked > ws.nthreads + 1e-9 or booked > ws.nthreads + 1e-9:
+            over.append(f"{addr}: {ws.nthreads} threads, marks {marked:g}, leases {booked:g}")
+    return over
+
+
+async def test_no_two_leases_ever_share_a_thread_under_random_requests_kills_and_stops(
+    cluster_address: str, dask_client: Client, tmp_path: Path
+) -> None:
+    """Three processes make seeded random requests, releases, renewals and works (one SIGKILLed, one SIGSTOPped and
+    woken midway); at every sampled instant the scheduler's lease marks and the registry's leases fit in every
+    worker's threads, and at the end the scheduler holds no lease and no mark."""
+    chaotic = [
+        Owner(cluster_address, tmp_path / f"chaos-{seed}.log", str(seed), str(CHAOS_OPS), action="chaos")
+        for seed in (1, 2, 3)
+    ]
+    samples = 0
+    overbooked: list[list[str]] = []
+    stop = anyio.Event()
+
+    async def sample() -> None:
+        nonlocal samples
+        while not stop.is_set():
+            over = await call(dask_client.run_on_scheduler, _booked)
+            samples += 1
+            if over:
+                overbooked.append(over)
+            await anyio.sleep(0.01)
+
+    try:
+        for owner in chaotic:
+            await owner.start()
+        killed, stopped, steady = chaotic
+        await call(dask_client.run_on_scheduler, _sampling)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sample)
+            await killed.expect("step", str(CHAOS_OPS // 3), timeout=60)
+            os.kill(killed.process.pid, signal.SIGKILL)  # ours, by pid
+            await stopped.expect("step", str(CHAOS_OPS // 3), timeout=60)
+            os.kill(stopped.process.pid, signal.SIGSTOP)
+            await anyio.sleep(6)  # past the longest TTL plus lease_grace: its leases are reaped meanwhile
+            os.kill(stopped.process.pid, signal.SIGCONT)
+            for owner in (stopped, steady):
+                report = await owner.expect("report", timeout=90)
+                assert sum(report["counts"].values()) >= CHAOS_OPS - CHAOS_OPS // 3, report
+                print(f"chaos owner {owner.owner}: {report['counts']}")
+
+            async def empty() -> bool:
+                return not (await registry(dask_client))["leases"] and not (await engine_leases(dask_client))["marks"]
+
+            await eventually(empty, "a lease or a mark is left on the scheduler")
+            stop.set()
+        inside = await call(dask_client.run_on_scheduler, _sampled)
+        assert samples > 50 and not overbooked, (samples, overbooked[:3])
+        assert inside["samples"] > 1000 and not inside["over"], inside
+        taken = (await registry(dask_client))["preempted"]
+        print(
+            f"chaos: {samples} samples from the test, {inside['samples']} on the scheduler, none over capacity; {len(taken)} lease(s) preempted so far"
+        )
+    finally:
+        for owner in chaotic:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner.process.pid, signal.SIGCONT)
+            owner.stop()

@@ -28,6 +28,7 @@ import anyio
 import psutil
 
 import gridboost as gb
+from gridboost.testing import lease_chaos
 
 
 def env_var() -> str | None:
@@ -343,47 +344,12 @@ async def serve(address: str) -> None:
 
 
 async def chaos(address: str, seed: int, ops: int) -> dict[str, Any]:
-    """``ops`` seeded random steps on one grid: request a small boost (random size, priority, preemptibility, short
-    wait and TTL), release one held, or renew one held; each step's outcome is counted by what it raised."""
-    import random
-
-    rng = random.Random(seed)
-    counts: dict[str, int] = {}
-    held: list[gb.Boost] = []
-
-    def count(what: str) -> None:
-        counts[what] = counts.get(what, 0) + 1
-
+    """``ops`` seeded random steps on one grid (:func:`gridboost.testing.lease_chaos`), each step reported."""
     async with gb.Grid("ray", address=address, linger=0, preempt_grace=0.5, lease_grace=1.0) as grid:
         say("READY", pid=os.getpid())
-        for step in range(ops):
-            held = [b for b in held if b.is_active]
-            roll = rng.random()
-            try:
-                if roll < 0.5 or not held:
-                    boost = await grid.request_boost(
-                        f"slot={rng.choice((1, 1, 2))}",
-                        ttl=rng.uniform(1.5, 4.0),
-                        priority=rng.choice(("low", "normal", "high", "critical")),
-                        preemptible=rng.random() < 0.5,
-                        wait=rng.uniform(0.2, 1.5),
-                    )
-                    held.append(boost)
-                    count("granted")
-                elif roll < 0.75:
-                    await held.pop(rng.randrange(len(held))).release()
-                    count("released")
-                else:
-                    await held[rng.randrange(len(held))].renew(rng.uniform(1.5, 4.0))
-                    count("renewed")
-            except gb.GridboostError as exc:
-                count(type(exc).__name__)
-            say("STEP", step=step)
-            await anyio.sleep(rng.uniform(0.0, 0.1))
-        for boost in held:
-            if boost.is_active:
-                await boost.release()
-                count("released")
+        counts = await lease_chaos(
+            grid, seed, ops, unit="slot", work="slot=1", on_step=lambda step: say("STEP", step=step)
+        )
     return {"pid": os.getpid(), "counts": counts}
 
 

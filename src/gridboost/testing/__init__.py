@@ -7,6 +7,8 @@
   fault injection around any backend;
 - :func:`no_leaks`, :func:`snapshot`/:func:`find_leaks` and :class:`LeakError`: the leak
   check, usable without pytest;
+- :func:`lease_chaos`: a seeded random owner of leases, for no-double-booking tests of a
+  shared cluster's registry run in several processes;
 - :func:`nap`, :func:`add`, :func:`fail_with` (raising :class:`SuiteError`): the work the suite
   sends, module-level so that every engine ships it, for your own tests too;
 - :class:`Hostile` and :func:`hostile_values` (a hypothesis strategy; needs hypothesis):
@@ -25,6 +27,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._chaos import lease_chaos
     from ._faulty import Fault, FaultPlan, FaultyBackend, FaultyPlugin, InjectedFault
     from ._hooklog import HookLog
     from ._hostile import Hostile, hostile_values
@@ -50,6 +53,7 @@ _WHERE = {
     "fail_with": "_work",
     "find_leaks": "_leaks",
     "hostile_values": "_hostile",
+    "lease_chaos": "_chaos",
     "nap": "_work",
     "no_leaks": "_leaks",
     "snapshot": "_leaks",
@@ -72,6 +76,7 @@ __all__ = [
     "fail_with",
     "find_leaks",
     "hostile_values",
+    "lease_chaos",
     "nap",
     "no_leaks",
     "snapshot",

@@ -34,6 +34,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import FunctionType
 from typing import Any
 
 import anyio
@@ -388,6 +389,7 @@ class DaskBackend(Backend):
         grow_timeout: float = 60.0,
         grace: float = 2.0,
         lease_grace: float = 10.0,
+        preempt_grace: float = 10.0,
         watch_interval: float = 1.0,
         close_timeout: float = 10.0,
     ) -> None:
@@ -405,6 +407,7 @@ class DaskBackend(Backend):
         self._grow_timeout = seconds("grow_timeout", grow_timeout)
         self._grace = seconds("grace", grace)
         lease_grace = seconds("lease_grace", lease_grace)
+        preempt_grace = seconds("preempt_grace", preempt_grace, allow_zero=True)
         self._watch_interval = seconds("watch_interval", watch_interval)
         self._close_timeout = seconds("close_timeout", close_timeout)
         if self._target.kind != "embedded":
@@ -434,7 +437,9 @@ class DaskBackend(Backend):
         self._gatherer: _Gatherer = None  # type: ignore[assignment]  # made with the client, at start
         self._canceller: _Canceller = None  # type: ignore[assignment]  # made with the client, at start
         self._worker: Any = None  # the _worker module, imported at start (it imports distributed)
-        self._registry = _leases.Registry(session=self.session, backend=self.name, grace=lease_grace)
+        self._registry = _leases.Registry(
+            session=self.session, backend=self.name, grace=lease_grace, preempt_grace=preempt_grace
+        )
         self._growth = _leases.Growth(
             self._registry,
             n_workers=self._n_workers,
@@ -487,12 +492,13 @@ class DaskBackend(Backend):
             raise GridClosed("a DaskBackend starts once; make a new one")
         import cloudpickle  # type: ignore[import-untyped]
 
-        from . import _worker
+        from . import _placing, _worker
 
         _follow_distributed_level()
         # Scheduler and workers need not have gridboost-dask (nor gridboost) installed: what runs there of it travels
         # by value.
         cloudpickle.register_pickle_by_value(_worker)
+        cloudpickle.register_pickle_by_value(_placing)
         cloudpickle.register_pickle_by_value(worker_command)
         cloudpickle.register_pickle_by_value(worker_leases)
         cloudpickle.register_pickle_by_value(worker_chunk)
@@ -617,6 +623,8 @@ class DaskBackend(Backend):
                 if status == "taken":
                     raise InvalidRequest(f"{what}: {answer.get('why', 'another owner holds a lease of this id')}")
                 pause = min(pause * 2, _POLL_MAX)
+                if status == "quota" and request.wait == 0:  # wait=0: the quota's answer is the answer
+                    raise QuotaExceeded(f"boost {request.id} ({request.resources}) was not granted: {answer['why']}")
                 if status in ("wait", "quota"):  # others' turn first, or our tenant's quota: ask again
                     continue
                 missing = Resources.coerce(_leases.from_amounts(answer.get("missing") or {}))
@@ -718,7 +726,7 @@ class DaskBackend(Backend):
         return [
             _leases.pending_lease(record) if record["state"] == "pending" else _leases.lease(record)
             for record in records
-            if record["state"] in ("active", "pending")
+            if record["state"] in ("active", "pending", "preempting")
         ]
 
     async def renew_lease(self, lease_id: str, ttl: float) -> Lease:
@@ -748,31 +756,24 @@ class DaskBackend(Backend):
             )
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
-        """Poll the registry: a lease of ours that it marks ``lost`` (a worker left) or no longer has is reported."""
+        """Poll the registry: a lease of ours it takes back for another owner is reported once as ``BoostPreempted``
+        (with the grace left), one it marks ``lost`` (a worker left) or no longer has as ``BackendError``."""
         reported: set[str] = set()
         while True:
             await anyio.sleep(self._watch_interval)
             if self._conn is None or self._closed:
                 return
+            reported &= self._held
             try:
-                records = await self._registry.records()
+                notices = await self._registry.notices(sorted(self._held - reported))
             except Exception as exc:  # the scheduler may be back in a moment; the next round asks again
                 _log.warning("the Dask backend could not read its leases: %s: %s", type(exc).__name__, exc)
                 continue
-            ours = {r["id"]: r for r in records if self._registry.ours(r)}
-            for boost_id in list(self._held):
-                record = ours.get(boost_id)
-                if boost_id in reported or (record is not None and record["state"] != "lost"):
-                    continue
-                if boost_id not in self._held:  # released while we looked
+            for boost_id, error in notices.items():
+                if boost_id not in self._held or boost_id in reported:  # released while we looked
                     continue
                 reported.add(boost_id)
-                why = (
-                    record["lost"]
-                    if record is not None
-                    else "the scheduler no longer holds it (released by another process, reaped, or restarted)"
-                )
-                await lost(boost_id, BackendError(f"Dask lost the lease: {why}"))
+                await lost(boost_id, error)
 
     # -- running -------------------------------------------------------------------------------------------------------
 
@@ -783,7 +784,10 @@ class DaskBackend(Backend):
         resources = task.resources
         if resources.gpu_memory or (resources.custom and not _OWN_NAMES.isdisjoint(resources.custom)):
             _to_dask(resources, f"task {task.name}")
-        self._sendable(task.target)
+        target = task.target
+        if type(target) is FunctionType and target.__module__ == worker_leases.__name__:
+            return  # sent by name, called as the worker's own (see _prepare)
+        self._sendable(target)
 
     async def run(
         self, task: TaskSpec, reservation: Reservation | None, *, on_start: Callable[[], None] | None = None
@@ -881,10 +885,15 @@ class DaskBackend(Backend):
             fn: Any = self._worker.run_command
             args: tuple[Any, ...] = (target.argv, dict(target.env) if target.env else None, target.cwd, self._grace)
             kwargs: Mapping[str, Any] = {}
-        elif task.kwargs and not _SUBMIT_NAMES.isdisjoint(task.kwargs):
-            fn, args, kwargs = self._worker.call, (target, task.args, dict(task.kwargs)), {}
         else:
             fn, args, kwargs = target, task.args, task.kwargs
+            if type(target) is FunctionType and target.__module__ == worker_leases.__name__:
+                # gridboost.current_lease: called as the worker's own (see _worker.named), never sent by value.
+                fn, args = self._worker.named, (target.__module__, target.__qualname__, *args)
+            if kwargs and not _SUBMIT_NAMES.isdisjoint(kwargs):
+                fn, args, kwargs = self._worker.call, (fn, args, dict(kwargs)), {}
+            if reservation is not None:  # current_lease() names the boost there; the no-boost path stays as it is
+                fn, args = self._worker.in_lease, (reservation.id, reservation.token, fn, *args)
         key = (task.resources, reservation, task.retries, task.priority)
         options = self._options.get(key)
         if options is None:
@@ -945,6 +954,8 @@ _OPTIONS = {
     "grow_timeout": "seconds to wait for new workers when a boost grows the cluster (default 60)",
     "grace": "seconds between SIGTERM and SIGKILL when a command is cancelled (default 2)",
     "lease_grace": "seconds the scheduler keeps a lease past its TTL, or after its owner left (default 10)",
+    "preempt_grace": "seconds a preemptible boost of this process's has to finish its work once the scheduler's lease "
+    "registry takes it back for another owner's request of higher priority (default 10; 0: at once)",
     "watch_interval": "seconds between two looks for leases Dask lost (default 1)",
     "close_timeout": "seconds to wait for a cancel, a release (until no worker shows the lease), the engine to show "
     "nothing of the grid at close, or the cluster's close (default 10: within the grid's teardown_timeout, so that "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from gridboost import Lease, Quota, Resources
 from gridboost.abc import ReservationRequest
 from gridboost.backend_kit import amounts as flat_amounts
 from gridboost.backend_kit import lease_from_record, owner_name, shown
-from gridboost.exceptions import BackendError, BoostUnavailable
+from gridboost.exceptions import BackendError, BoostPreempted, BoostUnavailable
 
 from ._errors import map_errors
 
@@ -46,6 +47,7 @@ __all__ = [
     "held_on_workers",
     "lease",
     "lease_amounts",
+    "notice_error",
     "pending_lease",
 ]
 
@@ -113,8 +115,31 @@ def from_flat(amounts: Mapping[str, float]) -> Resources:
 
 
 def lease(record: Mapping[str, Any]) -> Lease:
-    """A registry record as a :class:`gridboost.Lease` (active, whatever the registry's own state: granting, lost)."""
-    return lease_from_record(record, backend="dask", state="active")
+    """A registry record as a :class:`gridboost.Lease`: ``preempting`` when the registry is taking it back, else
+    active (whatever the registry's own state: granting, lost)."""
+    return lease_from_record(
+        record, backend="dask", state="preempting" if record.get("state") == "preempting" else "active"
+    )
+
+
+def notice_error(lease_id: str, notice: Mapping[str, Any], now: float | None = None) -> BaseException:
+    """What an owner's watch reports of a lease the registry's notice (``LeaseRegistry.notices``) names: being taken
+    back (``BoostPreempted``, its grace what is left until ``preempt_at``), taken back already (grace 0), lost (a worker
+    left) or gone (released by another process, reaped, the scheduler restarted)."""
+    now = time.time() if now is None else now
+    state = notice["state"]
+    if state in ("preempting", "preempted"):
+        grace = max(0.0, float(notice["preempt_at"]) - now) if state == "preempting" else 0.0
+        return BoostPreempted(
+            f"boost {lease_id} was preempted: the Dask scheduler's lease registry takes it back for request "
+            f"{notice.get('preempted_for')} of another owner",
+            grace=grace,
+        )
+    why = notice.get("lost") if state == "lost" else ""
+    return BackendError(
+        "Dask lost the lease: "
+        + (why or "the scheduler no longer holds it (released by another process, reaped, or restarted)")
+    )
 
 
 def pending_lease(record: Mapping[str, Any]) -> Lease:
@@ -136,10 +161,12 @@ def held_on_workers(records: Sequence[Mapping[str, Any]]) -> dict[str, Amounts]:
 class Registry:
     """This process's side of the scheduler's lease registry; each coroutine crosses over to Dask's loop itself."""
 
-    def __init__(self, *, session: str, backend: str, grace: float) -> None:
+    def __init__(self, *, session: str, backend: str, grace: float, preempt_grace: float = 10.0) -> None:
         self.session = session
         self.backend = backend
         self.grace = grace
+        #: Seconds a lease of this backend's has, once the registry takes it back for another owner, before it goes.
+        self.preempt_grace = preempt_grace
         self.owner = owner_name()
         self.client: Any = None  # the distributed.Client, given at connect
         self._call: Call = _unconnected
@@ -175,6 +202,7 @@ class Registry:
             "total": flat_amounts(resources),
             "tenant": request.tenant,
             "preemptible": request.preemptible,
+            "preempt_grace": self.preempt_grace,
         }
 
     def ticket(self, request: ReservationRequest, name: str, requested_at: float) -> dict[str, Any]:
@@ -269,6 +297,15 @@ class Registry:
             timeout=float(timeout),
         )
         return list(remains)
+
+    async def notices(self, ids: Sequence[str]) -> dict[str, BaseException]:
+        """Of this backend's leases ``ids``, those the registry no longer simply holds for it, each with the error its
+        watch reports (:func:`notice_error`)."""
+        if not ids:
+            return {}
+        notices = await self._call(self.client.scheduler.gridboost_notices, session=self.session, ids=list(ids))
+        now = time.time()
+        return {lease_id: notice_error(lease_id, notice, now) for lease_id, notice in notices.items()}
 
     async def extend(self, name: str, ttl: float) -> bool:
         return bool(await self._call(self.client.scheduler.gridboost_extend, name=name, ttl=float(ttl)))

@@ -35,6 +35,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from gridboost.worker_command import run
 from gridboost.worker_leases import Arbiter
 
+from ._placing import add, fits, missing, place, split
+
 if TYPE_CHECKING:
     from distributed import Scheduler, Worker
 
@@ -44,6 +46,8 @@ __all__ = [
     "LeaseRegistry",
     "call",
     "drop_lease_resource",
+    "in_lease",
+    "named",
     "ours_on_worker",
     "run_command",
     "set_lease_resource",
@@ -60,6 +64,12 @@ _EPS = 1e-9
 _SETTLE_POLL = 0.1
 # Worker task states in which a task will never again ask for its resources here.
 _SETTLED = frozenset({"memory", "error", "released", "forgotten"})
+#: Seconds past a preempted lease's ``preempt_at`` before the registry removes it itself: its owner, told the grace,
+#: stops its work with BoostPreempted and gives the lease back at ``preempt_at``; the registry fences only an owner that
+#: did not (stopped, stuck), cancelling its tasks. (Ray's lease keeper waits as long.)
+PREEMPT_SLACK = 1.0
+# How many leases taken back the registry remembers (for their owners' watch, and tests).
+_PREEMPTED_KEPT = 1000
 
 Amounts = dict[str, float]
 
@@ -112,6 +122,31 @@ def call(fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     return fn(*args, **kwargs)
 
 
+def in_lease(lease_id: str, token: int, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` with ``gridboost.current_lease()`` saying ``(lease_id, token)`` on this worker.
+
+    The worker's *installed* :func:`gridboost.worker_leases.in_lease`, imported when the task runs: shipped by value,
+    gridboost's own would carry a copy of its context variable, which cannot be pickled (and is not the one user code
+    reads). A worker without gridboost has nothing that could ask, and ``fn`` runs as it is.
+    """
+    try:
+        from gridboost.worker_leases import in_lease as installed
+    except ImportError:
+        return fn(*args, **kwargs)
+    return installed(lease_id, token, fn, *args, **kwargs)
+
+
+def named(module: str, qualname: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Call the worker's installed ``module.qualname`` (``gridboost.current_lease``): a function of a module shipped by
+    value would run as a copy reading state of its own (a context variable, which cannot even be pickled)."""
+    import importlib
+
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target(*args, **kwargs)
+
+
 # -- on workers: commands -------------------------------------------------------------------------------------------
 
 
@@ -155,62 +190,6 @@ def run_command(
 # -- on the scheduler: the lease registry ---------------------------------------------------------------------------
 
 
-def _fits(amounts: Mapping[str, float], room: Mapping[str, float]) -> bool:
-    return all(value <= room.get(key, 0.0) + _EPS for key, value in amounts.items() if value)
-
-
-def _add(into: Amounts, amounts: Mapping[str, float], sign: float = 1.0) -> None:
-    for key, value in amounts.items():
-        into[key] = into.get(key, 0.0) + sign * value
-
-
-def _missing(amounts: Mapping[str, float], room: Mapping[str, float]) -> Amounts:
-    return {k: v - room.get(k, 0.0) for k, v in amounts.items() if v > room.get(k, 0.0) + _EPS}
-
-
-def split(amounts: Mapping[str, float], strategy: str, one_node: bool) -> list[Amounts]:
-    """The bundles of a lease, as for Ray's placement groups.
-
-    ``strict_pack`` (and ``pack`` when one worker could hold it all): one bundle. Otherwise ``k`` equal bundles, ``k``
-    being the lease's whole CPUs (its whole GPUs when it has no CPU; at least 1); memory stays in whole bytes.
-    """
-    if strategy == "strict_pack" or (strategy == "pack" and one_node):
-        return [dict(amounts)]
-    cpu, gpu = amounts.get("cpu", 0.0), amounts.get("GPU", 0.0)
-    k = max(1, int(cpu) if cpu >= 1 else int(gpu))
-    bundles: list[Amounts] = [{} for _ in range(k)]
-    for key, value in amounts.items():
-        if key == "memory":
-            base, extra = divmod(int(value), k)
-            for i, bundle in enumerate(bundles):
-                bundle[key] = float(base + (i < extra))
-        else:
-            for bundle in bundles:
-                bundle[key] = value / k
-    return bundles
-
-
-def place(bundles: list[Amounts], rooms: Mapping[str, Amounts], strategy: str) -> list[str] | None:
-    """A worker for each bundle, or ``None``: pack fills the fullest worker first, spread uses each once first."""
-    left = {addr: dict(room) for addr, room in rooms.items()}
-    chosen: list[str] = []
-    for bundle in bundles:
-        fitting = [addr for addr, room in left.items() if _fits(bundle, room)]
-        if strategy == "strict_spread":
-            fitting = [addr for addr in fitting if addr not in chosen]
-        if not fitting:
-            return None
-        if strategy in ("spread", "strict_spread"):
-            # Least used by this lease, then most room: spread out.
-            addr = min(fitting, key=lambda a: (chosen.count(a), -left[a].get("cpu", 0.0), a))
-        else:
-            # Already used by this lease, then least room that fits: pack tight.
-            addr = min(fitting, key=lambda a: (a not in chosen, left[a].get("cpu", 0.0), a))
-        chosen.append(addr)
-        _add(left[addr], bundle, -1.0)
-    return chosen
-
-
 class LeaseRegistry(SchedulerPlugin):
     """gridboost's leases, held by the scheduler (see the module docstring). Registered idempotently by name."""
 
@@ -229,6 +208,12 @@ class LeaseRegistry(SchedulerPlugin):
         self.arbiter = Arbiter()
         # Set (and replaced) whenever a waiting request may get through now; made in the scheduler's loop, at start.
         self._changed: asyncio.Event | None = None
+        # Leases removed from the books whose marks are being dropped: their capacity is still booked until then, so
+        # no grant can overlap a mark that still lets their queued tasks start.
+        self._releasing: dict[str, dict[str, Any]] = {}
+        #: Leases taken back for other owners' requests, by name: when, for which request, and whether this registry
+        #: removed it itself (``fenced``: its owner had not given it back by ``preempt_at``). The last ones only.
+        self.preempted: dict[str, dict[str, Any]] = {}
 
     # -- plugin hooks --------------------------------------------------------------------------------------------------
 
@@ -249,6 +234,7 @@ class LeaseRegistry(SchedulerPlugin):
                 "gridboost_set_quota": self.set_quota,
                 "gridboost_quotas": self.quotas,
                 "gridboost_over_quota": self.over_quota,
+                "gridboost_notices": self.notices,
             }
         )
         callback = PeriodicCallback(self.reap, self.interval * 1000)
@@ -343,10 +329,10 @@ class LeaseRegistry(SchedulerPlugin):
             room.update({k: float(v) for k, v in ws.resources.items() if not k.startswith(LEASE_PREFIX)})
             rooms[addr] = room
         if free:
-            for lease in self.leases.values():
+            for lease in [*self.leases.values(), *self._releasing.values()]:
                 for addr, amounts in lease["amounts"].items():
                     if addr in rooms:
-                        _add(rooms[addr], amounts, -1.0)
+                        add(rooms[addr], amounts, -1.0)
         return rooms
 
     async def reserve(
@@ -394,18 +380,18 @@ class LeaseRegistry(SchedulerPlugin):
         if not totals:
             self._leave(name)
             return {"status": "never", "why": "no running worker matches", "missing": amounts}
-        one_node = any(_fits(amounts, room) for room in totals.values())
+        one_node = any(fits(amounts, room) for room in totals.values())
         bundles = split(amounts, strategy, one_node)
         if place(bundles, totals, strategy) is None:
             whole: Amounts = {}
             for room in totals.values():
-                _add(whole, room)
+                add(whole, room)
             why = (
                 f"no set of the {len(totals)} matching workers could ever hold its bundles {bundles} "
                 f"(strategy {strategy})"
             )
             self._leave(name)
-            return {"status": "never", "why": why, "missing": _missing(amounts, whole)}
+            return {"status": "never", "why": why, "missing": missing(amounts, whole)}
         if ticket is not None:
             # The granted leases matter only to a quota: with none set, no pass over every lease on each ask.
             turn = self.arbiter.ask({**ticket, "id": name}, self._granted() if self.arbiter.quotas else [])
@@ -413,14 +399,16 @@ class LeaseRegistry(SchedulerPlugin):
                 return turn
         rooms = self._rooms(candidates, free=True)
         chosen = place(bundles, rooms, strategy)
+        if chosen is None and ticket is not None:
+            self._preempt_for(name, ticket, bundles, strategy, rooms)
         if chosen is None:
             free: Amounts = {}
             for room in rooms.values():
-                _add(free, {k: max(0.0, v) for k, v in room.items()})
-            return {"status": "busy", "missing": _missing(amounts, free), "free": free}
+                add(free, {k: max(0.0, v) for k, v in room.items()})
+            return {"status": "busy", "missing": missing(amounts, free), "free": free}
         per_worker: dict[str, Amounts] = {}
         for addr, bundle in zip(chosen, bundles, strict=True):
-            _add(per_worker.setdefault(addr, {}), bundle)
+            add(per_worker.setdefault(addr, {}), bundle)
         # Recorded before the first await: from here on no other lease can take this capacity, and a release finds it.
         record = {
             **lease,
@@ -432,6 +420,7 @@ class LeaseRegistry(SchedulerPlugin):
             "expires_at": time.time() + lease["ttl"],
             # Taken before the first await: tokens grow in the order leases are placed.
             "token": self.arbiter.token(),
+            "granted_at": time.time(),
             "requested_at": float(ticket["requested_at"]) if ticket is not None else time.time(),
         }
         self.leases[name] = record
@@ -469,8 +458,14 @@ class LeaseRegistry(SchedulerPlugin):
             left = await self._unmark(name, self._marked(name)) if wait else self._marked(name)
             return {"released": False, "marked": await self._until_unmarked(name, left, wait)}
         del self.leases[name]
-        self._notify()  # room, and quota, for the request whose turn it is
-        left = await self._unmark(name, list(record["slots"]))
+        if record["state"] == "preempting":  # given back within its grace (or fenced: _take_back says so after)
+            self._remember_preempted(name, record, fenced=False)
+        self._releasing[name] = record
+        try:
+            left = await self._unmark(name, list(record["slots"]))
+        finally:
+            del self._releasing[name]
+            self._notify()  # room, and quota, for the request whose turn it is
         return {"released": True, "marked": await self._until_unmarked(name, left, wait)}
 
     async def _until_unmarked(self, name: str, addrs: list[str], wait: float) -> list[str]:
@@ -561,6 +556,113 @@ class LeaseRegistry(SchedulerPlugin):
         records = [dict(record) for record in self.leases.values()]
         return records + self.pending() if pending else records
 
+    # -- preemption and fencing ---------------------------------------------------------------------------------------
+
+    def _preempt_for(
+        self,
+        name: str,
+        ticket: Mapping[str, Any],
+        bundles: Sequence[Amounts],
+        strategy: str,
+        rooms: Mapping[str, Amounts],
+    ) -> None:
+        """Mark the leases to take back so that request ``name`` (its turn, no room) fits, if any may be taken."""
+        if any(r.get("preempted_for") == ticket.get("lease", name) for r in self.leases.values()):
+            return  # its victims are being taken back: none more until they are gone
+        pool = [
+            {
+                "id": key,
+                "owner": r["owner"],
+                "priority": r["priority"],
+                "preemptible": r.get("preemptible", False),
+                "state": r["state"],
+                "granted_at": r.get("granted_at", 0.0),
+            }
+            for key, r in self.leases.items()
+            if r.get("preemptible") and r["state"] == "active"
+        ]
+        if not pool:
+            return
+
+        def frees(chosen: list[Mapping[str, Any]]) -> bool:
+            room = {addr: dict(free) for addr, free in rooms.items()}
+            for victim in chosen:
+                for addr, amounts in self.leases[victim["id"]]["amounts"].items():
+                    if addr in room:
+                        add(room[addr], amounts)
+            return place(bundles, room, strategy) is not None
+
+        victims = Arbiter.victims({**ticket, "id": name}, pool, frees)
+        now = time.time()
+        for victim in victims or ():
+            record = self.leases[victim["id"]]
+            record["state"] = "preempting"
+            record["preempt_at"] = now + float(record.get("preempt_grace", 10.0))
+            record["preempted_for"] = ticket.get("lease", name)
+            _log.info(
+                "gridboost: taking lease %s of %s back for request %s of %s in %.3gs",
+                record["id"],
+                record["owner"],
+                record["preempted_for"],
+                ticket.get("owner"),
+                record["preempt_at"] - now,
+            )
+
+    def _remember_preempted(self, name: str, record: Mapping[str, Any], fenced: bool) -> None:
+        self.preempted[name] = {
+            "id": record["id"],
+            "owner": record["owner"],
+            "preempt_at": record.get("preempt_at", 0.0),
+            "preempted_for": record.get("preempted_for", ""),
+            "gone_at": time.time(),
+            "fenced": fenced,
+        }
+        while len(self.preempted) > _PREEMPTED_KEPT:
+            del self.preempted[next(iter(self.preempted))]
+
+    def notices(self, session: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Of a backend's leases (by id), those that are not simply held: ``preempting`` (with ``preempt_at`` and
+        ``preempted_for``), ``preempted`` (taken back already), ``lost`` (with why) or ``gone``: what its watch asks."""
+        out: dict[str, dict[str, Any]] = {}
+        for lease_id in ids:
+            name = f"{LEASE_PREFIX}{session}:{lease_id}"
+            record = self.leases.get(name)
+            if record is None:
+                taken = self.preempted.get(name)
+                out[lease_id] = {**taken, "state": "preempted"} if taken is not None else {"state": "gone"}
+            elif record["state"] in ("preempting", "lost"):
+                out[lease_id] = {k: record.get(k) for k in ("state", "lost", "preempt_at", "preempted_for")}
+        return out
+
+    def _cancel_work(self, name: str, why: str) -> int:
+        """Cancel, on the scheduler, every task not yet done whose resource restrictions name lease ``name``: what
+        is queued never starts (a running one's worker is told; a command stops its process); how many."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        by_client: dict[str, list[Any]] = {}
+        for key, ts in scheduler.tasks.items():
+            if ts.state in ("memory", "erred", "released", "forgotten") or not ts.who_wants:
+                continue
+            if name in (ts.resource_restrictions or {}):
+                by_client.setdefault(next(iter(ts.who_wants)).client_key, []).append(key)
+        for client, keys in by_client.items():
+            scheduler.stimulus_cancel(keys, client, force=True, reason="gridboost", msg=_cut(why))
+        return sum(len(keys) for keys in by_client.values())
+
+    async def _fence(self, name: str, why: str) -> None:
+        """Remove a lease on this registry's own decision: its engine work is cancelled, then its marks go."""
+        record = self.leases.get(name)
+        if record is None:
+            return
+        _log.info("gridboost: removing lease %s of %s: %s", record["id"], record["owner"], why)
+        cancelled = self._cancel_work(name, f"lease {record['id']} was removed: {why}")
+        if cancelled:
+            _log.info("gridboost: cancelled %d task(s) of lease %s", cancelled, record["id"])
+        preempting = record["state"] == "preempting"
+        await self.release(name)
+        if preempting:
+            self._remember_preempted(name, record, fenced=True)
+
     # -- marks on workers ----------------------------------------------------------------------------------------------
 
     async def _run_on(self, addrs: Sequence[str], fn: Any, *args: Any) -> dict[str, tuple[bool, Any]]:
@@ -636,11 +738,16 @@ class LeaseRegistry(SchedulerPlugin):
         for name, record in list(self.leases.items()):
             gone = None if record.get("detached") else self._gone.get(record["client"])
             late = now > record["expires_at"] + record["grace"]
-            if late or (gone is not None and now > gone + record["grace"]):
-                why = "its TTL and grace passed" if late else f"its owner {record['owner']} disconnected"
-                _log.info("gridboost: reaping lease %s of %s: %s", record["id"], record["owner"], why)
+            taken = record["state"] == "preempting" and now >= record["preempt_at"] + PREEMPT_SLACK
+            if late or taken or (gone is not None and now > gone + record["grace"]):
+                if taken:
+                    why = f"taken back for request {record['preempted_for']}; its owner did not give it back in time"
+                elif late:
+                    why = "its TTL and grace passed"
+                else:
+                    why = f"its owner {record['owner']} disconnected"
                 with contextlib.suppress(Exception):  # the next round tries again
-                    await self.release(name)
+                    await self._fence(name, why)
         clients = {record["client"] for record in self.leases.values()}
         self._gone = {c: t for c, t in self._gone.items() if c in clients}
         if self.arbiter.sweep():  # owners that stopped asking: those behind them move up
@@ -653,7 +760,8 @@ class LeaseRegistry(SchedulerPlugin):
         stale: dict[str, list[str]] = {}
         for addr, ws in scheduler.workers.items():
             for name in ws.resources:
-                if name.startswith(LEASE_PREFIX) and name not in self.leases and name not in self._marking:
+                known = (self.leases, self._marking, self._releasing)
+                if name.startswith(LEASE_PREFIX) and not any(name in books for books in known):
                     stale.setdefault(name, []).append(addr)
         for name, addrs in stale.items():
             with contextlib.suppress(Exception):

@@ -599,7 +599,7 @@ class RayBackend(Backend):
                     return reused
             while True:
                 with map_errors(what):
-                    await self._until_turn(ticket)
+                    await self._until_turn(ticket, request)
                     if self._lingering.idle:
                         await self._make_room(request)
                 placed = await self._place(request, ticket)
@@ -643,10 +643,12 @@ class RayBackend(Backend):
         self._held[request.id] = reservation
         return reservation
 
-    async def _until_turn(self, ticket: dict[str, Any]) -> None:
-        """Ask the keeper until it is ``ticket``'s turn; each ask waits (up to ``_TURN_HOLD``) for a change."""
-        while (await self._keeper("ask", ticket, _TURN_HOLD))["status"] != "turn":
-            pass
+    async def _until_turn(self, ticket: dict[str, Any], request: ReservationRequest) -> None:
+        """Ask the keeper until it is ``ticket``'s turn; each ask waits (up to ``_TURN_HOLD``) for a change. With
+        ``wait=0`` a quota that holds the request back is the answer: ``QuotaExceeded`` at once."""
+        while (answer := await self._keeper("ask", ticket, _TURN_HOLD))["status"] != "turn":
+            if answer["status"] == "quota" and request.wait == 0:
+                raise QuotaExceeded(f"boost {request.id} ({request.resources.human()}) is held back: {answer['why']}")
 
     async def _place(self, request: ReservationRequest, ticket: dict[str, Any]) -> Reservation | None:
         """Make the request's group, wait until Ray places it, and record the grant; ``None`` (and no group) when
