@@ -301,3 +301,18 @@ def test_run_command_takes_anything(
 
     _on(portal, run)
     _still_works(portal, grid)
+
+
+@pytest.mark.anyio
+async def test_a_value_whose_eq_raises_is_refused_with_invalid_request_where_a_word_is_expected() -> None:
+    """``where``, ``strategy`` and the local ``executor`` compare words only with strings (hypothesis found one)."""
+    from gridboost.testing import Hostile
+
+    with pytest.raises(gb.InvalidRequest, match="executor must be"):
+        gb.Grid(executor=Hostile())
+    async with gb.Grid(capacity="cpu=2") as grid:
+        with pytest.raises(gb.InvalidRequest, match="where must be"):
+            await grid.offload(sum, [1], where=Hostile())  # type: ignore[arg-type]
+        with pytest.raises(gb.InvalidRequest, match="strategy must be one of"):
+            await grid.request_boost("cpu=1", ttl=5, strategy=Hostile())  # type: ignore[typeddict-item]
+        assert await grid.offload(sum, [1, 2]) == 3

@@ -131,7 +131,7 @@ class BoostBook:
         amount = Resources.coerce(resources)
         if not amount:
             raise InvalidRequest("a boost must ask for some resources, got none")
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {shown(strategy)}")
         level = priority_of(request.get("priority", Priority.NORMAL))
         if nodes is not None:

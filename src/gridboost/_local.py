@@ -102,7 +102,8 @@ class LocalBackend(Backend):
         grace: float = 2.0,
         close_timeout: float = 10.0,
     ) -> None:
-        if executor not in ("thread", "process"):
+        # A str first: `in` would call a hostile value's own __eq__.
+        if not isinstance(executor, str) or executor not in ("thread", "process"):
             raise InvalidRequest(f"executor must be 'thread' or 'process', got {shown(executor)}")
         if max_workers is not None:
             whole("max_workers", max_workers, 1)

@@ -19,7 +19,8 @@ __all__ = ["Placement", "TaskSpec", "check_target"]
 
 
 def _where(value: object) -> object:
-    if value in ("auto", "local", "cluster") or isinstance(value, Boost):  # a Boost is the one non-string place
+    # A str first: `in` would call a hostile value's own __eq__. A Boost is the one place that is not a string.
+    if isinstance(value, Boost) or (isinstance(value, str) and value in ("auto", "local", "cluster")):
         return value
     raise InvalidRequest(f"where must be 'auto', 'local', 'cluster' or a Boost, got {shown(value)}")
 
