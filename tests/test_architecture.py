@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "gridboost"
 # live beside services (Pressure beside the monitor); services reach hookspecs through the plugin manager.
 TYPE_ONLY_OK = "gridboost.hookspecs"
 # What sits above the facade, or beside it, and may import it.
-ABOVE_THE_FACADE = {"gridboost", "gridboost._cli", "gridboost._demo"}
+ABOVE_THE_FACADE = {"gridboost", "gridboost._cli", "gridboost._demo", "gridboost._sync"}
 RECORDS = {"gridboost._records", "gridboost._resources", "gridboost._spec", "gridboost._text", "gridboost.exceptions"}
 SERVICES = {
     "gridboost._advisor",

@@ -178,9 +178,9 @@ def test_nvml_bindings_import_without_warnings() -> None:
 def test_testing_all_names_every_export() -> None:
     """``gridboost.testing.__all__`` lists names that all resolve, lazily, to the real objects."""
     import gridboost.testing as testing
-    from gridboost.testing import _chaos, _faulty, _hooklog, _hostile, _leaks, _probe, _suite, _work
+    from gridboost.testing import _chaos, _executor_suite, _faulty, _hooklog, _hostile, _leaks, _probe, _suite, _work
 
-    modules = (_chaos, _faulty, _hooklog, _hostile, _leaks, _probe, _suite, _work)
+    modules = (_chaos, _executor_suite, _faulty, _hooklog, _hostile, _leaks, _probe, _suite, _work)
     for name in testing.__all__:
         value = getattr(testing, name)
         assert any(getattr(module, name, None) is value for module in modules), name

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import abc, exceptions, hookspecs
 from ._advisor import OffloadRecommendation, ResourceMatch
 from ._boost import Boost, current_boost
@@ -57,6 +60,13 @@ from .exceptions import (
 )
 from .worker_leases import CurrentLease, current_lease
 
+if TYPE_CHECKING:
+    from ._futures import GridExecutor
+    from ._sync import Executor
+
+#: Names whose modules import ``concurrent.futures``: loaded on first use, as most programs never touch them.
+_LAZY = {"Executor": "._sync", "GridExecutor": "._futures"}
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -76,9 +86,11 @@ __all__ = [
     "CommandNotFound",
     "CommandResult",
     "CurrentLease",
+    "Executor",
     "GpuReading",
     "Grid",
     "GridClosed",
+    "GridExecutor",
     "GridboostError",
     "InvalidRequest",
     "InvalidResources",
@@ -136,3 +148,14 @@ def _show_as_public() -> None:
 
 _show_as_public()
 del _show_as_public
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gridboost' has no attribute {name!r}")
+    from ._public import show_as_public
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    show_as_public(value, name, __name__)
+    globals()[name] = value
+    return value

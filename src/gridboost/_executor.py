@@ -256,12 +256,11 @@ class Executor:
         """One attempt, as the backend's own coroutine (no frame of ours in the await chain)."""
         placement = run.placement
         assert placement is not None
-        if placement.boost is not None:
-            return self._runtime.backend.run(run.sent, placement.boost.reservation)
-        if placement.kind == "local":
+        if placement.kind == "local" and placement.boost is None:
             # Only here does work wait for capacity where it can be moved before it starts.
             return self._runtime.host.run(run.sent, None, on_start=run.mark_started)
-        return self._runtime.backend.run(run.sent, None)
+        run.mark_started()  # handed to the engine: it may queue there, but it no longer moves
+        return self._runtime.backend.run(run.sent, None if placement.boost is None else placement.boost.reservation)
 
     async def _attempts(self, run: Run) -> Any:
         """Attempts until one succeeds or ``retries`` are spent (the backend's own count, if it retries)."""

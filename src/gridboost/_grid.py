@@ -12,7 +12,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Itera
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
 
 from . import _teardown
 from ._advisor import OffloadRecommendation, scan_processes
@@ -35,6 +35,9 @@ from ._runtime import Runtime, Setting, Settings
 from ._task import TaskHandle, TaskMap
 from .abc import Backend
 from .exceptions import GridClosed, InvalidRequest
+
+if TYPE_CHECKING:
+    from ._futures import GridExecutor
 
 __all__ = ["Grid"]
 
@@ -147,10 +150,8 @@ class Grid:
         return await self._lifetime.__aexit__(exc_type, exc, tb)
 
     async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
-        """Enter ``cm`` now and exit it at teardown, after the work stopped, in reverse order.
-
-        Each is closed on its own, bounded by ``teardown_timeout``: one that hangs or fails
-        is named in the ``TeardownError`` and the others still close."""
+        """Enter ``cm`` now; exit it at teardown, after the work stopped, in reverse order, each bounded by
+        ``teardown_timeout``: one that hangs or fails is named in the ``TeardownError``, and the others still close."""
         self._runtime.check_open()
         return await self._app.enter(cm)
 
@@ -188,16 +189,14 @@ class Grid:
         return self._dispatch.cluster.free if self._runtime.remote else None
 
     async def pressure(self) -> Pressure:
-        """This machine's pressure: the latest reading (the first call starts the monitor and waits for one).
-
+        """This machine's pressure: the latest reading (the first call starts the monitor and waits for one);
         ``ProbeError`` when there is none: the probe failed, or gave none in time."""
         self._runtime.check_open()
         return await self._monitor.current()
 
     def pressure_changes(self, *, buffer: int = 16) -> PressureChanges:
-        """``async for p in grid.pressure_changes():`` each change of level or of which dimensions are high.
-
-        Keeps the newest ``buffer`` changes a slow reader has not taken; ends when the grid closes."""
+        """``async for p in grid.pressure_changes():`` each change of level or of which dimensions are high; keeps
+        the newest ``buffer`` changes a slow reader has not taken; ends when the grid closes."""
         self._runtime.check_open()
         return self._monitor.subscribe(buffer)
 
@@ -212,12 +211,8 @@ class Grid:
         return self._monitor.thresholds
 
     async def scan_processes(self, *, limit: int = 20, window: float = 0.5) -> list[OffloadRecommendation]:
-        """What on this machine could run elsewhere: ``OffloadRecommendation`` records, the easiest first.
-
-        This grid's queued work, the commands it runs here, and other processes with a
-        noticeable share of the machine (CPU measured over ``window`` seconds, off the
-        loop). Advice only: it never stops, kills or moves anything.
-        """
+        """What on this machine could run elsewhere, the easiest first: this grid's queued work, the commands it runs
+        here, other processes with a noticeable share (CPU over ``window`` s). Advice only: it never stops anything."""
         self._runtime.check_open()
         return await scan_processes(self._runtime, self._book, self._dispatch, limit=limit, window=window)
 
@@ -251,11 +246,8 @@ class Grid:
     async def request_lease(self, resources: _Amount, **request: Unpack[BoostOptions]) -> Lease:
         """Take a lease that outlives this grid and this process, until its TTL; return its ``Lease`` record.
 
-        For the ``gridboost boost`` commands and other tools: the engine's lease registry holds and ends it,
-        and any process can ``renew_lease`` or ``release_lease`` it. Needs a backend with
-        ``capabilities.shared_leases`` (Ray, Dask); the same validation, priority order and ``wait`` bound as
-        :meth:`request_boost`, whose keywords it takes. Work runs inside a boost, not a lease.
-        """
+        For tools (``gridboost boost``): the engine's registry holds it, any process may renew or release it. Needs
+        ``capabilities.shared_leases`` (Ray, Dask); :meth:`request_boost`'s keywords. Work runs in boosts only."""
         self._runtime.check_open()
         boost = self._book.make(resources, **request)
         return await self._book.pending("lease", self._book.lease(boost), boost.id)
@@ -369,6 +361,14 @@ class Grid:
         return make_map(
             self.submit, fn, items, max_in_flight=max_in_flight, ordered=ordered, options=options, batch_size=batch_size
         )
+
+    def executor(self, *, resources: _Amount = "cpu=1") -> GridExecutor:
+        """A ``concurrent.futures.Executor`` over this grid for sync code in other threads (``docs/executor.md``),
+        each task claiming ``resources``. In a boost block its work runs in that boost; ``shutdown`` keeps the grid."""
+        from ._futures import bound_executor  # concurrent.futures, only for the code that wants it
+
+        self._runtime.check_open()
+        return bound_executor(self, self._executor, resources)
 
     async def put(self, value: object, *, boost: Boost | None = None) -> Parked:
         """Park ``value`` once in the engine (in ``boost``, counted against its memory) and return its handle: a

@@ -20,7 +20,8 @@ def publish(module: str) -> None:
     """Show each class and function in ``module``'s ``__all__`` that a private module defines as ``module.X``."""
     namespace = vars(sys.modules[module])
     for name in namespace["__all__"]:
-        show_as_public(namespace[name], name, module)
+        if name in namespace:  # a name the module loads on first use shows as public then
+            show_as_public(namespace[name], name, module)
 
 
 def show_as_public(value: object, name: str, module: str) -> None:

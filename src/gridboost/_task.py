@@ -28,7 +28,19 @@ _END = object()
 class Run:
     """One task while the grid owns it: the scope that cancels it and the reason why."""
 
-    __slots__ = ("attempts", "cause", "checked", "ledger", "parked", "placement", "scope", "sent", "spec", "started")
+    __slots__ = (
+        "attempts",
+        "cause",
+        "checked",
+        "ledger",
+        "on_start",
+        "parked",
+        "placement",
+        "scope",
+        "sent",
+        "spec",
+        "started",
+    )
 
     def __init__(self, spec: TaskSpec, scope: anyio.CancelScope | None = None) -> None:
         self.spec = spec
@@ -41,10 +53,15 @@ class Run:
         self.checked: object = None  # the backend whose check_task it passed already
         self.attempts = 0
         self.started = False
+        self.on_start: Callable[[], None] | None = None  # told once, when it starts (a futures executor's future)
 
     def mark_started(self) -> None:
-        """The backend admitted it: from now on it is running, and never moves."""
+        """The backend admitted it (or it left for the engine): from now on it is running, and never moves."""
         self.started = True
+        tell = self.on_start
+        if tell is not None:
+            self.on_start = None
+            tell()
 
     @property
     def is_waiting_locally(self) -> bool:

@@ -1,6 +1,7 @@
 """Tools that prove gridboost and its backends keep async resources honest. Needs pytest.
 
 - :class:`BackendSuite`: the conformance suite every backend's tests subclass;
+- :class:`ExecutorSuite`: the ``concurrent.futures`` contract of :class:`gridboost.Executor` over a backend;
 - :class:`EngineProbe` (and :class:`LocalProbe`): how a test reads the *engine's* state;
 - :class:`HookLog`: an observer that records every observer hook call;
 - :class:`FaultyBackend` with :class:`FaultPlan`/:class:`Fault`, and :class:`FaultyPlugin`:
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._chaos import lease_chaos
+    from ._executor_suite import ExecutorSuite
     from ._faulty import Fault, FaultPlan, FaultyBackend, FaultyPlugin, InjectedFault
     from ._hooklog import HookLog
     from ._hostile import Hostile, hostile_values
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "BackendSuite": "_suite",
     "EngineProbe": "_probe",
+    "ExecutorSuite": "_executor_suite",
     "Fault": "_faulty",
     "FaultPlan": "_faulty",
     "FaultyBackend": "_faulty",
@@ -62,6 +65,7 @@ _WHERE = {
 __all__ = [
     "BackendSuite",
     "EngineProbe",
+    "ExecutorSuite",
     "Fault",
     "FaultPlan",
     "FaultyBackend",
