@@ -105,3 +105,15 @@ async def test_closing_the_grid_fails_the_bound_executors_running_futures() -> N
     assert queued.cancelled()
     with pytest.raises(gb.TaskCancelled):
         running.result(timeout=10)
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt("raised by the work")
+
+
+def test_a_keyboard_interrupt_of_the_work_is_its_futures() -> None:
+    """A ``KeyboardInterrupt`` the work raises is its future's exception; the executor goes on, as a pool's does."""
+    with gb.Executor(capacity="cpu=1") as executor:
+        error = executor.submit(_interrupt).exception(timeout=10)
+        assert isinstance(error, KeyboardInterrupt)
+        assert executor.submit(add, 2, 2).result(timeout=10) == 4

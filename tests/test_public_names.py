@@ -25,6 +25,7 @@ import gridboost.abc
 import gridboost.backend_kit
 import gridboost.exceptions
 import gridboost.hookspecs
+import gridboost.joblib
 import gridboost.testing
 
 PUBLIC_MODULES = [
@@ -34,6 +35,7 @@ PUBLIC_MODULES = [
     gridboost.hookspecs,
     gridboost.testing,
     gridboost.backend_kit,
+    gridboost.joblib,
 ]
 # A public module shows its names as its own by calling ``gridboost._public.publish(__name__)`` once its
 # ``__all__`` is bound (``gridboost`` does it for itself and the submodules it imports).

@@ -223,11 +223,13 @@ class Executor:
         handle.started_at = time.monotonic()
         try:
             result = await self.execute(handle._run)
-        except Exception as exc:
-            handle._settle(None, exc)
-        except BaseException:  # cancelled from outside: the block holding the grid is being cancelled
+        except anyio.get_cancelled_exc_class():  # cancelled from outside: the block holding the grid is being cancelled
             handle._settle(None, handle._run.cause or handle._run_cancelled())
             raise
+        except BaseException as exc:
+            # The work's own error, a KeyboardInterrupt or SystemExit raised in its thread included: the awaiter's to
+            # see, as a pool's future holds it, not the grid's task group's (which it would tear down).
+            handle._settle(None, exc)
         else:
             handle._settle(result, None)
 
