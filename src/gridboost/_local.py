@@ -16,6 +16,7 @@ names any still running in a :class:`~gridboost.exceptions.TeardownError`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -51,12 +52,16 @@ class _Pool:
 
     Waiters are served in arrival order, each as soon as it fits; a large request
     does not hold back smaller ones behind it that fit now (first fit, in order).
+    They wait in one queue per amount asked (a burst asks the same amount thousands of
+    times): a release looks at the head of each queue, not at every waiter, so it costs
+    the number of distinct amounts waiting, not the number of waiters.
     """
 
     def __init__(self, total: Resources) -> None:
         self.total = total
         self.used = Resources()
-        self._waiters: deque[tuple[Resources, anyio.Event]] = deque()
+        self._waiters: dict[Resources, deque[tuple[int, anyio.Event]]] = {}
+        self._arrivals = itertools.count()
 
     @property
     def available(self) -> Resources:
@@ -67,25 +72,36 @@ class _Pool:
         if not self._waiters and amount.fits_in(self.available):
             self.used = self.used + amount
             return
-        waiter = (amount, anyio.Event())
-        self._waiters.append(waiter)
+        waiter = (next(self._arrivals), anyio.Event())
+        self._waiters.setdefault(amount, deque()).append(waiter)
         try:
             await waiter[1].wait()
         except BaseException:
             if waiter[1].is_set():  # granted as we were cancelled: hand it on
                 self.give(amount)
             else:
-                self._waiters.remove(waiter)
+                queue = self._waiters[amount]
+                queue.remove(waiter)
+                if not queue:
+                    del self._waiters[amount]
             raise
 
     def give(self, amount: Resources) -> None:
         self.used = self.used - amount
-        for waiter in list(self._waiters):
-            wanted, granted = waiter
-            if wanted.fits_in(self.available):
-                self.used = self.used + wanted  # taken on the waiter's behalf, before it wakes
-                self._waiters.remove(waiter)
-                granted.set()
+        free = self.total - self.used
+        while self._waiters:
+            # The earliest waiter whose amount fits now: queue heads in arrival order, the first that fits.
+            heads = sorted((queue[0][0], wanted) for wanted, queue in self._waiters.items())
+            fitting = next((wanted for _, wanted in heads if wanted.fits_in(free)), None)
+            if fitting is None:
+                return
+            queue = self._waiters[fitting]
+            _, granted = queue.popleft()
+            if not queue:
+                del self._waiters[fitting]
+            self.used = self.used + fitting  # taken on the waiter's behalf, before it wakes
+            free = free - fitting
+            granted.set()
 
 
 class LocalBackend(Backend):
