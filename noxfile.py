@@ -18,6 +18,8 @@ ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").is_file())
 PACKAGES = ["core", *PLUGINS]
+#: Plugins that observe grids rather than provide a backend.
+_OBSERVERS = {"gridboost-otel"}
 
 
 def _install(session: nox.Session, package: str, group: str) -> None:
@@ -69,8 +71,10 @@ def bench(session: nox.Session, package: str) -> None:
     skips, saying why, without Ray). The Ray plugin's session also runs ``bench_policy.py --only
     burst``: the burst scenario needs a real remote backend. Each session then runs
     ``bench_peers.py`` on its engine (local, Ray or Dask): gridboost beside joblib, Ray's Pool,
-    ``client.map``, raw tasks and thread pools; the plugins' ``bench`` groups bring joblib. The plugins'
-    sessions end with ``bench_leases.py``: many small leases of many owners against the engine's registry.
+    ``client.map``, raw tasks and thread pools; the plugins' ``bench`` groups bring joblib. The backend
+    plugins' sessions end with ``bench_leases.py``: many small leases of many owners against the engine's
+    registry. gridboost-otel is no engine: its session runs ``bench_otel.py`` alone (the local backend's
+    offload throughput with and without the telemetry plugin).
     """
     name = "local" if package == "core" else package.removeprefix("gridboost-")
     script = ROOT / "benchmarks" / f"bench_{name}.py"
@@ -78,6 +82,8 @@ def bench(session: nox.Session, package: str) -> None:
         session.skip(f"{package} has no benchmark yet ({script.relative_to(ROOT)})")
     _install(session, package, "bench")
     session.run("python", str(script), *session.posargs)
+    if package in _OBSERVERS:  # no engine of its own: peers and lease registries are the engines' sessions'
+        return
     policy = str(ROOT / "benchmarks" / "bench_policy.py")
     quick = [arg for arg in session.posargs if arg == "--quick"]  # the other options are the first script's
     if package == "core":

@@ -100,6 +100,8 @@ GOALS: dict[tuple[str, str], tuple[tuple[str, str, float], ...]] = {
 SHORT = {
     "gb_map": "map",
     "gb_map_b1": "map b=1",
+    "gb_executor": "exec",
+    "gb_executor_c": "exec c=20",
     "gb_offload": "offload",
     "gb_ship": "shipped",
     "gb_park": "parked",
@@ -191,10 +193,23 @@ def gridboost_probes(grid: gridboost.Grid, batch: Batch, where: str, max_in_flig
         out = [r async for r in grid.map(fn, items[:n], max_in_flight=bound, where=where, **options)]
         return checked(out, n, start)
 
+    def executor_map(executor: Any, chunksize: int, n: int) -> float:
+        start = time.perf_counter()
+        out = list(executor.map(fn, items[:n], chunksize=chunksize))
+        return checked(out, n, start)
+
+    probes: dict[str, Probe] = {}
+    if hasattr(grid, "executor"):  # concurrent.futures over the grid, from a thread as sync code calls it
+        executor = grid.executor()
+        probes["gb_executor"] = Probe("grid.executor().map", "gridboost", in_thread(executor_map, executor, 1))
+        probes["gb_executor_c"] = Probe(
+            "grid.executor().map, chunksize=20", "gridboost", in_thread(executor_map, executor, 20)
+        )
     if map_batches():
         return {
             "gb_map": Probe("grid.map, default batch_size", "gridboost", functools.partial(run_map, batch_size=None)),
             "gb_map_b1": Probe("grid.map, batch_size=1", "gridboost", functools.partial(run_map, batch_size=1)),
+            **probes,
         }
     return {"gb_map": Probe("grid.map (no batch_size yet)", "gridboost", functools.partial(run_map, batch_size=None))}
 

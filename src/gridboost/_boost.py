@@ -93,6 +93,8 @@ class Boost:
         #: A higher-priority request of another owner may take it back.
         self.preemptible = preemptible
         self.state = BoostState.PENDING
+        #: Wall-clock time of the request: with ``activated_at``, how long the grant took (telemetry's grant latency).
+        self.requested_at = time.time()
         self.placements: tuple[str, ...] = ()
         self.expires_at: float | None = None  # wall-clock time, for people and other processes
         self.activated_at: float | None = None
