@@ -117,3 +117,18 @@ def test_a_keyboard_interrupt_of_the_work_is_its_futures() -> None:
         error = executor.submit(_interrupt).exception(timeout=10)
         assert isinstance(error, KeyboardInterrupt)
         assert executor.submit(add, 2, 2).result(timeout=10) == 4
+
+
+async def _unreachable() -> None:
+    raise ConnectionError("agent registry unreachable")
+
+
+def test_shutdown_raises_what_the_grid_could_not_close() -> None:
+    """A teardown step that fails makes ``shutdown`` raise the grid's ``TeardownError``; the thread still ends."""
+    before = set(threading.enumerate())
+    executor = gb.Executor(capacity="cpu=1")
+    executor.call(executor.grid.push_async_callback, _unreachable)
+    with pytest.raises(gb.TeardownError, match="agent registry unreachable"):
+        executor.shutdown()
+    assert executor.grid.closed
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]

@@ -108,13 +108,15 @@ class Executor(GridExecutor):
     def _close(self) -> None:
         with self._closing:
             _live.discard(self)
-            self._stack.close()
-            # The loop's worker threads (the local backend runs work in them) stop as its root task ends, a moment
-            # after the portal returns: joined here, so that no thread of this executor outlives its shutdown.
-            deadline = time.monotonic() + self._own.teardown_timeout
-            for thread in threading.enumerate():
-                if getattr(thread, "loop", None) is self._loop and thread is not threading.current_thread():
-                    thread.join(max(0.0, deadline - time.monotonic()))
+            try:
+                self._stack.close()  # a grid that could not close everything raises its TeardownError from here
+            finally:
+                # The loop's worker threads (the local backend runs work in them) stop as its root task ends, a
+                # moment after the portal returns: joined here, so that no thread of this executor outlives shutdown.
+                deadline = time.monotonic() + self._own.teardown_timeout
+                for thread in threading.enumerate():
+                    if getattr(thread, "loop", None) is self._loop and thread is not threading.current_thread():
+                        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @asynccontextmanager
