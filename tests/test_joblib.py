@@ -280,20 +280,47 @@ def test_bad_grid_options_and_pool_keywords_fail_the_call_typed(nothing_left: No
 # -- scikit-learn ------------------------------------------------------------------------------------------------------
 
 
-def test_grid_search_cv_fits_through_the_grid(log: TaskLog, nothing_left: None) -> None:
-    """scikit-learn's ``GridSearchCV(n_jobs=-1)`` under the backend runs its fits as grid tasks."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    model_selection = pytest.importorskip("sklearn.model_selection")
-    tree = pytest.importorskip("sklearn.tree")
-    x, y = datasets.load_iris(return_X_y=True)
-    search = model_selection.GridSearchCV(
-        tree.DecisionTreeClassifier(random_state=0), {"max_depth": [1, 2, 3]}, cv=3, n_jobs=-1
+# In a process of its own: importing scikit-learn (scipy, its BLAS and OpenMP runtimes) changes this interpreter for
+# the tests after it (a later test's SIGKILLed command was seen still alive), and that is not what is tested here.
+_GRID_SEARCH = """
+import gridboost as gb
+from gridboost.joblib import NAME
+from joblib import parallel_config
+from sklearn import datasets, model_selection, tree
+
+
+class Log:
+    def __init__(self):
+        self.statuses = []
+
+    @gb.hookimpl
+    def gridboost_task_finished(self, task, outcome):
+        self.statuses.append(outcome.status)
+
+
+log = Log()
+x, y = datasets.load_iris(return_X_y=True)
+search = model_selection.GridSearchCV(
+    tree.DecisionTreeClassifier(random_state=0), {"max_depth": [1, 2, 3]}, cv=3, n_jobs=-1, return_train_score=False
+)
+fitted = []
+with parallel_config(backend=NAME, grid_options={"capacity": "cpu=2", "plugins": [log]}):
+    search.fit(x, y)
+print(search.best_params_["max_depth"], len(log.statuses), log.statuses.count("succeeded"))
+"""
+
+
+def test_grid_search_cv_fits_through_the_grid() -> None:
+    """scikit-learn's ``GridSearchCV(n_jobs=-1)`` under the backend runs its fits as grid tasks, all succeeding."""
+    pytest.importorskip("sklearn")
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _GRID_SEARCH], capture_output=True, text=True, timeout=120, check=False
     )
-    with parallel_config(backend=NAME, grid_options={"capacity": "cpu=2", "plugins": [log]}):
-        search.fit(x, y)
-    assert search.best_params_ == {"max_depth": 3}
-    assert sum(log.batch_sizes) == 9  # 3 candidates x 3 folds, every fit in a batch the grid ran
-    assert log.statuses.count("succeeded") == len(log.batch_sizes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    depth, tasks, succeeded = map(int, done.stdout.split())
+    assert depth == 3
+    assert 1 <= tasks <= 9  # joblib batches the 3 candidates x 3 folds; every batch is one grid task
+    assert succeeded == tasks
 
 
 def test_import_gridboost_leaves_joblib_unimported() -> None:

@@ -187,6 +187,16 @@ def _cases(module: ModuleType) -> Iterator[Case]:
                     yield case
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _loky_workers_end_with_the_module() -> Iterator[None]:
+    """joblib's cases nest Parallel calls in loky's reusable pool, whose worker processes outlive a call by design;
+    they end with this module, so that no later test finds them among this process's children."""
+    yield
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "joblib_case" in metafunc.fixturenames:
         cases = list(_cases(_import_joblib_tests(metafunc.config)))

@@ -260,6 +260,7 @@ async def test_cancelled_command_that_ignores_sigterm_is_killed(tmp_path: Path) 
 
 async def test_process_executor_runs_in_another_process_and_cancel_kills_it(tmp_path: Path) -> None:
     """With ``executor="process"`` work runs in a child process, and cancelling running work kills it."""
+    before = {p.pid for p in psutil.Process().children()}  # an earlier test's pool (joblib's loky) is not ours
     async with gb.Grid(capacity=CAPACITY, executor="process", max_workers=2, grace=0.3) as grid:
         pid = await grid.offload(current_pid)
         assert pid != os.getpid()
@@ -267,11 +268,11 @@ async def test_process_executor_runs_in_another_process_and_cancel_kills_it(tmp_
             await grid.offload(raise_custom, 1)
         handle = grid.submit(time.sleep, 30)
         await anyio.sleep(0.3)
-        children = {p.pid for p in psutil.Process().children()}
+        children = {p.pid for p in psutil.Process().children()} - before
         handle.cancel()
         with anyio.fail_after(5), pytest.raises(gb.TaskCancelled):
             await handle
-        survivors = {p.pid for p in psutil.Process().children()}
+        survivors = {p.pid for p in psutil.Process().children()} - before
         assert len(survivors) < len(children)
     assert not ({p.pid for p in psutil.Process().children()} & children)
 
