@@ -192,3 +192,45 @@ def test_boost_preempted_pickles_with_its_grace() -> None:
 
     error = pickle.loads(pickle.dumps(gb.BoostPreempted("taken back", grace=2.5)))
     assert isinstance(error, gb.BoostLost) and str(error) == "taken back" and error.grace == 2.5
+
+
+async def test_work_waiting_for_a_slot_in_a_preempted_boost_moves_and_runs_elsewhere() -> None:
+    """At the notice, work of the boost the engine does not have yet is placed again and runs; the engine's stops."""
+    async with faulty_grid() as grid:
+        backend, engine = parts(grid)
+        async with grid.boost("cpu=1", ttl=60, preemptible=True) as boost:
+            slow = grid.submit(nap, 30, resources="cpu=1")
+            queued = [grid.submit(nap, 0.05 * i, resources="cpu=1") for i in (1, 2)]
+            with anyio.fail_after(10):
+                while not engine.running_tasks():
+                    await anyio.sleep(0.01)
+            assert [len(engine.running_tasks()), len(boost.work)] == [1, 3]  # a slot for one: two wait in the grid
+            assert all(h.placement is not None and h.placement.boost is boost for h in (slow, *queued))
+            await backend.preempt_reservation(boost.id, grace=0.5)
+            assert [h.placement is not None and h.placement.boost for h in queued] == [None, None]
+            assert grid.stats()["moves"] == 2
+            with anyio.fail_after(10):
+                assert [await h for h in queued] == [0.05, 0.1]
+            with pytest.raises(gb.BoostPreempted):
+                await slow
+        with anyio.fail_after(5):  # the release follows the work's end
+            while grid.boosts:
+                await anyio.sleep(0.01)
+        assert boost.state is gb.BoostState.PREEMPTED and grid.stats()["boosts.preempted"] == 1
+
+
+async def test_work_pinned_to_a_preempted_boost_stays_and_gets_boost_preempted() -> None:
+    """Work submitted with where=boost is not placed again at the notice: it ends with BoostPreempted after the grace."""
+    async with faulty_grid() as grid:
+        backend, engine = parts(grid)
+        boost = await grid.request_boost("cpu=1", ttl=60, preemptible=True)
+        slow, pinned = (grid.submit(nap, 30, resources="cpu=1", where=boost) for _ in range(2))
+        with anyio.fail_after(10):
+            while not engine.running_tasks():
+                await anyio.sleep(0.01)
+        await backend.preempt_reservation(boost.id, grace=0.3)
+        for handle in (slow, pinned):
+            with pytest.raises(gb.BoostPreempted):
+                await handle
+        assert pinned.placement is not None and pinned.placement.boost is boost
+        assert grid.stats()["moves"] == 0

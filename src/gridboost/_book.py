@@ -113,6 +113,7 @@ class BoostBook:
         #: Told of each boost that became active, and of each that ended (dispatch listens).
         self.on_activated: Callable[[Boost], None] = lambda boost: None
         self.on_ended: Callable[[], None] = lambda: None
+        self.on_preempted: Callable[[Boost], None] = lambda boost: None
         self._gate = _PriorityGate()
         self._seq = itertools.count()
         self.boosts: dict[str, Boost] = {}
@@ -352,10 +353,11 @@ class BoostBook:
             self._runtime.observers.notify("gridboost_boost_failed", boost=boost, error=lost)
 
     def _preempted(self, boost: Boost, error: BoostPreempted) -> None:
-        """The notice: no new work goes in, the hook fires, and the boost ends once its work is done or the grace
-        is over, whichever comes first (its release meanwhile ends it at once)."""
+        """The notice: no new work goes in, work still waiting in the grid moves, the hook fires, and the boost ends
+        once its work is done or the grace is over, whichever comes first (its release meanwhile ends it at once)."""
         boost.state = BoostState.PREEMPTED
         boost.error = error
+        self.on_preempted(boost)  # its work that has not reached the engine moves elsewhere
         self._runtime.observers.notify("gridboost_boost_preempted", boost=boost, grace=error.grace)
         self._runtime.start_soon(self._end_preempted, boost, error.grace)
 

@@ -16,7 +16,7 @@ from typing import Protocol, Required, TypedDict
 import anyio
 
 from ._kit import Tracked
-from ._ledger import Ledger
+from ._ledger import Ledger, Pool
 from ._records import BoostState, Priority, Reservation, ReservationRequest, Strategy, new_id
 from ._resources import Resources
 from .exceptions import BoostExpired, BoostPreempted
@@ -105,6 +105,7 @@ class Boost:
         self._runs: Tracked[_Work] = Tracked()  # the work running inside it, cancelled when it ends
         self._tokens: list[Token[Boost | None]] = []
         self._ledger = Ledger(f"boost {self.id}", resources)  # what the grid placed in it, claimed at placement
+        self._slots: Pool | None = None
 
     def __repr__(self) -> str:
         return f"<Boost {self.id} {self.state} {self.resources} priority={self.priority.name}>"
@@ -173,6 +174,13 @@ class Boost:
     def ledger(self) -> Ledger:
         """What the grid placed in it, claimed at placement (dispatch's books)."""
         return self._ledger
+
+    def slots(self, queue: float) -> Pool:
+        """Where its work waits in the grid for room in it: its capacity, and ``queue`` of that beyond (work the
+        engine holds queued, ready for the next slot that frees). Work still waiting here can move elsewhere."""
+        if self._slots is None:
+            self._slots = Pool(self.resources * (1 + queue))
+        return self._slots
 
     @property
     def work(self) -> Tracked[_Work]:

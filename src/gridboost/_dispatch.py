@@ -126,12 +126,15 @@ class Dispatch:
         if ledger is not self.local and self.waiting:
             self.refill()
 
-    def _move(self, run: Run, placement: Placement) -> None:
+    def move(self, run: Run, placement: Placement) -> None:
+        """Move a run that has not started: its claim goes with it, and it re-enters at ``placement`` as it wakes."""
         self.waiting.pop(run, None)
         if run.ledger is not None:
             run.ledger.give(run.spec.resources)
             run.ledger = None
         run.cancel(Move(placement))
+        if run.placement is not None and run.placement.boost is not None:
+            run.placement.boost.work.discard(run)  # out of the boost it leaves now: its end must not wait for it
         run.placement = placement  # what its handle says from now on; the run re-enters it as it wakes
         self.claim_moved(run, placement)
         counts = self._runtime.counts
@@ -187,7 +190,7 @@ class Dispatch:
             if not self.remote_can_run(run.spec):
                 del self.waiting[run]  # this one stays here for good
                 continue
-            self._move(run, placement)
+            self.move(run, placement)
 
     # -- boosts ---------------------------------------------------------------------------
 
@@ -227,7 +230,7 @@ class Dispatch:
             run = queued.pop(getattr(spec, "id", None), None)  # type: ignore[arg-type]
             if run is None or not ledger.room_for(run.spec.resources) or not self.remote_can_run(run.spec):
                 continue
-            self._move(run, Placement("boost", f"moved onto boost {boost.id} when it became active", boost))
+            self.move(run, Placement("boost", f"moved onto boost {boost.id} when it became active", boost))
             moved += 1
         if moved:
             self._last_moved = now

@@ -11,6 +11,7 @@ re-entered at its new placement by the same loop; nothing climbs back to the gri
 from __future__ import annotations
 
 import errno
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Any, Literal
@@ -43,6 +44,8 @@ __all__ = ["Executor"]
 
 _PLACE_LOCAL = Placement("local", "asked for: where='local'")
 _PLACE_CLUSTER = Placement("cluster", "asked for: where='cluster'")
+log = logging.getLogger("gridboost")
+
 _PLACED = {kind: f"placed.{kind}" for kind in ("local", "cluster", "boost")}
 _TASKS = {status: f"tasks.{status}" for status in ("succeeded", "failed", "cancelled", "timed_out")}
 
@@ -64,6 +67,7 @@ class Executor:
         self, runtime: Runtime, book: BoostBook, dispatch: Dispatch, policy: DefaultPolicy, parking: Parking
     ) -> None:
         self._runtime, self._book, self._dispatch, self._policy = runtime, book, dispatch, policy
+        book.on_preempted = self.boost_preempted
         self._parking = parking
         self._plugins = runtime.plugins
         self._default_version = -1
@@ -261,8 +265,22 @@ class Executor:
         if placement.kind == "local" and placement.boost is None:
             # Only here does work wait for capacity where it can be moved before it starts.
             return self._runtime.host.run(run.sent, None, on_start=run.mark_started)
+        if placement.boost is not None and run.spec.resources:
+            return self._in_boost(run, placement.boost)
         run.mark_started()  # handed to the engine: it may queue there, but it no longer moves
         return self._runtime.backend.run(run.sent, None if placement.boost is None else placement.boost.reservation)
+
+    async def _in_boost(self, run: Run, boost: Boost) -> Any:
+        """One attempt inside a boost, once it has a slot there: until then the work is the grid's, not the
+        engine's, so a preemption notice can still move it (the engine queues ``cluster_queue`` of the boost)."""
+        slots = boost.slots(self._runtime.settings.cluster_queue)
+        amount = run.spec.resources.capped(boost.resources)
+        await slots.take(amount)
+        try:
+            run.mark_started()
+            return await self._runtime.backend.run(run.sent, boost.reservation)
+        finally:
+            slots.give(amount)
 
     async def _attempts(self, run: Run) -> Any:
         """Attempts until one succeeds or ``retries`` are spent (the backend's own count, if it retries)."""
@@ -278,6 +296,24 @@ class Executor:
                 # gridboost's verdicts on the request itself (bad input, no capacity) are not.
                 if run.attempts > retries or (isinstance(exc, GridboostError) and not isinstance(exc, BackendError)):
                     raise
+
+    def boost_preempted(self, boost: Boost) -> None:
+        """A boost's preemption notice: its work still waiting in the grid for a slot is placed again as at submit
+        (the policy, or the ``gridboost_choose_placement`` hook) and moves there. What the engine has finishes within
+        the grace or gets ``BoostPreempted``; so does work pinned to the boost with ``where=boost``."""
+        runtime = self._runtime
+        if not runtime.settings.auto_offload or runtime.state != "open":
+            return
+        for run in list(boost.work):
+            if not isinstance(run, Run) or run.started or run.cause is not None or run.spec.where != "auto":
+                continue
+            try:
+                placement = self.place(run.spec)
+                (runtime.host if placement.kind == "local" else runtime.backend).check_task(run.spec)
+            except GridboostError as exc:  # no other place will take it: it stays, as pinned work does
+                log.info("task %s stays in preempted boost %s: %s", run.spec.id, boost.id, exc)
+                continue
+            self._dispatch.move(run, placement)
 
     def cancel_all(self) -> None:
         """Cancel every task in flight (teardown): each one's awaiter sees ``TaskCancelled``."""

@@ -59,8 +59,8 @@ class Grid:
 
     With a remote backend, ``local_capacity`` is what work placed on this machine is
     accounted against (default: the machine's), and ``cluster_queue`` how much work,
-    as a fraction of the cluster's capacity, automatic placement may queue at the
-    engine beyond it. ``probe`` reads the machine's load
+    as a fraction of the cluster's (or a boost's) capacity, may queue at the engine
+    beyond it. ``probe`` reads the machine's load
     (default: :class:`SystemProbe`) every ``pressure_interval`` seconds once pressure
     is first needed; ``pressure_thresholds`` overrides the default :class:`Threshold`
     of some dimensions. ``auto_offload``, ``auto_offload_limit`` and

@@ -1,12 +1,20 @@
-"""A ledger: capacity promised away at one place (the host, the cluster, a boost), claim by claim."""
+"""Capacity at one place (the host, the cluster, a boost): promised away claim by claim, and waited for.
+
+* :class:`Ledger` — what placements claimed there, against its capacity: books, never a wait.
+* :class:`Pool` — capacity that work takes before it starts and gives back, waiting in turn until it fits.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import deque
+
+import anyio
 
 from ._resources import BYTE_FIELDS, Resources, format_bytes, format_number
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "Pool"]
 
 _EPS = 1e-9
 
@@ -85,3 +93,60 @@ class Ledger:
         if self._capacity is None:
             return None
         return Resources.coerce({k: max(0.0, v - self.used.get(k, 0.0)) for k, v in self._capacity.items()})
+
+
+class Pool:
+    """Capacity that tasks and reservations take from and give back, first come first served.
+
+    Waiters are served in arrival order, each as soon as it fits; a large request
+    does not hold back smaller ones behind it that fit now (first fit, in order).
+    They wait in one queue per amount asked (a burst asks the same amount thousands of
+    times): a release looks at the head of each queue, not at every waiter, so it costs
+    the number of distinct amounts waiting, not the number of waiters.
+    """
+
+    def __init__(self, total: Resources) -> None:
+        self.total = total
+        self.used = Resources()
+        self._waiters: dict[Resources, deque[tuple[int, anyio.Event]]] = {}
+        self._arrivals = itertools.count()
+
+    @property
+    def available(self) -> Resources:
+        return self.total - self.used
+
+    async def take(self, amount: Resources) -> None:
+        """Wait until ``amount`` fits, then take it; cancellable while waiting (nothing is taken then)."""
+        if not self._waiters and amount.fits_in(self.available):
+            self.used = self.used + amount
+            return
+        waiter = (next(self._arrivals), anyio.Event())
+        self._waiters.setdefault(amount, deque()).append(waiter)
+        try:
+            await waiter[1].wait()
+        except BaseException:
+            if waiter[1].is_set():  # granted as we were cancelled: hand it on
+                self.give(amount)
+            else:
+                queue = self._waiters[amount]
+                queue.remove(waiter)
+                if not queue:
+                    del self._waiters[amount]
+            raise
+
+    def give(self, amount: Resources) -> None:
+        self.used = self.used - amount
+        free = self.total - self.used
+        while self._waiters:
+            # The earliest waiter whose amount fits now: queue heads in arrival order, the first that fits.
+            heads = sorted((queue[0][0], wanted) for wanted, queue in self._waiters.items())
+            fitting = next((wanted for _, wanted in heads if wanted.fits_in(free)), None)
+            if fitting is None:
+                return
+            queue = self._waiters[fitting]
+            _, granted = queue.popleft()
+            if not queue:
+                del self._waiters[fitting]
+            self.used = self.used + fitting  # taken on the waiter's behalf, before it wakes
+            free = free - fitting
+            granted.set()

@@ -16,11 +16,9 @@ names any still running in a :class:`~gridboost.exceptions.TeardownError`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +26,7 @@ import anyio
 
 from . import _nvml
 from ._checks import seconds, whole
+from ._ledger import Pool
 from ._plugins import hookimpl
 from ._records import ClusterSnapshot, Command, CommandResult, Lease, NodeSnapshot, owner_name
 from ._resources import Resources
@@ -45,63 +44,6 @@ if TYPE_CHECKING:
 # `import gridboost` stays cheap (tests/test_import_cost.py holds it).
 
 __all__ = ["LocalBackend"]
-
-
-class _Pool:
-    """Capacity that tasks and reservations take from and give back, first come first served.
-
-    Waiters are served in arrival order, each as soon as it fits; a large request
-    does not hold back smaller ones behind it that fit now (first fit, in order).
-    They wait in one queue per amount asked (a burst asks the same amount thousands of
-    times): a release looks at the head of each queue, not at every waiter, so it costs
-    the number of distinct amounts waiting, not the number of waiters.
-    """
-
-    def __init__(self, total: Resources) -> None:
-        self.total = total
-        self.used = Resources()
-        self._waiters: dict[Resources, deque[tuple[int, anyio.Event]]] = {}
-        self._arrivals = itertools.count()
-
-    @property
-    def available(self) -> Resources:
-        return self.total - self.used
-
-    async def take(self, amount: Resources) -> None:
-        """Wait until ``amount`` fits, then take it; cancellable while waiting (nothing is taken then)."""
-        if not self._waiters and amount.fits_in(self.available):
-            self.used = self.used + amount
-            return
-        waiter = (next(self._arrivals), anyio.Event())
-        self._waiters.setdefault(amount, deque()).append(waiter)
-        try:
-            await waiter[1].wait()
-        except BaseException:
-            if waiter[1].is_set():  # granted as we were cancelled: hand it on
-                self.give(amount)
-            else:
-                queue = self._waiters[amount]
-                queue.remove(waiter)
-                if not queue:
-                    del self._waiters[amount]
-            raise
-
-    def give(self, amount: Resources) -> None:
-        self.used = self.used - amount
-        free = self.total - self.used
-        while self._waiters:
-            # The earliest waiter whose amount fits now: queue heads in arrival order, the first that fits.
-            heads = sorted((queue[0][0], wanted) for wanted, queue in self._waiters.items())
-            fitting = next((wanted for _, wanted in heads if wanted.fits_in(free)), None)
-            if fitting is None:
-                return
-            queue = self._waiters[fitting]
-            _, granted = queue.popleft()
-            if not queue:
-                del self._waiters[fitting]
-            self.used = self.used + fitting  # taken on the waiter's behalf, before it wakes
-            free = free - fitting
-            granted.set()
 
 
 class LocalBackend(Backend):
@@ -131,8 +73,8 @@ class LocalBackend(Backend):
         self._grace = seconds("grace", grace, allow_zero=True)
         self._close_timeout = seconds("close_timeout", close_timeout)
         self._node_id = f"local:{_hostname()}"
-        self._pool: _Pool | None = None
-        self._reserved: dict[str, tuple[Reservation, _Pool]] = {}
+        self._pool: Pool | None = None
+        self._reserved: dict[str, tuple[Reservation, Pool]] = {}
         self._tokens = Arbiter()  # fencing tokens only: one process has no one else to arbitrate with
         self._expires: dict[str, float] = {}
         # What the engine is doing now, by task id: commands and process calls until
@@ -170,7 +112,7 @@ class LocalBackend(Backend):
 
     async def start(self) -> None:
         total = self._capacity if self._capacity is not None else await anyio.to_thread.run_sync(_machine_capacity)
-        self._pool = _Pool(total)
+        self._pool = Pool(total)
         workers = self._max_workers or max(4, 2 * (os.cpu_count() or 1))
         self._limiter = anyio.CapacityLimiter(workers)
         if self.executor == "process":
@@ -228,7 +170,7 @@ class LocalBackend(Backend):
             )
         await pool.take(request.resources)
         reservation = Reservation(request=request, placements=(self._node_id,), token=self._tokens.token())
-        self._reserved[request.id] = (reservation, _Pool(request.resources))
+        self._reserved[request.id] = (reservation, Pool(request.resources))
         self._expires[request.id] = time.time() + request.ttl
         return reservation
 
@@ -398,7 +340,7 @@ class LocalBackend(Backend):
             with lock:
                 del running[task.id]
 
-    def _require_pool(self) -> _Pool:
+    def _require_pool(self) -> Pool:
         if self._pool is None:
             raise GridClosed("the local backend was not started")
         return self._pool

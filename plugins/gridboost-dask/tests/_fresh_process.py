@@ -129,7 +129,11 @@ def nap(seconds: float) -> float:
     """Work that sleeps in small steps and stops as soon as Dask cancels its task (a thread cannot be interrupted)."""
     from distributed import get_worker
 
-    worker = get_worker()
+    try:
+        worker = get_worker()
+    except ValueError:  # moved to this process (its boost was preempted): an ordinary nap
+        time.sleep(seconds)
+        return seconds
     key = worker.get_current_task()
     started = time.monotonic()
     while time.monotonic() - started < seconds:
@@ -152,25 +156,36 @@ class Notices:
 
 
 async def work(grid: gb.Grid, boost: gb.Boost, cmd: dict[str, Any]) -> None:
-    ref = cmd["ref"]
-    try:
-        handles = [grid.submit(nap, cmd.get("seconds", 60), where=boost) for _ in range(cmd.get("count", 1))]
-    except gb.GridboostError as exc:
-        emit({"event": "error", "ref": ref, "error": type(exc).__name__, "message": str(exc), "at": time.time()})
-        return
-    prefix = grid.backend.task_prefix  # type: ignore[attr-defined]
-    emit({"event": "submitted", "ref": ref, "keys": [prefix + h.id for h in handles]})
-
-    async def one(i: int, handle: gb.TaskHandle[Any]) -> None:
+    """Naps under ``boost`` (``seconds``: one number for ``count`` naps, or a list): pinned to it with ``where=boost``,
+    or with ``auto`` placed by the policy, claiming ``resources`` each, as work in the boost's block is; ``done``
+    says where each ran in the end (a preempted boost's queued work moves)."""
+    ref, auto = cmd["ref"], cmd.get("auto", False)
+    seconds = cmd.get("seconds", 60)
+    naps = seconds if isinstance(seconds, list) else [seconds] * cmd.get("count", 1)
+    async with contextlib.AsyncExitStack() as stack:
+        if auto:  # left (which releases the boost) once all the work has ended
+            await stack.enter_async_context(boost)
         try:
-            await handle
-            emit({"event": "done", "ref": f"{ref}#{i}", "at": time.time()})
-        except Exception as exc:
-            emit({"event": "error", "ref": f"{ref}#{i}", "error": type(exc).__name__, "at": time.time()})
+            handles = [
+                grid.submit(nap, s, where="auto" if auto else boost, resources=cmd.get("resources")) for s in naps
+            ]
+        except gb.GridboostError as exc:
+            emit({"event": "error", "ref": ref, "error": type(exc).__name__, "message": str(exc), "at": time.time()})
+            return
+        prefix = grid.backend.task_prefix  # type: ignore[attr-defined]
+        emit({"event": "submitted", "ref": ref, "keys": [prefix + h.id for h in handles]})
 
-    async with anyio.create_task_group() as tasks:
-        for i, handle in enumerate(handles):
-            tasks.start_soon(one, i, handle)
+        async def one(i: int, handle: gb.TaskHandle[Any]) -> None:
+            try:
+                await handle
+                assert handle.placement is not None
+                emit({"event": "done", "ref": f"{ref}#{i}", "at": time.time(), "where": handle.placement.kind})
+            except Exception as exc:
+                emit({"event": "error", "ref": f"{ref}#{i}", "error": type(exc).__name__, "at": time.time()})
+
+        async with anyio.create_task_group() as tasks:
+            for i, handle in enumerate(handles):
+                tasks.start_soon(one, i, handle)
 
 
 def lease_json(lease: gb.Lease) -> dict[str, Any]:

@@ -453,6 +453,52 @@ async def test_a_critical_request_takes_a_preemptible_low_lease_of_another_proce
         await release_all(held)
 
 
+def _restricted_to(lease_id: str, dask_scheduler: Any = None) -> list[str]:
+    """On the scheduler: the keys of the tasks it holds that only a worker with ``lease_id``'s mark may run."""
+    def under(names: Any) -> bool:  # a lease's mark is gridboost-lease:<session>:<boost id>
+        return any(n.startswith("gridboost-lease:") and n.endswith(f":{lease_id}") for n in names or ())
+
+    return sorted(key for key, ts in dask_scheduler.tasks.items() if under(ts.resource_restrictions))
+
+
+async def test_work_queued_in_a_preempted_boost_moves_and_runs_while_its_running_work_waits_out_the_grace(
+    grid: Grid, graceful: list[Owner], dask_client: Client
+) -> None:
+    """A's preemptible boost holds one CPU, so of three one-CPU tasks placed in it the scheduler gets one (with the
+    lease's restriction) and two wait in A's grid; at B's preemption those two are placed again and finish within the
+    grace without ever reaching the scheduler under the lease, while the first gets BoostPreempted after it."""
+    a, b = graceful
+    held = await fill(grid, leave=1)
+    try:
+        a.send(op="request", ref="prey", resources="cpu=1", priority="low", preemptible=True, wait=30)
+        victim = await a.expect("granted", "prey")
+        a.send(op="work", ref="prey", auto=True, resources="cpu=1", seconds=[60, 0.5, 0.5])
+        keys = (await a.expect("submitted", "prey"))["keys"]
+
+        async def under_lease() -> list[str]:
+            return await anyio.to_thread.run_sync(dask_client.run_on_scheduler, _restricted_to, victim["id"])
+
+        async def first_only() -> bool:
+            return await under_lease() == keys[:1]
+
+        await eventually(first_only, "the scheduler to hold A's first task, and only it, under the lease")
+        b.send(op="request", ref="urgent", resources="cpu=1", priority="critical", wait=30)
+        notice = await a.expect("preempted", "prey")
+        moved = [await a.expect("done", f"prey#{i}") for i in (1, 2)]
+        assert {m["where"] for m in moved} <= {"local", "cluster"}, moved
+        assert await under_lease() == keys[:1]  # the moved two never reached the engine under the lease
+        failed = await a.expect("error", "prey#0")
+        assert failed["error"] == "BoostPreempted", failed
+        assert max(m["at"] for m in moved) < failed["at"] and failed["at"] - notice["at"] >= notice["grace"] - 0.5
+        granted = await b.expect("granted", "urgent")
+        marks = (await engine_leases(dask_client))["marks"]
+        assert victim["id"] not in marks and granted["id"] in marks, marks
+        b.send(op="release", ref="urgent")
+        await b.expect("released", "urgent")
+    finally:
+        await release_all(held)
+
+
 # -- fencing ---------------------------------------------------------------------------------------------------------
 
 

@@ -242,31 +242,41 @@ class Notices:
 
 
 async def _work(grid: gb.Grid, boost: gb.Boost, command: dict[str, Any]) -> None:
-    """Submit ``count`` naps of ``seconds`` under ``boost``; say ``SUBMITTED`` with their Ray task ids once Ray has
-    them, then ``DONE`` or ``ERROR {error, at}`` for each."""
-    name, tag = command["name"], command.get("tag", "")
-    try:
-        resources = command.get("resources")
-        count = command.get("count", 1)
-        handles = [grid.submit(nap, command.get("seconds", 60), where=boost, resources=resources) for _ in range(count)]
-        with anyio.fail_after(30):
-            while not all(h.id in grid.backend.ray_task_ids() for h in handles):  # type: ignore[attr-defined]
-                await anyio.sleep(0.01)
-        ids = grid.backend.ray_task_ids()  # type: ignore[attr-defined]
-        say("SUBMITTED", name=name, tag=tag, ray_ids=[ids[h.id] for h in handles])
-    except Exception as exc:
-        say("ERROR", name=name, tag=tag, error=type(exc).__name__, message=str(exc), at=time.time())
-        return
-
-    async def one(handle: gb.TaskHandle[Any]) -> None:
+    """Naps under ``boost`` (``seconds``: one number for ``count`` naps, or a list): pinned to it with ``where=boost``,
+    or with ``auto`` placed by the policy, as work in the boost's block is (only ``at_engine`` of them reach Ray at
+    once then; the rest wait in the grid for a slot). Says ``SUBMITTED`` with the Ray task ids of those Ray has (None
+    for the others), then ``DONE {result, where, ray_id}`` or ``ERROR {error, at}`` for each."""
+    name, tag, auto = command["name"], command.get("tag", ""), command.get("auto", False)
+    seconds = command.get("seconds", 60)
+    naps = seconds if isinstance(seconds, list) else [seconds] * command.get("count", 1)
+    async with contextlib.AsyncExitStack() as stack:
+        if auto:  # left (which releases the boost) once all the work has ended
+            await stack.enter_async_context(boost)
         try:
-            say("DONE", name=name, tag=tag, result=await handle)
+            resources = command.get("resources")
+            handles = [grid.submit(nap, s, where="auto" if auto else boost, resources=resources) for s in naps]
+            ids = grid.backend.ray_task_ids  # type: ignore[attr-defined]
+            at_engine = command.get("at_engine", len(handles))
+            with anyio.fail_after(30):
+                while sum(h.id in ids() for h in handles) < at_engine:
+                    await anyio.sleep(0.01)
+            say("SUBMITTED", name=name, tag=tag, ray_ids=[ids().get(h.id) for h in handles])
         except Exception as exc:
             say("ERROR", name=name, tag=tag, error=type(exc).__name__, message=str(exc), at=time.time())
+            return
 
-    async with anyio.create_task_group() as tg:
-        for handle in handles:
-            tg.start_soon(one, handle)
+        async def one(handle: gb.TaskHandle[Any]) -> None:
+            try:
+                result = await handle
+                assert handle.placement is not None
+                where, ray_id = handle.placement.kind, ids().get(handle.id)
+                say("DONE", name=name, tag=tag, result=result, where=where, ray_id=ray_id, at=time.time())
+            except Exception as exc:
+                say("ERROR", name=name, tag=tag, error=type(exc).__name__, message=str(exc), at=time.time())
+
+        async with anyio.create_task_group() as tg:
+            for handle in handles:
+                tg.start_soon(one, handle)
 
 
 async def serve(address: str) -> None:

@@ -157,6 +157,18 @@ def task_rows(ray_ids: list[str]) -> dict[str, tuple[set[int], int]]:
     return {task_id: (states, pids.get(task_id, 0)) for task_id, (_, states) in latest.items()}
 
 
+def task_groups(ray_ids: list[str]) -> dict[str, str]:
+    """The placement group (id, hex; ``""`` for none) Ray's task table says each of these tasks was scheduled in."""
+    from ray._private.state import state
+
+    wanted, groups = set(ray_ids), {}
+    for event in state._get_all_task_events():
+        task_id = event.task_id.hex() if isinstance(event.task_id, bytes) else str(event.task_id)
+        if task_id in wanted and event.HasField("task_info"):
+            groups[task_id] = event.task_info.placement_group_id.hex()
+    return groups
+
+
 def task_states(ray_ids: list[str]) -> dict[str, set[int]]:
     """The states Ray's task table shows for each task (by Ray task id, hex) of its latest attempt."""
     return {task_id: states for task_id, (states, _) in task_rows(ray_ids).items()}

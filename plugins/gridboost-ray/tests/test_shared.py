@@ -40,6 +40,7 @@ from _owners import (
     preempted_count,
     running_worker,
     sample,
+    task_groups,
     task_states,
     until_step,
 )
@@ -398,6 +399,39 @@ async def test_a_critical_request_preempts_a_preemptible_low_lease_of_another_pr
         f"\npreemption latency (CRITICAL request -> grant): {latency:.2f} s with preempt_grace {GRACE:g} s "
         f"(request -> notice {notice['at'] - asked:.2f} s)"
     )
+
+
+async def test_work_queued_in_a_preempted_boost_moves_to_a_boost_with_room_while_rays_share_waits_out_the_grace(
+    owners: list[Owner],
+) -> None:
+    """Of five one-slot naps placed in A's preemptible two-slot boost, Ray gets three (its group runs two and queues
+    one) and two wait in A's grid. At B's preemption those two move to A's other boost, which has room, and finish
+    within the grace, in that boost's group by Ray's task table; the three Ray has end with BoostPreempted after it."""
+    a, b = owners[0], owners[1]
+    a.send(op="request", name="spare2", resources="slot=2", priority="low", preempt_grace=GRACE)
+    a.send(op="request", name="prey2", resources="slot=2", priority="low", preemptible=True, preempt_grace=GRACE)
+    spare, prey = await call(a.expect, "GRANTED", "spare2"), await call(a.expect, "GRANTED", "prey2")
+    naps = [120, 120, 120, 0.5, 0.5]
+    a.send(op="work", name="prey2", auto=True, resources="slot=1", seconds=naps, at_engine=3)
+    ray_ids = (await call(a.expect, "SUBMITTED", "prey2"))["ray_ids"]
+    assert all(ray_ids[:3]) and ray_ids[3:] == [None, None], ray_ids
+    b.send(op="request", name="crit2", resources="slot=2", priority="critical", wait=60)
+    notice = await call(a.expect, "NOTICE")
+    assert notice["id"] == prey["id"]
+    moved = [await call(a.expect, "DONE", "prey2") for _ in range(2)]
+    assert [(m["where"], m["result"]) for m in moved] == [("boost", 0.5)] * 2, moved
+    moved_ids = [m["ray_id"] for m in moved]
+    groups = await eventually(lambda: len(found := task_groups(moved_ids)) == 2 and found, "moved tasks not listed")
+    assert set(groups.values()) == {spare["pg"]}, (groups, spare, prey)
+    errors = [await call(a.expect, "ERROR", "prey2", within=GRACE + SETTLE) for _ in range(3)]
+    assert {e["error"] for e in errors} == {"BoostPreempted"}, errors
+    assert min(e["at"] for e in errors) > max(m["at"] for m in moved)
+    await call(b.expect, "GRANTED", "crit2")
+    assert await call(pg_state, prey["pg"]) == "REMOVED"
+    assert set((await call(task_groups, ray_ids[:3])).values()) == {prey["pg"]}
+    for owner, name in ((a, "spare2"), (b, "crit2")):
+        owner.send(op="release", name=name)
+        await call(owner.expect, "RELEASED", name)
 
 
 def test_the_keepers_fit_check_places_bundles_as_rays_strategies_do() -> None:
