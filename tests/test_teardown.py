@@ -257,3 +257,25 @@ def test_a_grid_can_be_built_outside_an_event_loop() -> None:
 
         assert anyio.run(use, backend=backend) == 3
         assert grid.closed
+
+
+async def test_every_waiter_on_a_tracked_set_wakes_when_it_empties() -> None:
+    """Two tasks awaiting ``emptied()`` both return when the last item leaves (the second must not orphan the first)."""
+    from gridboost._kit import Tracked
+
+    work: Tracked[int] = Tracked()
+    work.add(1)
+    woke: list[str] = []
+
+    async def wait(name: str) -> None:
+        await work.emptied()
+        woke.append(name)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wait, "first")
+            await anyio.wait_all_tasks_blocked()
+            tasks.start_soon(wait, "second")
+            await anyio.wait_all_tasks_blocked()
+            work.discard(1)
+    assert sorted(woke) == ["first", "second"]

@@ -43,7 +43,8 @@ class Tracked(set[T], Generic[T]):
     async def emptied(self) -> None:
         """Return once the set is empty (bound it with a cancel scope)."""
         while self:
-            self._idle = anyio.Event()
+            if self._idle is None or self._idle.is_set():  # waiters share one event: a second must not orphan the first
+                self._idle = anyio.Event()
             await self._idle.wait()
 
 
