@@ -172,3 +172,121 @@ def test_victims_are_the_fewest_lowest_priority_preemptible_leases_of_other_owne
     assert [r["id"] for r in Arbiter.victims(critical, granted, frees_cpu(3.0)) or []] == ["low-young", "normal"]
     assert Arbiter.victims(critical, granted, frees_cpu(5.0)) is None
     assert Arbiter.victims(ticket("low", 0, 0.0), granted, frees_cpu(1.0)) is None
+
+
+# -- at scale: the line and the quota sums are kept as they change, never recounted -----------------------------------
+
+
+def test_running_quota_sums_follow_hold_and_unhold() -> None:
+    """What :meth:`Arbiter.hold` counts is what a quota sees, replaced on a second hold and gone after ``unhold``;
+    once a tenant holds nothing, its use is exactly nothing (no rounding left over)."""
+    arbiter = Arbiter(clock=Clock())
+    arbiter.set_quota("a", {"cpu": 1.0})
+    for i in range(10):
+        arbiter.hold(f"l{i}", "a", {"cpu": 0.1})
+    assert abs(arbiter.used("a")["cpu"] - 1.0) < 1e-9
+    assert arbiter.ask(ticket("next", 1, 1.0, tenant="a", cpu=0.1))["status"] == "quota"
+    arbiter.hold("l0", "a", {"cpu": 0.05})  # held again: counted once, with its new amounts
+    assert abs(arbiter.used("a")["cpu"] - 0.95) < 1e-9
+    assert arbiter.ask(ticket("smaller", 1, 1.0, tenant="a", cpu=0.05)) == {"status": "turn"}
+    for i in range(10):
+        arbiter.unhold(f"l{i}")
+    arbiter.unhold("never-held")
+    assert arbiter.used("a") == {} and arbiter.quota_rows() == [{"tenant": "a", "quota": {"cpu": 1.0}, "used": {}}]
+
+
+def test_head_names_the_ticket_whose_turn_it_is() -> None:
+    """``head`` is the first ticket in line that no quota holds back; ``held_back`` the ones a quota holds;
+    ``to_wake`` both."""
+    arbiter = Arbiter(clock=Clock())
+    assert arbiter.head() is None
+    arbiter.set_quota("a", {"cpu": 1.0})
+    arbiter.ask(ticket("big", 3, 1.0, tenant="a", cpu=2.0))  # over its quota: in no line
+    arbiter.ask(ticket("low", 0, 2.0))
+    arbiter.ask(ticket("high", 2, 3.0))
+    assert arbiter.head() == "high" and arbiter.held_back() == ["big"]
+    assert arbiter.to_wake() == ["high", "big"]  # what a registry wakes when something changes
+    arbiter.leave("high")
+    assert arbiter.head() == "low"
+    arbiter.set_quota("a", None)
+    assert arbiter.ask(ticket("big", 3, 1.0, tenant="a", cpu=2.0)) == {"status": "turn"}
+    assert arbiter.head() == "big" and arbiter.held_back() == []
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ask"), st.integers(0, 7), st.integers(0, 3), st.sampled_from(["a", "b"]), st.integers(1, 3)),
+        st.tuples(st.just("leave"), st.integers(0, 7)),
+        st.tuples(st.just("hold"), st.integers(0, 5), st.sampled_from(["a", "b"]), st.integers(1, 3)),
+        st.tuples(st.just("unhold"), st.integers(0, 5)),
+        st.tuples(st.just("quota"), st.sampled_from(["a", "b"]), st.sampled_from([None, 1, 2, 4])),
+    ),
+    max_size=40,
+)
+
+
+@given(_OPS)
+def test_the_kept_line_and_sums_answer_as_counting_everything_would(ops: list[tuple[Any, ...]]) -> None:
+    """Whatever the order of asks, leaves, holds and quota changes, every answer is the one a count over every ticket
+    and every granted lease gives (what the arbiter did before it kept a sorted line and running sums)."""
+    arbiter = Arbiter(clock=Clock())
+    tickets: dict[str, dict[str, Any]] = {}  # the first ask of each waiting ticket, and what held it back last
+    granted: dict[str, dict[str, Any]] = {}
+    quotas: dict[str, dict[str, float]] = {}
+
+    def key(t: dict[str, Any]) -> tuple[int, float, str]:
+        return (-t["priority"], t["requested_at"], t["id"])
+
+    for step, op in enumerate(ops):
+        if op[0] == "ask":
+            _, n, priority, tenant, cpu = op
+            mine = tickets.setdefault(f"t{n}", ticket(f"t{n}", priority, float(step), tenant=tenant, cpu=float(cpu)))
+            answer = arbiter.ask(ticket(f"t{n}", priority, float(step), tenant=tenant, cpu=float(cpu)))
+            assert answer == arbiter.ask(mine, list(granted.values()))  # the running sums agree with a count
+            used = total(g for g in granted.values() if g["tenant"] == mine["tenant"])
+            quota = quotas.get(mine["tenant"])
+            over = quota is not None and not fits(
+                {k: used.get(k, 0.0) + mine["amounts"].get(k, 0.0) for k in quota}, quota
+            )
+            mine["held"] = over
+            ahead = sum(1 for t in tickets.values() if not t.get("held") and key(t) < key(mine))
+            expected = "quota" if over else "wait" if ahead else "turn"
+            assert answer["status"] == expected
+            if expected == "wait":
+                assert answer["ahead"] == ahead
+        elif op[0] == "leave":
+            tickets.pop(f"t{op[1]}", None)
+            arbiter.leave(f"t{op[1]}")
+        elif op[0] == "hold":
+            _, n, tenant, cpu = op
+            granted[f"g{n}"] = {"tenant": tenant, "amounts": {"cpu": float(cpu)}}
+            arbiter.hold(f"g{n}", tenant, {"cpu": float(cpu)})
+        elif op[0] == "unhold":
+            granted.pop(f"g{op[1]}", None)
+            arbiter.unhold(f"g{op[1]}")
+        else:
+            _, tenant, cap = op
+            if cap is None:
+                quotas.pop(tenant, None)
+            else:
+                quotas[tenant] = {"cpu": float(cap)}
+            arbiter.set_quota(tenant, None if cap is None else {"cpu": float(cap)})
+        line = [t for t in tickets.values() if not t.get("held")]
+        assert arbiter.head() == (min(line, key=key)["id"] if line else None)
+        assert sorted(arbiter.held_back()) == sorted(t["id"] for t in tickets.values() if t.get("held"))
+        for tenant in ("a", "b"):
+            counted = total(g for g in granted.values() if g["tenant"] == tenant)
+            assert arbiter.used(tenant) == {k: v for k, v in counted.items() if v}
+
+
+def test_a_stale_ticket_that_asks_again_before_a_sweep_is_queued_anew() -> None:
+    """Asks sweep now and then, not each time; a ticket stale by then still goes as a sweep would have it: asked again,
+    it is a new ticket (its place from the ``requested_at`` it brings), and it does not keep what held it back."""
+    clock = Clock()
+    arbiter = Arbiter(stale=5.0, clock=clock)
+    arbiter.ask(ticket("first", 1, 1.0), [])
+    clock.now += 4.9
+    assert arbiter.ask(ticket("second", 1, 2.0), [])["status"] == "wait"  # swept here: "first" is live
+    clock.now += 0.3  # "first" last seen 5.2 s ago; the last sweep was 0.3 s ago
+    assert arbiter.ask(ticket("first", 1, 3.0), []) == {"status": "wait", "ahead": 1}
+    assert arbiter.pending["first"]["requested_at"] == 3.0 and arbiter.head() == "second"

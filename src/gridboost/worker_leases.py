@@ -7,10 +7,15 @@ process that takes leases on the cluster. :class:`Arbiter` is the part of it tha
   asked). A ticket gets its turn only when no live ticket is ahead of it: higher priority first, then the oldest.
   There is no backfill: a request that waits for capacity holds back every request behind it, so a big CRITICAL
   request is never starved by a stream of small LOW ones. Owners poll (every answer refreshes their ticket); a ticket
-  not refreshed for ``stale`` seconds belongs to an owner that died, stalled or gave up, and is dropped.
+  not refreshed for ``stale`` seconds belongs to an owner that died, stalled or gave up, and is dropped (asks look
+  for such tickets at most every tenth of ``stale``, and every second: a look goes over every ticket). The line is
+  kept sorted, so an ask costs O(log n) in the tickets waiting, and :meth:`Arbiter.head` names the one ticket whose
+  turn it is: a registry wakes that one owner when something changes, not every waiting one.
 * **Quotas.** Per tenant, a cap on what the tenant's granted leases hold together. A request that would pass it is
   held back (answer ``quota``, with the quota and the use in one line); it waits, but never holds back another
-  tenant's request.
+  tenant's request. The registry tells the arbiter what each granted lease counts (:meth:`Arbiter.hold`,
+  :meth:`Arbiter.unhold`), and the arbiter keeps a running sum per tenant: a quota check costs the same with ten
+  leases or ten thousand.
 * **Tokens.** Every grant gets a fencing token, larger than every token this registry issued before: the larger of
   the last one plus one and the wall clock in microseconds. So a registry that restarts (and forgets) still issues
   larger tokens, as long as the clock does not go back and it issued fewer than a million a second before.
@@ -31,6 +36,8 @@ gridboost still runs it. The registry serialises calls (one event loop), so the 
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -126,11 +133,20 @@ def _key(ticket: Mapping[str, Any]) -> tuple[int, float, str]:
     return (-int(ticket["priority"]), float(ticket["requested_at"]), str(ticket["id"]))
 
 
+def _add(into: Amounts, amounts: Mapping[str, float], sign: float = 1.0) -> None:
+    for key, value in amounts.items():
+        into[key] = into.get(key, 0.0) + sign * float(value)
+
+
 class Arbiter:
     """Turns, quotas and tokens for one cluster's registry (see the module docstring).
 
     ``clock`` is wall-clock seconds (tickets carry the wall-clock time of their first request, which every process
     of a cluster reads alike); tests pass their own.
+
+    Quota use comes from one of two places. A registry that calls :meth:`hold` and :meth:`unhold` as its leases are
+    granted and end passes nothing (``granted=None``), and the arbiter's running sums are used; one that passes its
+    granted leases (each with ``tenant`` and ``amounts``) has them summed on each call.
     """
 
     def __init__(self, *, stale: float = STALE, clock: Callable[[], float] = time.time) -> None:
@@ -141,6 +157,16 @@ class Arbiter:
         #: Caps by tenant.
         self.quotas: dict[str, Amounts] = {}
         self.last_token = 0
+        # The keys (priority, age, id) of the pending tickets that no quota holds back, sorted: the line. And the ids
+        # of those a quota holds back (a dict for its order).
+        self._line: list[tuple[int, float, str]] = []
+        self._held: dict[str, None] = {}
+        # What each granted lease counts for its tenant's quota, and the running sums (with how many leases).
+        self._holding: dict[str, tuple[str, Amounts]] = {}
+        self._used: dict[str, Amounts] = {}
+        self._leases: dict[str, int] = {}
+        # When the tickets were last swept on an ask: a sweep looks at every ticket, so asks do it now and then.
+        self._swept = -math.inf
 
     # -- tokens ----------------------------------------------------------------------------------------------------
 
@@ -158,15 +184,46 @@ class Arbiter:
         else:
             self.quotas[tenant] = {key: float(value) for key, value in amounts.items()}
 
-    def over_quota(self, tenant: str, amounts: Mapping[str, float], granted: Iterable[Mapping[str, Any]]) -> str:
+    def hold(self, lease_id: str, tenant: str, amounts: Mapping[str, float]) -> None:
+        """Count granted lease ``lease_id`` (``amounts`` of ``tenant``) for its tenant's quota, in place of what it
+        counted before."""
+        self.unhold(lease_id)
+        counted = {key: float(value) for key, value in amounts.items() if value}
+        self._holding[lease_id] = (tenant, counted)
+        _add(self._used.setdefault(tenant, {}), counted)
+        self._leases[tenant] = self._leases.get(tenant, 0) + 1
+
+    def unhold(self, lease_id: str) -> None:
+        """Stop counting ``lease_id`` (it ended, or holds nothing now); nothing happens if it was not counted."""
+        held = self._holding.pop(lease_id, None)
+        if held is None:
+            return
+        tenant, counted = held
+        left = self._leases[tenant] - 1
+        if left:
+            self._leases[tenant] = left
+            _add(self._used[tenant], counted, -1.0)
+        else:  # the last one: exactly nothing, not what rounding left over
+            del self._leases[tenant], self._used[tenant]
+
+    def used(self, tenant: str, granted: Iterable[Mapping[str, Any]] | None = None) -> Amounts:
+        """What ``tenant``'s granted leases hold together: the running sum, or the sum of ``granted``'s."""
+        if granted is None:
+            return {key: value for key, value in self._used.get(tenant, {}).items() if abs(value) > _EPS}
+        return total(r for r in granted if r.get("tenant") == tenant)
+
+    def over_quota(
+        self, tenant: str, amounts: Mapping[str, float], granted: Iterable[Mapping[str, Any]] | None = None
+    ) -> str:
         """Why a request of ``amounts`` by ``tenant`` would pass its quota, in one line; ``""`` when it would not.
 
-        ``granted`` are the registry's granted leases (each with ``tenant`` and ``amounts``).
+        ``granted``: the registry's granted leases (each with ``tenant`` and ``amounts``), or ``None`` for the
+        running sums that :meth:`hold` keeps.
         """
         quota = self.quotas.get(tenant)
         if quota is None:
             return ""
-        used = total(r for r in granted if r.get("tenant") == tenant)
+        used = self.used(tenant, granted)
         after = {key: used.get(key, 0.0) + float(amounts.get(key, 0.0)) for key in quota}
         if fits(after, quota):
             return ""
@@ -175,46 +232,86 @@ class Arbiter:
             f"asked {quota_text(amounts)}"
         )
 
-    def quota_rows(self, granted: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Every quota with what its tenant's granted leases hold now."""
+    def quota_rows(self, granted: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Every quota with what its tenant's granted leases hold now (``granted`` as for :meth:`over_quota`)."""
         return [
-            {"tenant": tenant, "quota": dict(quota), "used": total(r for r in granted if r.get("tenant") == tenant)}
+            {"tenant": tenant, "quota": dict(quota), "used": self.used(tenant, granted)}
             for tenant, quota in sorted(self.quotas.items())
         ]
 
     # -- turns -----------------------------------------------------------------------------------------------------
 
-    def ask(self, ticket: Mapping[str, Any], granted: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def ask(self, ticket: Mapping[str, Any], granted: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
         """Queue ``ticket`` (or refresh it) and say whether it may be placed now.
 
         ``{"status": "turn"}``: place it now; ``{"status": "wait", "ahead": n}``: ``n`` live tickets come first;
         ``{"status": "quota", "why": ...}``: its tenant's quota holds it back. A ticket keeps its place (its first
-        ``requested_at``) across refreshes.
+        ``requested_at``) across refreshes. ``granted`` as for :meth:`over_quota`.
         """
         now = self.clock()
-        self.sweep(now)
+        if now - self._swept >= min(1.0, self.stale / 10):
+            self.sweep(now)
         mine = self.pending.get(ticket["id"])
+        if mine is not None and now - mine["seen"] > self.stale:  # stale, not swept yet: gone, as a sweep would have it
+            self.leave(ticket["id"])
+            mine = None
         if mine is None:
-            mine = self.pending[ticket["id"]] = dict(ticket)
+            mine = self.pending[ticket["id"]] = {**ticket, "held_back": ""}
+            bisect.insort(self._line, _key(mine))
         mine["seen"] = now
         why = self.over_quota(mine["tenant"], mine["amounts"], granted)
+        key = _key(mine)
+        if bool(why) != bool(mine["held_back"]):  # into the line, or out of it
+            if why:
+                self._unline(key)
+                self._held[mine["id"]] = None
+            else:
+                bisect.insort(self._line, key)
+                self._held.pop(mine["id"], None)
         mine["held_back"] = why
         if why:
             return {"status": "quota", "why": why}
-        key = _key(mine)
-        ahead = sum(1 for t in self.pending.values() if not t["held_back"] and _key(t) < key)
+        ahead = bisect.bisect_left(self._line, key)
         return {"status": "wait", "ahead": ahead} if ahead else {"status": "turn"}
+
+    def head(self) -> str | None:
+        """The id of the ticket whose turn it is (as of its owner's last ask), or ``None`` when no ticket waits
+        outside a quota."""
+        return self._line[0][2] if self._line else None
+
+    def held_back(self) -> list[str]:
+        """The ids of the tickets their tenants' quotas hold back (as of their owners' last asks)."""
+        return list(self._held)
+
+    def to_wake(self) -> list[str]:
+        """The tickets a registry wakes when something changes that may let a request through (a grant, a release, a
+        ticket gone, a quota): the one whose turn it is, and those a quota holds back (their tenant may have room
+        now). The others would only be told to wait again."""
+        head = self.head()
+        return [head, *self._held] if head is not None else list(self._held)
 
     def leave(self, lease_id: str) -> None:
         """The request was granted, or its owner gave up: its ticket goes."""
-        self.pending.pop(lease_id, None)
+        mine = self.pending.pop(lease_id, None)
+        if mine is None:
+            return
+        if mine["held_back"]:
+            self._held.pop(lease_id, None)
+        else:
+            self._unline(_key(mine))
+
+    def _unline(self, key: tuple[int, float, str]) -> None:
+        at = bisect.bisect_left(self._line, key)
+        if at < len(self._line) and self._line[at] == key:
+            del self._line[at]
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Drop the tickets not refreshed for ``stale`` seconds; their ids."""
         now = self.clock() if now is None else now
+        self._swept = now
         gone = [lid for lid, t in self.pending.items() if now - t["seen"] > self.stale]
         for lid in gone:
-            del self.pending[lid]
+            self.leave(lid)
         return gone
 
     # -- preemption --------------------------------------------------------------------------------------------------

@@ -69,6 +69,40 @@ async def test_another_client_lists_the_lease_and_sees_it_renewed(grid: Grid, cl
     await boost.release()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # two grids in one event loop (trio gives each a loop)
+async def test_renewals_of_two_grids_of_a_process_reach_the_scheduler_together_and_each_is_answered(
+    grid: Grid, cluster: Any, cluster_address: str
+) -> None:
+    """Renewals that two grids of one process make at once, and one right after them, reach the scheduler's registry
+    in fewer messages than renewals (each message holds what came while the last was on its way), and every boost's
+    expiry moves, as a third grid lists it."""
+    scheduler = cluster.scheduler
+    handler = scheduler.handlers["gridboost_extend"]
+    messages: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        messages.append(len(kwargs.get("many") or [None]))
+        return handler(*args, **kwargs)
+
+    async with Grid("dask", address=cluster_address) as second:
+        boosts = [await g.request_boost("cpu=1", ttl=100) for g in (grid, grid, second, second)]
+        scheduler.handlers["gridboost_extend"] = counting
+        try:
+            async with anyio.create_task_group() as tg:
+                for boost in boosts:
+                    tg.start_soon(boost.renew, 300)
+            await boosts[0].renew(400)
+        finally:
+            scheduler.handlers["gridboost_extend"] = handler
+        assert sum(messages) == 5 and len(messages) <= 3, messages
+        async with Grid("dask", address=cluster_address) as third:
+            listed = {le.id: le for le in await third.leases()}
+        assert all(listed[b.id].expires_at > time.time() + 250 for b in boosts)
+        assert listed[boosts[0].id].expires_at > time.time() + 350
+        for boost in boosts:
+            await boost.release()
+
+
 async def test_a_lease_released_by_another_grid_fails_its_watched_boost(
     grid: Grid, cluster_address: str, dask_client: Client
 ) -> None:

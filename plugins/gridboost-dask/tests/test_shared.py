@@ -455,6 +455,7 @@ async def test_a_critical_request_takes_a_preemptible_low_lease_of_another_proce
 
 def _restricted_to(lease_id: str, dask_scheduler: Any = None) -> list[str]:
     """On the scheduler: the keys of the tasks it holds that only a worker with ``lease_id``'s mark may run."""
+
     def under(names: Any) -> bool:  # a lease's mark is gridboost-lease:<session>:<boost id>
         return any(n.startswith("gridboost-lease:") and n.endswith(f":{lease_id}") for n in names or ())
 

@@ -316,6 +316,34 @@ async def test_renewal_moves_the_keepers_expiry(grid_factory: Any) -> None:
         await boost.release()
 
 
+async def test_renewals_made_together_reach_the_keeper_together_and_each_moves_its_expiry(grid_factory: Any) -> None:
+    """Four renewals a grid makes at once reach the keeper in fewer calls than renewals (those that come while one
+    is on its way go together, in the next call), and the keeper lists every lease with its new expiry."""
+    async with grid_factory() as grid:
+        boosts = [await grid.request_boost("cpu=1", ttl=100) for _ in range(4)]
+        backend = grid.backend
+        keeper = backend._keeper
+        calls: list[int] = []
+
+        async def counting(method: str, *args: Any) -> Any:
+            if method == "renew_many":
+                calls.append(len(args[0]))
+            return await keeper(method, *args)
+
+        backend._keeper = counting
+        try:
+            async with anyio.create_task_group() as tg:
+                for n, boost in enumerate(boosts):
+                    tg.start_soon(boost.renew, 300 + n)
+        finally:
+            del backend._keeper
+        assert sum(calls) == 4 and len(calls) < 4, calls
+        listed = {le.id: le for le in await grid.leases()}
+        assert all(listed[b.id].expires_at >= time.time() + 290 + n for n, b in enumerate(boosts))
+        for boost in boosts:
+            await boost.release()
+
+
 # -- a node that dies under a boost -------------------------------------------------------------------------------
 
 

@@ -456,11 +456,17 @@ async def test_a_stopped_owners_lease_is_reaped_and_its_work_killed_on_the_engin
     stopped, other = spare(), owners[1]
     stopped.send(op="request", name="fenced", resources=f"slot={SLOTS}", ttl=3, lease_grace=1.0)
     fenced = await call(stopped.expect, "GRANTED", "fenced")
-    # Each nap needs every slot: one runs, the other queues in the group.
-    stopped.send(op="work", name="fenced", tag="before", seconds=120, count=2, resources=f"slot={SLOTS}")
+    # Each nap needs half the slots: two run, and the third queues in the group (a boost hands Ray its capacity and
+    # half of it again; what is beyond that waits in the grid).
+    stopped.send(op="work", name="fenced", tag="before", seconds=120, count=3, resources=f"slot={SLOTS // 2}")
     submitted = await call(stopped.expect, "SUBMITTED", "fenced")
     ray_ids = submitted["ray_ids"]
     worker = await eventually(lambda: running_worker(ray_ids), "Ray's task table never showed the work running")
+
+    def two_running() -> bool:
+        return sum(RUNNING in states for states in task_states(ray_ids).values()) == 2
+
+    await eventually(two_running, "Ray's task table never showed two of the naps running")
     os.kill(stopped.pid, signal.SIGSTOP)
     try:
         other.send(op="request", name="after", resources=f"slot={SLOTS}", wait=60)
@@ -478,9 +484,9 @@ async def test_a_stopped_owners_lease_is_reaped_and_its_work_killed_on_the_engin
     while woken["tag"] != "woken":  # the work of before the stop fails too, whichever way it learns it
         woken = await call(stopped.expect, "ERROR", "fenced", within=SETTLE)
     assert woken["error"] == "BoostExpired", woken
-    # Woken, the owner reports its tasks: both ended, and the one that was queued in the group never ran.
+    # Woken, the owner reports its tasks: all ended, and the one that was queued in the group never ran.
     await eventually(lambda: all_ended(ray_ids), "Ray's task table never showed the stopped owner's work ended")
-    assert sum(RUNNING in states for states in (await call(task_states, ray_ids)).values()) == 1
+    assert sum(RUNNING in states for states in (await call(task_states, ray_ids)).values()) == 2
     other.send(op="release", name="after")
     await call(other.expect, "RELEASED", "after")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import time
@@ -574,13 +575,12 @@ class DaskBackend(Backend):
     async def snapshot(self) -> ClusterSnapshot:
         self._require()
         with map_errors("reading the Dask scheduler's workers"):
-            identity, records = await self._registry.state()
-        leased = _leases.held_on_workers(records)
+            workers = await self._registry.nodes()
         nodes = []
         local_seen = False
-        for address, info in sorted(identity.get("workers", {}).items()):
+        for address, info in sorted(workers.items()):
             local = str(info.get("host", "")) in self._local_hosts
-            node = _node(address, info, leased.get(address, {}), local)
+            node = _node(address, info, info.get("held") or {}, local)
             if local and not local_seen:  # a snapshot names at most one local node: the first worker on this machine
                 local_seen = True
                 node = evolve(node, is_local=True)
@@ -757,10 +757,14 @@ class DaskBackend(Backend):
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
         """Poll the registry: a lease of ours it takes back for another owner is reported once as ``BoostPreempted``
-        (with the grace left), one it marks ``lost`` (a worker left) or no longer has as ``BackendError``."""
+        (with the grace left), one it marks ``lost`` (a worker left) or no longer has as ``BackendError``.
+
+        At the multiples of the interval on the loop's clock, as every other backend of this process with the same
+        interval: their asks go to the scheduler together, in one message."""
         reported: set[str] = set()
         while True:
-            await anyio.sleep(self._watch_interval)
+            now = anyio.current_time()
+            await anyio.sleep((math.floor(now / self._watch_interval) + 1) * self._watch_interval - now)
             if self._conn is None or self._closed:
                 return
             reported &= self._held

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -156,6 +157,118 @@ def held_on_workers(records: Sequence[Mapping[str, Any]]) -> dict[str, Amounts]:
             for key, value in amounts.items():
                 into[key] = into.get(key, 0.0) + value
     return held
+
+
+#: How long a renewal waits for those of this process's other backends, when others renew too (see _Together).
+RENEW_LINGER = 0.01
+# What the backends of this process send to the registry together, by event loop (Dask's), then by (kind, scheduler).
+_TOGETHER: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], _Together]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _Together:
+    """Requests of one kind (renewals, or the watches' notices) that the backends of this process send to one
+    scheduler from one event loop, sent together: each message is what every backend asked for while the last one was
+    on its way, answered to each asker in its own part.
+
+    The scheduler pays for each message far more than for what is in it, and an owner process may run many grids (a
+    service with a grid per tenant; the benchmark, 25 in a process). Renewals come each at its lease's own time: while
+    more than one backend renews (within a second), a renewal waits ``RENEW_LINGER`` for the others to join it; a lone
+    renewer never waits, and its renewals go as fast as the scheduler answers. Every backend's watch looks at the same
+    instants, so their asks come together by themselves. A message goes through the client of one of the askers; if it
+    fails, each asker's part is sent again through its own client, so that one closing grid fails nobody else. An older
+    registry (the first client's) that refuses requests sent together gets them one a message.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.pending: list[tuple[Registry, Any, asyncio.Future[Any]]] = []
+        self.sending = False
+        self.askers: dict[str, float] = {}  # the sessions that asked lately, and when (the loop's clock)
+        self.many = True  # until an older registry refuses requests sent together
+
+    @staticmethod
+    async def ask(kind: str, registry: Registry, item: Any) -> Any:
+        """``item`` of ``kind`` for ``registry``'s scheduler, sent with the others; its answer."""
+        loop = asyncio.get_running_loop()
+        shared = _TOGETHER.setdefault(loop, {})
+        key = (kind, str(registry.client.scheduler.address))
+        together = shared.get(key)
+        if together is None:
+            together = shared[key] = _Together(kind)
+        return await together._ask(registry, item)
+
+    async def _ask(self, registry: Registry, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        self.askers[registry.session] = loop.time()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.pending.append((registry, item, future))
+        if not self.sending:
+            self.sending = True
+            task = loop.create_task(self._send())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # each future has the outcome
+        return await future
+
+    async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[Registry, Any, asyncio.Future[Any]]] = []
+        try:
+            while self.pending:
+                now = loop.time()
+                self.askers = {session: at for session, at in self.askers.items() if now - at < 1.0}
+                # A step of the loop, for the asks made at this instant; a moment more when other backends renew.
+                await asyncio.sleep(RENEW_LINGER if self.kind == "renew" and len(self.askers) > 1 else 0)
+                batch = [asked for asked in self.pending if not asked[2].done()]  # not those given up
+                self.pending = []
+                if batch:
+                    await self._answer(batch)
+        except BaseException:  # cancelled (the loop closes): the askers are cancelled with it
+            for _, _, future in [*batch, *self.pending]:
+                future.cancel()
+            self.pending = []
+            raise
+        finally:
+            self.sending = False
+
+    async def _answer(self, batch: list[tuple[Registry, Any, asyncio.Future[Any]]]) -> None:
+        answers: list[Any] | None = None
+        if self.many:
+            try:
+                answers = await self._many(batch[0][0].client.scheduler, [item for _, item, _ in batch])
+            except TypeError as exc:
+                if "unexpected keyword argument" not in str(exc):
+                    answers = None
+                else:
+                    self.many = False  # an older registry: one a message
+            except Exception:  # perhaps the client it went through is closing: each through its own, below
+                answers = None
+        if answers is not None:
+            for (_, _, future), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
+            return
+        for registry, item, future in batch:
+            try:
+                answer = await self._one(registry.client.scheduler, item)
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(answer)
+
+    async def _many(self, scheduler: Any, items: list[Any]) -> list[Any]:
+        if self.kind == "renew":
+            return list(await scheduler.gridboost_extend(many=[[name, ttl] for name, ttl in items]))
+        return list(await scheduler.gridboost_notices(many=[[session, ids] for session, ids in items]))
+
+    async def _one(self, scheduler: Any, item: Any) -> Any:
+        if self.kind == "renew":
+            name, ttl = item
+            return await scheduler.gridboost_extend(name=name, ttl=ttl)
+        session, ids = item
+        return await scheduler.gridboost_notices(session=session, ids=ids)
 
 
 class Registry:
@@ -303,12 +416,14 @@ class Registry:
         watch reports (:func:`notice_error`)."""
         if not ids:
             return {}
-        notices = await self._call(self.client.scheduler.gridboost_notices, session=self.session, ids=list(ids))
+        notices = await self._call(_Together.ask, "notices", self, (self.session, list(ids)))
         now = time.time()
         return {lease_id: notice_error(lease_id, notice, now) for lease_id, notice in notices.items()}
 
     async def extend(self, name: str, ttl: float) -> bool:
-        return bool(await self._call(self.client.scheduler.gridboost_extend, name=name, ttl=float(ttl)))
+        """Move this backend's lease ``name`` to expire ``ttl`` seconds from when the registry gets this; ``False`` if
+        the registry has no such lease. Sent with the renewals of this process's other backends (see _Together)."""
+        return bool(await self._call(_Together.ask, "renew", self, (name, float(ttl))))
 
     async def renew(self, lease_id: str, ttl: float) -> dict[str, Any] | None:
         """Move any owner's lease to expire ``ttl`` seconds from now; its record, or ``None`` if there is none."""
@@ -329,6 +444,19 @@ class Registry:
         """The scheduler's workers (``identity``) and every lease, in one round trip."""
         result: tuple[dict[str, Any], list[dict[str, Any]]] = await self._call(self._state)
         return result
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        """The scheduler's workers as a snapshot reads them, each with what the leases hold on it (``held``, in the
+        registry's names): an answer whose size grows with the workers, not with the leases."""
+        try:
+            return dict(await self._call(self.client.scheduler.gridboost_leases, nodes=True))
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc):
+                raise
+        # An older registry (the first client's): every lease record, summed here.
+        identity, records = await self.state()
+        held = held_on_workers(records)
+        return {addr: {**info, "held": held.get(addr, {})} for addr, info in identity.get("workers", {}).items()}
 
     async def _state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         scheduler = self.client.scheduler

@@ -8,23 +8,32 @@ do not have gridboost-dask installed can still run it. It imports only the stand
 
 The registry (:class:`LeaseRegistry`, a ``SchedulerPlugin`` named ``gridboost-leases``) is the one source of truth of
 leases: it places a lease on workers with free capacity, marks it there with a resource of its own
-(``gridboost-lease:<session>:<boost id>``, set with ``Worker.set_resources``), lists, renews and releases leases for any
-client, and removes — by itself, on a periodic callback — a lease whose TTL plus grace has passed or whose owner client
-has been gone for longer than the grace (a *detached* lease outlives its owner: only its TTL plus grace ends it).
-Capacity is accounted here, in one event loop, so two clients can never book the same threads: a worker's capacity is
-its threads (``cpu``), its ``memory_limit`` and its own resources; what leases hold is subtracted from it.
+(``gridboost-lease:<session>:<boost id>``, set in the worker's books and then in the scheduler's, see
+:func:`lease_marks`), lists, renews and releases leases for any client, and removes — by itself, on a periodic
+callback — a lease whose TTL plus grace has passed or whose owner client has been gone for longer than the grace (a
+*detached* lease outlives its owner: only its TTL plus grace ends it). Capacity is accounted here, in one event loop,
+so two clients can never book the same threads: a worker's capacity is its threads (``cpu``), its ``memory_limit`` and
+its own resources; what leases hold is subtracted from it.
 
 Across owners the registry keeps one :class:`~gridboost.worker_leases.Arbiter`: a request that is not placed at once
 leaves a ticket, and requests are placed strictly in turn (priority, then age), a tenant's quota holds back its own
-requests only, and every grant gets a fencing token. Owners poll; an answer that says "not yet" is held back here until
-something changes (a release, a grant, a ticket gone, a quota, a worker) or the owner's poll interval passes, so the
-next in line learns of its turn within a round trip. Tickets of a client the scheduler saw leave go at once.
+requests only, and every grant gets a fencing token. Owners poll; an answer that says "not yet" is held back here, and
+when something changes that may let it through (a release, a grant, a ticket gone, a quota, a worker) the request is
+tried again right here, so the next in line is granted without a round trip. Only that request is woken (and those a
+quota holds back), not every waiting one. Tickets of a client the scheduler saw leave go at once.
+
+Scale. No operation on one lease looks at every lease: the registry keeps, beside its records, what the leases book on
+each worker, leases by id and by client, and the expiries in a heap; the arbiter keeps the line sorted and each
+tenant's use as a running sum. A worker's own capacity is read once (its resources hold a mark per lease). Marks asked
+for while others are on their way to a worker go together in one message, and the scheduler's books are written for
+those names alone. What a snapshot reads (:meth:`LeaseRegistry.nodes`) grows with the workers, not the leases.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -45,12 +54,11 @@ __all__ = [
     "REGISTRY",
     "LeaseRegistry",
     "call",
-    "drop_lease_resource",
     "in_lease",
+    "lease_marks",
     "named",
     "ours_on_worker",
     "run_command",
-    "set_lease_resource",
 ]
 
 _log = logging.getLogger("gridboost.dask")
@@ -70,6 +78,8 @@ _SETTLED = frozenset({"memory", "error", "released", "forgotten"})
 PREEMPT_SLACK = 1.0
 # How many leases taken back the registry remembers (for their owners' watch, and tests).
 _PREEMPTED_KEPT = 1000
+# Every how many rounds of the reaper stale lease marks are swept (a look at every resource of every worker).
+_SWEEP_EVERY = 4
 
 Amounts = dict[str, float]
 
@@ -77,33 +87,41 @@ Amounts = dict[str, float]
 # -- on workers: lease marks ----------------------------------------------------------------------------------------
 
 
-async def set_lease_resource(name: str, amount: float, dask_worker: Worker | None = None) -> dict[str, float]:
-    """Give this worker ``amount`` of the lease's own resource (the worker tells the scheduler itself)."""
-    assert dask_worker is not None
-    await dask_worker.set_resources(**{name: amount})
-    return dict(dask_worker.state.total_resources)
+def lease_marks(sets: Mapping[str, float], drops: Sequence[str], dask_worker: Worker | None = None) -> dict[str, bool]:
+    """Set lease marks (name: amount) on this worker and drop others, in this worker's own books; the registry writes
+    the scheduler's for these names alone. (``Worker.set_resources`` sends the scheduler every resource the worker has,
+    a mark per lease on it, and the scheduler then rebuilds its books of all of them: work that grows with the leases.)
 
-
-async def drop_lease_resource(name: str, dask_worker: Worker | None = None) -> bool:
-    """Remove the lease's resource from this worker; ``False`` if a task still holds or waits for some (it is set to 0
-    then, and removed by a later call).
-
-    Dask can set a resource but not remove one. Removing it while a task holds it would break the worker's books
-    when that task ends, and while a task here still asks for it (queued, its cancellation not arrived yet) the
-    worker fails hard at its next look for ready work (a ``KeyError``), so then the amount goes to 0 instead.
+    Of each dropped name: ``True`` if it is gone, ``False`` if a task still holds or waits for some: it is set to 0
+    then, and removed by a later call. Removing it while a task holds it would break the worker's books when that
+    task ends, and while a task here still asks for it (queued, its cancellation not arrived yet) the worker fails hard
+    at its next look for ready work (a ``KeyError``).
     """
     assert dask_worker is not None
     state = dask_worker.state
-    total = state.total_resources.get(name)
-    if total is None:
-        return True
-    wanted = any(name in (ts.resource_restrictions or {}) for ts in state.tasks.values() if ts.state not in _SETTLED)
-    if not wanted and state.available_resources.get(name, 0.0) + _EPS >= total:
-        del state.total_resources[name]
-        state.available_resources.pop(name, None)
-        return True
-    await dask_worker.set_resources(**{name: 0.0})
-    return False
+    for name, amount in sets.items():  # as Worker.set_resources books them
+        if name in state.total_resources:
+            state.available_resources[name] += amount - state.total_resources[name]
+        else:
+            state.available_resources[name] = amount
+        state.total_resources[name] = amount
+    dropped: dict[str, bool] = {}
+    if not drops:
+        return dropped
+    wanted = {r for ts in state.tasks.values() if ts.state not in _SETTLED for r in (ts.resource_restrictions or {})}
+    for name in drops:
+        total = state.total_resources.get(name)
+        if total is None:
+            dropped[name] = True
+        elif name not in wanted and state.available_resources.get(name, 0.0) + _EPS >= total:
+            del state.total_resources[name]
+            state.available_resources.pop(name, None)
+            dropped[name] = True
+        else:
+            state.available_resources[name] = state.available_resources.get(name, 0.0) - total
+            state.total_resources[name] = 0.0
+            dropped[name] = False
+    return dropped
 
 
 def ours_on_worker(prefix: str, lease_prefix: str, dask_worker: Worker | None = None) -> dict[str, list[str]]:
@@ -190,6 +208,17 @@ def run_command(
 # -- on the scheduler: the lease registry ---------------------------------------------------------------------------
 
 
+class _MarkQueue:
+    """Marks waiting to be sent to one worker (name, amount or ``None`` to drop, the asker's future), and the task
+    sending them."""
+
+    __slots__ = ("ops", "task")
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, float | None, asyncio.Future[tuple[bool, Any]]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+
 class LeaseRegistry(SchedulerPlugin):
     """gridboost's leases, held by the scheduler (see the module docstring). Registered idempotently by name."""
 
@@ -214,6 +243,26 @@ class LeaseRegistry(SchedulerPlugin):
         #: Leases taken back for other owners' requests, by name: when, for which request, and whether this registry
         #: removed it itself (``fenced``: its owner had not given it back by ``preempt_at``). The last ones only.
         self.preempted: dict[str, dict[str, Any]] = {}
+        # Indexes kept beside ``leases`` so that no operation on one lease looks at every lease (see _index): names by
+        # lease id, names by owner client, what the leases (and those being released) book on each worker (with how
+        # many leases), and (deadline, name) of every expiry in a heap (a renewal pushes a new entry; old ones are
+        # skipped when they come up).
+        self._by_id: dict[str, str] = {}
+        self._by_client: dict[str, set[str]] = {}
+        self._booked: dict[str, Amounts] = {}
+        self._booked_n: dict[str, int] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._preempting: set[str] = set()
+        # Each worker's own capacity (threads, memory, its resources that are not lease marks), read once: a worker's
+        # resources hold a mark per lease on it, too many to filter on every request. Read again when the worker
+        # joins again or sets its resources.
+        self._base: dict[str, tuple[Amounts, Amounts]] = {}
+        # Marks to set and drop on each worker, sent together: one message per worker for all that came meanwhile.
+        self._marks: dict[str, _MarkQueue] = {}
+        # Answers held back for a request (see reserve), by lease name: set when that request may get through now.
+        self._wake: dict[str, asyncio.Event] = {}
+        self._reaps = 0
+        self._dumped: dict[Any, bytes] = {}  # what runs on workers, pickled
 
     # -- plugin hooks --------------------------------------------------------------------------------------------------
 
@@ -237,24 +286,36 @@ class LeaseRegistry(SchedulerPlugin):
                 "gridboost_notices": self.notices,
             }
         )
+        # A worker that sets its own resources (Worker.set_resources) may change its capacity: read it again.
+        original = scheduler.handlers.get("set_resources")
+        if original is not None:
+
+            def set_resources(*args: Any, **kwargs: Any) -> Any:
+                self._base.pop(str(kwargs.get("worker", "")), None)
+                return original(*args, **kwargs)
+
+            scheduler.handlers["set_resources"] = set_resources
         callback = PeriodicCallback(self.reap, self.interval * 1000)
         scheduler.periodic_callbacks[REGISTRY] = callback  # the scheduler stops it when it closes
         callback.start()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
-        for lease in self.leases.values():
+        self._base.pop(worker, None)
+        for name, lease in self.leases.items():
             if worker in lease["placements"] and lease["state"] != "lost":
                 lease["state"] = "lost"
                 lease["lost"] = f"worker {worker} left the cluster ({stimulus_id})"
+                self.arbiter.unhold(name)  # a lost lease holds nothing
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self._base.pop(worker, None)
         self._notify()  # more room: the request whose turn it is may fit now
 
     def add_client(self, scheduler: Scheduler, client: str) -> None:
         self._gone.pop(client, None)  # a client that reconnects keeps its leases
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
-        if any(lease["client"] == client for lease in self.leases.values()):
+        if self._by_client.get(client):
             self._gone[client] = time.time()
         # A request of a client that left is nobody's: it must not hold back those behind it until it goes stale.
         gone = [name for name, ticket in self.arbiter.pending.items() if ticket.get("client") == client]
@@ -266,18 +327,64 @@ class LeaseRegistry(SchedulerPlugin):
     # -- turns, quotas, tokens -----------------------------------------------------------------------------------------
 
     def _notify(self) -> None:
-        """Wake the answers held back (see :meth:`reserve`): their owners ask again at once."""
+        """Something changed that may let a waiting request through: wake the answers held back (see :meth:`reserve`)
+        of the request whose turn it is and of those a quota holds back, which look again at once. The others would
+        only be told to wait again."""
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
+        for name in self.arbiter.to_wake() if self._wake else ():
+            event = self._wake.get(name)
+            if event is not None:
+                event.set()
 
-    def _granted(self) -> list[dict[str, Any]]:
-        """The leases as the arbiter counts them for quotas: tenant and flat total (a lost one holds nothing)."""
-        return [
-            {"tenant": r.get("tenant", ""), "amounts": r.get("total") or {}}
-            for r in self.leases.values()
-            if r["state"] != "lost"
-        ]
+    # -- the books beside ``leases`` --------------------------------------------------------------------------------
+
+    def _index(self, name: str, record: dict[str, Any]) -> None:
+        """Add a lease to ``leases`` and to every index; its capacity is booked on its workers from now on."""
+        self.leases[name] = record
+        self._by_id[record["id"]] = name
+        self._by_client.setdefault(record["client"], set()).add(name)
+        self._book(record, 1.0)
+        self._due(name, record)
+        if record["state"] != "lost":  # what the arbiter counts for the tenant's quota
+            self.arbiter.hold(name, record.get("tenant", ""), record.get("total") or {})
+
+    def _unindex(self, name: str) -> dict[str, Any] | None:
+        """Take a lease out of ``leases`` and the indexes (``None`` if it is not there). Its capacity stays booked:
+        the caller unbooks it (``_book(record, -1)``) once its marks are gone."""
+        record = self.leases.pop(name, None)
+        if record is None:
+            return None
+        if self._by_id.get(record["id"]) == name:
+            del self._by_id[record["id"]]
+        names = self._by_client.get(record["client"])
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._by_client[record["client"]]
+        self._preempting.discard(name)
+        self.arbiter.unhold(name)
+        return record
+
+    def _book(self, record: Mapping[str, Any], sign: float) -> None:
+        """Add (``sign`` 1) or remove (-1) what a lease holds on each worker to what the leases book there."""
+        for addr, amounts in record["amounts"].items():
+            left = self._booked_n.get(addr, 0) + int(sign)
+            if left <= 0:  # the last one: exactly nothing, not what rounding left over
+                self._booked.pop(addr, None)
+                self._booked_n.pop(addr, None)
+                continue
+            self._booked_n[addr] = left
+            add(self._booked.setdefault(addr, {}), amounts, sign)
+
+    def _due(self, name: str, record: Mapping[str, Any]) -> None:
+        """Note when the reaper must look at a lease again: its expiry plus grace (after each renewal, anew)."""
+        heapq.heappush(self._deadlines, (float(record["expires_at"]) + float(record["grace"]), name))
+
+    def _find(self, lease_id: str) -> dict[str, Any] | None:
+        name = self._by_id.get(lease_id)
+        return None if name is None else self.leases.get(name)
 
     def _leave(self, name: str, client: str | None = None) -> None:
         """The request ``name`` was granted or given up (by ``client``, when given): its ticket goes."""
@@ -293,11 +400,11 @@ class LeaseRegistry(SchedulerPlugin):
 
     def quotas(self) -> list[dict[str, Any]]:
         """Every quota with what its tenant's leases hold now."""
-        return self.arbiter.quota_rows(self._granted())
+        return self.arbiter.quota_rows()
 
     def over_quota(self, tenant: str, amounts: Mapping[str, float]) -> str:
         """Why a request of ``amounts`` by ``tenant`` would pass its quota now; ``""`` when it would not."""
-        return self.arbiter.over_quota(tenant, amounts, self._granted())
+        return self.arbiter.over_quota(tenant, amounts)
 
     def pending(self) -> list[dict[str, Any]]:
         """The waiting requests in the order they will be served, as lease records (``state`` ``pending``)."""
@@ -317,7 +424,20 @@ class LeaseRegistry(SchedulerPlugin):
 
     # -- handlers ------------------------------------------------------------------------------------------------------
 
+    def _own(self, addr: str, ws: Any) -> tuple[Amounts, Amounts]:
+        """A worker's own capacity (its threads as ``cpu``, ``memory_limit``, its resources), and its resources that
+        are not lease marks."""
+        own = self._base.get(addr)
+        if own is None:
+            resources = {k: float(v) for k, v in ws.resources.items() if not k.startswith(LEASE_PREFIX)}
+            own = self._base[addr] = (
+                {"cpu": float(ws.nthreads), "memory": float(ws.memory_limit or 0), **resources},
+                resources,
+            )
+        return own
+
     def _rooms(self, candidates: Sequence[str] | None, *, free: bool) -> dict[str, Amounts]:
+        """What each running worker (of ``candidates``) has: in all, or (``free``) less what the leases book there."""
         assert self.scheduler is not None
         rooms: dict[str, Amounts] = {}
         for addr, ws in self.scheduler.workers.items():
@@ -325,15 +445,32 @@ class LeaseRegistry(SchedulerPlugin):
                 continue
             if ws.status.name not in ("running", "paused"):
                 continue
-            room: Amounts = {"cpu": float(ws.nthreads), "memory": float(ws.memory_limit or 0)}
-            room.update({k: float(v) for k, v in ws.resources.items() if not k.startswith(LEASE_PREFIX)})
+            room = dict(self._own(addr, ws)[0])
+            booked = self._booked.get(addr) if free else None
+            if booked:
+                add(room, booked, -1.0)
             rooms[addr] = room
-        if free:
-            for lease in [*self.leases.values(), *self._releasing.values()]:
-                for addr, amounts in lease["amounts"].items():
-                    if addr in rooms:
-                        add(rooms[addr], amounts, -1.0)
         return rooms
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Every worker as the backend's snapshot reads it, in one small answer: name, host, status, threads,
+        ``memory_limit``, its own resources (no lease marks), what it measured (``metrics``: cpu, memory) and what the
+        leases book on it (``held``). Its size grows with the workers, not with the leases."""
+        assert self.scheduler is not None
+        out: dict[str, dict[str, Any]] = {}
+        for addr, ws in self.scheduler.workers.items():
+            metrics = ws.metrics or {}
+            out[addr] = {
+                "name": ws.name,
+                "host": ws.host,
+                "status": ws.status.name,
+                "nthreads": ws.nthreads,
+                "memory_limit": ws.memory_limit,
+                "resources": dict(self._own(addr, ws)[1]),
+                "metrics": {k: metrics[k] for k in ("cpu", "memory") if k in metrics},
+                "held": dict(self._booked.get(addr, {})),
+            }
+        return out
 
     async def reserve(
         self,
@@ -348,17 +485,35 @@ class LeaseRegistry(SchedulerPlugin):
 
         ``ticket`` (see :class:`~gridboost.worker_leases.Arbiter`) queues the request across owners: it stays while
         the request waits or is busy, so it holds back those behind it, and goes when it is granted, can never be
-        placed, or is given up (:meth:`release`). An answer that is not a grant is held back up to ``hold`` seconds,
-        until something changes that may let a request through: the owner, polling, asks again at once.
+        placed, or is given up (:meth:`release`). An answer that is not a grant is held back up to ``hold`` seconds:
+        when something changes that may let this request through (it is first in line now, or its tenant's quota
+        may have room), it is tried again right here, so a request learns of its turn (and is granted) without a round
+        trip, and only that one request looks again, not every waiting one.
         """
         assert self._changed is not None
-        changed = self._changed
-        answer = await self._reserve(lease, candidates, ticket)
-        if answer["status"] in ("wait", "quota", "busy") and hold > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                # Capped well below worker_leases.STALE: the owner's next ask is what keeps its ticket alive.
-                await asyncio.wait_for(changed.wait(), min(hold, 2.0))
-        return answer
+        name = lease["name"]
+        # Capped well below worker_leases.STALE: the owner's next ask is what keeps its ticket alive.
+        deadline = time.monotonic() + min(hold, 2.0)
+        while True:
+            changed = self._changed
+            answer = await self._reserve(lease, candidates, ticket)
+            left = deadline - time.monotonic()
+            if answer["status"] not in ("wait", "quota", "busy") or left <= 0:
+                return answer
+            if ticket is None:  # no place in line: held back until anything changes
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), left)
+                return answer
+            event = self._wake[name] = asyncio.Event()
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                return answer
+            finally:
+                if self._wake.get(name) is event:
+                    del self._wake[name]
+            if name not in self.arbiter.pending and name not in self.leases:
+                return answer  # given up (released) or its client left meanwhile: not queued again here
 
     async def _reserve(
         self, lease: dict[str, Any], candidates: list[str] | None, ticket: dict[str, Any] | None
@@ -393,8 +548,7 @@ class LeaseRegistry(SchedulerPlugin):
             self._leave(name)
             return {"status": "never", "why": why, "missing": missing(amounts, whole)}
         if ticket is not None:
-            # The granted leases matter only to a quota: with none set, no pass over every lease on each ask.
-            turn = self.arbiter.ask({**ticket, "id": name}, self._granted() if self.arbiter.quotas else [])
+            turn = self.arbiter.ask({**ticket, "id": name})  # quotas: the arbiter's running sums (see _index)
             if turn["status"] != "turn":
                 return turn
         rooms = self._rooms(candidates, free=True)
@@ -423,7 +577,7 @@ class LeaseRegistry(SchedulerPlugin):
             "granted_at": time.time(),
             "requested_at": float(ticket["requested_at"]) if ticket is not None else time.time(),
         }
-        self.leases[name] = record
+        self._index(name, record)
         # Its capacity is booked: the next in line may be placed while this one is marked (should marking fail, the
         # owner asks again with the same ticket, which keeps its place by the time it was first asked).
         self._leave(name)
@@ -437,7 +591,8 @@ class LeaseRegistry(SchedulerPlugin):
             return {"status": "busy", "missing": {}, "free": {}}
         if failed:
             await self._unmark(name, list(record["slots"]))
-            self.leases.pop(name, None)
+            if self._unindex(name) is not None:
+                self._book(record, -1.0)
             return {"status": "busy", "missing": {}, "free": {}, "why": failed}
         record["state"] = "active"
         return {"status": "granted", "placements": chosen, "slots": record["slots"], "token": record["token"]}
@@ -457,7 +612,7 @@ class LeaseRegistry(SchedulerPlugin):
         if record is None:  # released already; a mark may still wait for its last task
             left = await self._unmark(name, self._marked(name)) if wait else self._marked(name)
             return {"released": False, "marked": await self._until_unmarked(name, left, wait)}
-        del self.leases[name]
+        self._unindex(name)
         if record["state"] == "preempting":  # given back within its grace (or fenced: _take_back says so after)
             self._remember_preempted(name, record, fenced=False)
         self._releasing[name] = record
@@ -465,6 +620,7 @@ class LeaseRegistry(SchedulerPlugin):
             left = await self._unmark(name, list(record["slots"]))
         finally:
             del self._releasing[name]
+            self._book(record, -1.0)
             self._notify()  # room, and quota, for the request whose turn it is
         return {"released": True, "marked": await self._until_unmarked(name, left, wait)}
 
@@ -527,16 +683,21 @@ class LeaseRegistry(SchedulerPlugin):
                 remains.append(f"lease mark {name} is still on worker(s) {', '.join(sorted(addrs))}")
         return remains
 
-    def extend(self, name: str, ttl: float) -> bool:
+    def extend(self, name: str = "", ttl: float = 0.0, many: Sequence[tuple[str, float]] = ()) -> Any:
+        """Move lease ``name`` to expire ``ttl`` seconds from now; ``False`` if there is no such lease. With ``many``
+        (pairs of name and ttl, an owner's renewals sent together), each of them: a list of those answers."""
+        if many:
+            return [self._extend(n, t) for n, t in many]
+        return self._extend(name, ttl)
+
+    def _extend(self, name: str, ttl: float) -> bool:
         record = self.leases.get(name)
         if record is None:
             return False
         record["ttl"] = ttl
         record["expires_at"] = time.time() + ttl
+        self._due(name, record)
         return True
-
-    def _find(self, lease_id: str) -> dict[str, Any] | None:
-        return next((record for record in self.leases.values() if record["id"] == lease_id), None)
 
     def renew(self, lease_id: str, ttl: float) -> dict[str, Any] | None:
         """Move any owner's lease to expire ``ttl`` seconds from now (a lost one stays as it is); its record, or
@@ -545,14 +706,19 @@ class LeaseRegistry(SchedulerPlugin):
         if record is not None and record["state"] != "lost":
             record["ttl"] = ttl
             record["expires_at"] = time.time() + ttl
+            self._due(self._by_id[lease_id], record)
         return None if record is None else dict(record)
 
     def get(self, lease_id: str) -> dict[str, Any] | None:
         record = self._find(lease_id)
         return None if record is None else dict(record)
 
-    def list(self, pending: bool = False) -> list[dict[str, Any]]:
-        """Every lease record; with ``pending``, the waiting requests too (see :meth:`pending`)."""
+    def list(self, pending: bool = False, nodes: bool = False) -> Any:
+        """Every lease record; with ``pending``, the waiting requests too (see :meth:`pending`). With ``nodes``, the
+        workers instead (see :meth:`nodes`): a keyword an older registry refuses, so a backend knows to read them as
+        it did."""
+        if nodes:
+            return self.nodes()
         records = [dict(record) for record in self.leases.values()]
         return records + self.pending() if pending else records
 
@@ -596,6 +762,7 @@ class LeaseRegistry(SchedulerPlugin):
         now = time.time()
         for victim in victims or ():
             record = self.leases[victim["id"]]
+            self._preempting.add(victim["id"])
             record["state"] = "preempting"
             record["preempt_at"] = now + float(record.get("preempt_grace", 10.0))
             record["preempted_for"] = ticket.get("lease", name)
@@ -620,9 +787,17 @@ class LeaseRegistry(SchedulerPlugin):
         while len(self.preempted) > _PREEMPTED_KEPT:
             del self.preempted[next(iter(self.preempted))]
 
-    def notices(self, session: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def notices(
+        self, session: str = "", ids: Sequence[str] = (), many: Sequence[tuple[str, Sequence[str]]] = ()
+    ) -> Any:
         """Of a backend's leases (by id), those that are not simply held: ``preempting`` (with ``preempt_at`` and
-        ``preempted_for``), ``preempted`` (taken back already), ``lost`` (with why) or ``gone``: what its watch asks."""
+        ``preempted_for``), ``preempted`` (taken back already), ``lost`` (with why) or ``gone``: what its watch asks.
+        With ``many`` (pairs of session and ids: the watches of an owner process, asked together), a list of those."""
+        if many:
+            return [self._notices(s, i) for s, i in many]
+        return self._notices(session, ids)
+
+    def _notices(self, session: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for lease_id in ids:
             name = f"{LEASE_PREFIX}{session}:{lease_id}"
@@ -674,7 +849,10 @@ class LeaseRegistry(SchedulerPlugin):
         live = [addr for addr in addrs if addr in self.scheduler.workers]
         if not live:
             return {}
-        msg = {"op": "run", "function": dumps(fn), "args": dumps(args), "wait": True}  # type: ignore[no-untyped-call]
+        function = self._dumped.get(fn)
+        if function is None:  # pickled once: a function of this module travels by value, its code with it
+            function = self._dumped[fn] = dumps(fn)  # type: ignore[no-untyped-call]
+        msg = {"op": "run", "function": function, "args": dumps(args), "wait": True}  # type: ignore[no-untyped-call]
         answers = await self.scheduler.broadcast(msg=msg, workers=live, on_error="return")
         results: dict[str, tuple[bool, Any]] = {}
         for addr, answer in answers.items():
@@ -689,21 +867,17 @@ class LeaseRegistry(SchedulerPlugin):
         return results
 
     async def _mark(self, name: str, slots: Mapping[str, float]) -> str:
-        answers = await asyncio.gather(
-            *(self._run_on([addr], set_lease_resource, name, n) for addr, n in slots.items())
-        )
-        for addr, answer in zip(slots, answers, strict=True):
-            ok, detail = answer.get(addr, (False, "the worker left"))
+        answers = await asyncio.gather(*(self._on_worker(addr, name, n) for addr, n in slots.items()))
+        for addr, (ok, detail) in zip(slots, answers, strict=True):
             if not ok:
                 return f"could not mark the lease on worker {addr}: {detail}"
         return ""
 
     async def _unmark(self, name: str, addrs: Sequence[str]) -> list[str]:
         """Drop the lease's resource on ``addrs``; the workers that still show it (to the scheduler or themselves)."""
-        answers = await self._run_on(addrs, drop_lease_resource, name)
+        answers = await asyncio.gather(*(self._on_worker(addr, name, None) for addr in addrs))
         left = []
-        for addr in addrs:
-            ok, dropped = answers.get(addr, (True, True))  # a worker that left holds nothing
+        for addr, (ok, dropped) in zip(addrs, answers, strict=True):
             if ok and dropped is True:
                 self._forget(addr, name)
             ws = self.scheduler.workers.get(addr) if self.scheduler is not None else None
@@ -712,6 +886,66 @@ class LeaseRegistry(SchedulerPlugin):
             elif not (ok and dropped is True) or name in ws.resources:
                 left.append(addr)
         return left
+
+    async def _on_worker(self, addr: str, name: str, amount: float | None) -> tuple[bool, Any]:
+        """Set (``amount``) or drop (``None``) lease mark ``name`` on worker ``addr``: ``(True, dropped)``, or
+        ``(False, why)``. Marks asked for meanwhile go to a worker together, in one message (see _send_marks)."""
+        queue = self._marks.get(addr)
+        if queue is None:
+            queue = self._marks[addr] = _MarkQueue()
+        future: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        queue.ops.append((name, amount, future))
+        if queue.task is None:
+            queue.task = asyncio.get_running_loop().create_task(self._send_marks(addr, queue))
+        return await future
+
+    async def _send_marks(self, addr: str, queue: _MarkQueue) -> None:
+        """Send worker ``addr`` the marks asked for, all of them in one message, until none are left; then the
+        scheduler's books of those names (the worker's first: no task is sent there for a mark it lacks)."""
+        ops: list[tuple[str, float | None, asyncio.Future[tuple[bool, Any]]]] = []
+        try:
+            while queue.ops:
+                ops, queue.ops = queue.ops, []
+                sets = {name: amount for name, amount, _ in ops if amount is not None}
+                drops = [name for name, amount, _ in ops if amount is None]
+                try:
+                    answers = await self._run_on([addr], lease_marks, sets, drops)
+                except Exception as exc:
+                    answers = {addr: (False, f"{type(exc).__name__}: {_cut(str(exc))}")}
+                ok, result = answers.get(addr, (None, None))  # None: the worker left (it holds nothing)
+                if ok:
+                    self._books(addr, sets, result)
+                for name, amount, future in ops:
+                    if future.done():
+                        continue
+                    if ok is None:
+                        future.set_result((False, "the worker left") if amount is not None else (True, True))
+                    elif not ok:
+                        future.set_result((False, result))
+                    else:
+                        future.set_result((True, True if amount is not None else result.get(name, True)))
+                ops = []
+        finally:  # stopped (the scheduler closes): nobody waits forever
+            for _, _, future in [*ops, *queue.ops]:
+                if not future.done():
+                    future.set_result((False, "the lease registry stopped"))
+            queue.ops = []
+            queue.task = None
+            if self._marks.get(addr) is queue:
+                del self._marks[addr]
+
+    def _books(self, addr: str, sets: Mapping[str, float], dropped: Mapping[str, bool]) -> None:
+        """The scheduler's books of marks just set on worker ``addr``, and of those it could only set to 0."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        ws = scheduler.workers.get(addr)
+        if ws is None:
+            return
+        zeroed = {name: 0.0 for name, gone in dropped.items() if not gone and name in ws.resources}
+        for name, amount in {**sets, **zeroed}.items():
+            ws.resources[name] = amount
+            ws.used_resources.setdefault(name, 0.0)
+            scheduler.resources.setdefault(name, {})[addr] = amount
 
     def _forget(self, addr: str, name: str) -> None:
         """Remove a dropped lease resource from the scheduler's books too, unless a task there still counts on it."""
@@ -733,26 +967,39 @@ class LeaseRegistry(SchedulerPlugin):
 
     async def reap(self) -> None:
         """Remove leases past TTL + grace or whose owner has been gone longer than the grace (detached ones: only past
-        TTL + grace); sweep stale marks."""
+        TTL + grace), and those taken back whose owner did not give them back in time; now and then sweep stale marks.
+
+        Each round looks only at what may be due: the expiries that came up in the heap (a renewed lease has a later
+        entry there), the leases of the clients that left, and those being taken back; not at every lease."""
         now = time.time()
-        for name, record in list(self.leases.items()):
-            gone = None if record.get("detached") else self._gone.get(record["client"])
-            late = now > record["expires_at"] + record["grace"]
-            taken = record["state"] == "preempting" and now >= record["preempt_at"] + PREEMPT_SLACK
-            if late or taken or (gone is not None and now > gone + record["grace"]):
-                if taken:
-                    why = f"taken back for request {record['preempted_for']}; its owner did not give it back in time"
-                elif late:
-                    why = "its TTL and grace passed"
-                else:
-                    why = f"its owner {record['owner']} disconnected"
-                with contextlib.suppress(Exception):  # the next round tries again
-                    await self._fence(name, why)
-        clients = {record["client"] for record in self.leases.values()}
-        self._gone = {c: t for c, t in self._gone.items() if c in clients}
+        due: dict[str, str] = {}
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, name = heapq.heappop(self._deadlines)
+            record = self.leases.get(name)
+            if record is not None and now > record["expires_at"] + record["grace"]:
+                due[name] = "its TTL and grace passed"
+        for client, since in self._gone.items():
+            for name in self._by_client.get(client, ()):
+                record = self.leases[name]
+                if not record.get("detached") and now > since + record["grace"]:
+                    due.setdefault(name, f"its owner {record['owner']} disconnected")
+        for name in self._preempting:
+            record = self.leases.get(name)
+            if record is not None and record["state"] == "preempting" and now >= record["preempt_at"] + PREEMPT_SLACK:
+                due[name] = f"taken back for request {record['preempted_for']}; its owner did not give it back in time"
+        for name, why in due.items():
+            try:
+                await self._fence(name, why)
+            except Exception:  # the next round tries again
+                record = self.leases.get(name)
+                if record is not None:
+                    self._due(name, record)
+        self._gone = {c: t for c, t in self._gone.items() if self._by_client.get(c)}
         if self.arbiter.sweep():  # owners that stopped asking: those behind them move up
             self._notify()
-        await self._sweep()
+        self._reaps += 1
+        if self._reaps % _SWEEP_EVERY == 0:
+            await self._sweep()
 
     async def _sweep(self) -> None:
         scheduler = self.scheduler

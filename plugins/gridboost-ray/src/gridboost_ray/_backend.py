@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike, fspath
@@ -32,6 +34,7 @@ from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from attrs import evolve, field, frozen
 
 from gridboost import (
@@ -90,8 +93,10 @@ _READY_POLL = 0.5
 # How long one ask of a waiting request may wait in the keeper for a change (a grant, a release): its owner learns
 # of its turn at once, and asks again within this (far inside the keeper's STALE of 10 s, after which it forgets).
 _TURN_HOLD = 1.0
-# How often watch() looks for lingering groups whose time is up and for held groups whose node died.
+# How often watch() looks for lingering groups whose time is up, and asks the keeper about held leases being taken
+# back (preemptible ones); about the others (a node died, another process released one) it asks every _WATCH_QUIET.
 _WATCH = 0.25
+_WATCH_QUIET = 1.0
 _EPS = 1e-9
 # Ray's TaskStatus numbers (ray.core.generated.common_pb2) of an attempt that ended: FINISHED, FAILED.
 _ENDED = frozenset({11, 12})
@@ -241,6 +246,137 @@ def _on_trio() -> bool:
     return trio is not None and bool(trio.lowlevel.in_trio_run())
 
 
+class _SharedRead:
+    """Ray's nodes and what each has free, read for every backend of this process together.
+
+    What a node has free comes from the GCS with an entry per bundle of every placement group on it, so a read grows
+    with the cluster's groups; every grant and every grid's look at the cluster asks for one. A read asked for while
+    another is under way waits for it and then joins the next one, which every caller that asked meanwhile shares: a
+    caller always gets a read that began after it asked, and a burst of callers costs two reads, not one each.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._done = 0  # reads finished
+        self._reading = False
+        self._last: tuple[list[dict[str, Any]], dict[str, dict[str, float]]] | BaseException = ([], {})
+
+    def read(self, client_mode: bool) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+        with self._cond:
+            wanted = self._done + (2 if self._reading else 1)  # one that begins after now
+            while self._done < wanted:
+                if self._reading:
+                    self._cond.wait()
+                    continue
+                self._reading = True
+                self._cond.release()
+                try:
+                    last: Any = _read_cluster(client_mode)
+                except BaseException as exc:  # every caller of this read gets its error
+                    last = exc
+                finally:
+                    self._cond.acquire()
+                    self._reading = False
+                    self._done += 1
+                    self._last = last
+                    self._cond.notify_all()
+            last = self._last
+        if isinstance(last, BaseException):
+            raise last
+        return last
+
+
+def _read_cluster(client_mode: bool) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    import ray
+
+    # Ray has no public per-node "available": the GCS keeps it, and this is the accessor ray.available_resources()
+    # sums. A Ray Client process has no GCS accessor, and sees only totals.
+    available: dict[str, dict[str, float]] = {}
+    if not client_mode:
+        from ray._private.state import state
+
+        available = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+    return list(ray.nodes()), available
+
+
+_NODES = _SharedRead()
+# The notices being asked for, by event loop (see _Notices): there only while some are.
+_NOTICES: dict[Any, _Notices] = {}
+
+
+class _Answer:
+    """Where the answer to one request sent to the keeper with others goes (see RayBackend._renew, _Notices)."""
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def give(self, value: Any) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    async def wait(self) -> Any:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Notices:
+    """The keeper's notices for every backend of this process that runs in one event loop, asked in one call.
+
+    Every backend's watch looks at the same instants (multiples of ``_WATCH`` on the loop's clock), so their asks come
+    together: the first one waits a step of the loop for the others, sends the ids of all, and gives each its own
+    notices. An owner process with many grids (a service, or this plugin's benchmark, which runs 25 in a process) then
+    makes one keeper call per look, not one per grid.
+    """
+
+    def __init__(self, token: Any) -> None:
+        self._token = token
+        self._asks: list[tuple[list[str], _Answer]] = []
+        self._sending = False
+
+    @classmethod
+    async def ask(cls, ids: list[str], call: Callable[[list[str]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The notices of ``ids``; ``call(ids)`` asks the keeper (the backend's own call, bounded)."""
+        token = anyio.lowlevel.current_token()
+        shared = _NOTICES.get(token)
+        if shared is None:
+            shared = _NOTICES[token] = cls(token)
+        return await shared._ask(ids, call)
+
+    async def _ask(self, ids: list[str], call: Callable[[list[str]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        answer = _Answer()
+        self._asks.append((ids, answer))
+        if not self._sending:
+            self._sending = True
+            try:
+                # Shielded (each call is bounded): the asks that joined this one are answered even if its watch goes.
+                with anyio.CancelScope(shield=True):
+                    await anyio.lowlevel.checkpoint()  # the watches that look at this instant join
+                    while self._asks:
+                        batch, self._asks = self._asks, []
+                        try:
+                            notices = await call(sorted({i for each, _ in batch for i in each}))
+                        except Exception as exc:
+                            for _, each in batch:
+                                each.fail(exc)
+                        else:
+                            for wanted, each in batch:
+                                each.give({i: notices[i] for i in wanted if i in notices})
+            finally:
+                self._sending = False
+                if not self._asks:
+                    _NOTICES.pop(self._token, None)
+        result: dict[str, Any] = await answer.wait()
+        return result
+
+
 class RayBackend(Backend):
     """A Ray cluster as a gridboost backend; see the module docstring and the plugin's README."""
 
@@ -307,6 +443,10 @@ class RayBackend(Backend):
         self._demanded: set[str] = set()
         #: The boosts this backend holds now, by id: what ``watch`` checks, and which lease each group serves.
         self._held: dict[str, Reservation] = {}
+        #: Renewals waiting for the keeper (lease id, expires_at, where the answer goes), and whether some are on
+        #: their way: those that come meanwhile go together, in one call (see _renew).
+        self._renewals: list[tuple[str, float, _Answer]] = []
+        self._renewing = False
         #: Held boosts whose group Ray lost (a node died) or the keeper takes back: reported to the grid (once),
         #: never kept to linger.
         self._lost: set[str] = set()
@@ -546,15 +686,9 @@ class RayBackend(Backend):
         ray = self._require()
         assert self._conn is not None
         local = ray.get_runtime_context().get_node_id()
-        # Ray has no public per-node "available": the GCS keeps it, and this is the accessor
-        # ray.available_resources() sums. A Ray Client process has no GCS accessor, and sees only totals.
-        available: dict[str, dict[str, float]] = {}
-        if not self._conn.client_mode:
-            from ray._private.state import state
-
-            available = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+        nodes, available = _NODES.read(self._conn.client_mode)
         snapshot = []
-        for node in ray.nodes():
+        for node in nodes:
             node_id = node["NodeID"]
             alive = bool(node.get("Alive"))
             total = _from_ray(node.get("Resources") or {})
@@ -753,7 +887,8 @@ class RayBackend(Backend):
 
     async def _make_room(self, request: ReservationRequest) -> None:
         """Remove every lingering group when ``request`` does not fit beside them: linger yields to real demand."""
-        if await anyio.to_thread.run_sync(self._fits_now, request):
+        # What our groups hold, read here in the loop (the thread below must not look at dicts the loop changes).
+        if await anyio.to_thread.run_sync(self._fits_now, request, self._rooms_held()):
             return
         await self._remove_lingering(self._lingering.drain())
 
@@ -795,8 +930,9 @@ class RayBackend(Backend):
         more = f", and {len(pairs) - most} more" if len(pairs) > most else ""
         return f"labels on the cluster's nodes: {', '.join(shown(p) if len(p) > 60 else p for p in pairs[:most])}{more}"
 
-    def _fits_now(self, request: ReservationRequest) -> bool:
-        """Whether Ray could place ``request``'s bundles in what its nodes have free now (first fit, largest first)."""
+    def _fits_now(self, request: ReservationRequest, ours: Mapping[str, Mapping[str, float]]) -> bool:
+        """Whether Ray could place ``request``'s bundles in what its nodes have free now (first fit, largest first);
+        ``ours``: what this backend's own groups hold on each node (see _rooms_held)."""
         assert self._conn is not None
         if self._conn.client_mode:
             return False  # a Ray Client sees no per-node availability: assume the lingering groups are in the way
@@ -805,7 +941,16 @@ class RayBackend(Backend):
         amounts = _to_ray(request.resources, f"boost {request.id}")
         candidates = self._candidates(request)
         available = state.available_resources_per_node()  # type: ignore[no-untyped-call]
-        free = [dict(available.get(node["NodeID"], {})) for node in candidates]
+        # The GCS's view of what is free lags behind the groups Ray places: it is what the raylets last reported, and
+        # a report sent just before a group was committed may arrive after it. What this backend's own groups (held
+        # and lingering) hold is certain, so no node is seen with more free than its total less those.
+        free = []
+        for node in candidates:
+            room = dict(available.get(node["NodeID"], {}))
+            total = node.get("Resources") or {}
+            for key, value in ours.get(node["NodeID"], {}).items():
+                room[key] = min(room.get(key, 0.0), total.get(key, 0.0) - value)
+            free.append(room)
         strategy = request.strategy
         if strategy == "strict_pack" or (
             strategy == "pack" and any(_fits(amounts, node.get("Resources") or {}) for node in candidates)
@@ -821,6 +966,19 @@ class RayBackend(Backend):
             for key, value in bundle.items():
                 free[spot][key] = free[spot].get(key, 0) - value
         return True
+
+    def _rooms_held(self) -> dict[str, dict[str, float]]:
+        """What this backend's placement groups, held and lingering, hold on each node (by node id, Ray's names)."""
+        rooms: dict[str, dict[str, float]] = {}
+        groups = [r.handle for r in self._held.values()] + [i.handle for i in self._lingering.idle.values()]
+        for group in groups:
+            if not isinstance(group, _Group):
+                continue
+            for node, held in group.rooms.items():
+                room = rooms.setdefault(node, {})
+                for key, value in held.items():
+                    room[key] = room.get(key, 0.0) + value
+        return rooms
 
     def _create_group(self, request: ReservationRequest, made: list[_Group]) -> None:
         from ray.util.placement_group import placement_group
@@ -967,8 +1125,45 @@ class RayBackend(Backend):
             await anyio.to_thread.run_sync(self._registry.drop, reservation.id)
 
     async def extend(self, reservation: Reservation, ttl: float) -> None:
+        expires_at = time.time() + ttl
         with map_errors(f"renewing boost {reservation.id}"):
-            await anyio.to_thread.run_sync(self._record, reservation, "active", time.time() + ttl)
+            if not await self._renew(reservation.id, expires_at):  # a keeper that restarted: record it again
+                await self._record_now(reservation, "active", expires_at)
+
+    async def _renew(self, lease_id: str, expires_at: float) -> bool:
+        """Move a lease's expiry in the keeper; whether the keeper has it. Sent at once when no renewal of this
+        backend is on its way; otherwise with every renewal that came meanwhile, in one call when that one is
+        answered: an owner renewing many leases makes as many keeper calls as it renews at once, not one each."""
+        answer = _Answer()
+        self._renewals.append((lease_id, expires_at, answer))
+        if not self._renewing:
+            self._renewing = True
+            try:
+                # Shielded (each call is bounded): the renewals that joined ours are sent even if our caller goes.
+                with anyio.CancelScope(shield=True):
+                    while self._renewals:
+                        batch, self._renewals = self._renewals, []
+                        try:
+                            found = await self._renew_batch([(lid, at) for lid, at, _ in batch])
+                        except Exception as exc:
+                            for _, _, each in batch:
+                                each.fail(exc)
+                        else:
+                            for (_, _, each), known in zip(batch, found, strict=True):
+                                each.give(known)
+            finally:
+                self._renewing = False
+        return bool(await answer.wait())
+
+    async def _notices(self, ids: list[str]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._keeper("notices", ids)
+        return result
+
+    async def _renew_batch(self, renewals: list[tuple[str, float]]) -> list[bool]:
+        try:
+            return list(await self._keeper("renew_many", renewals))
+        except AttributeError:  # a keeper started by an older gridboost-ray: one call each
+            return [await self._keeper("renew", lid, at) is not None for lid, at in renewals]
 
     async def reservations(self) -> Sequence[Reservation]:
         if self._ray is None or not self._ray.is_initialized():
@@ -1012,7 +1207,9 @@ class RayBackend(Backend):
                 raise InvalidRequest(f"no lease {shown(lease_id)} on this Ray cluster")
             # Its owner, if it is alive and watching, sees the group gone and fails the boost (BoostLost).
             await anyio.to_thread.run_sync(self._remove_now, record["pg_id"], lease_id)
-            await anyio.to_thread.run_sync(self._registry.drop, lease_id)
+            await anyio.to_thread.run_sync(
+                self._registry.drop, lease_id, f"another process released it ({self._registry.owner})"
+            )
 
     async def leases(self) -> Sequence[Lease]:
         self._require()
@@ -1020,27 +1217,34 @@ class RayBackend(Backend):
             return await anyio.to_thread.run_sync(self._registry.leases)
 
     async def watch(self, lost: Callable[[str, BaseException], Awaitable[None]]) -> None:
-        """Every ``_WATCH`` seconds: report held leases the keeper takes back for another owner (BoostPreempted,
-        with the grace left), remove lingering groups whose time is up or that Ray no longer holds whole, and report
-        held groups Ray lost."""
+        """Every ``_WATCH`` seconds: remove lingering groups whose time is up, and ask the keeper about this backend's
+        leases (held and lingering) — every time while it holds preemptible ones, else every ``_WATCH_QUIET``: report
+        held ones it takes back for another owner (BoostPreempted, with the grace left), or whose group Ray no longer
+        holds whole or that went (BackendError), and remove lingering groups that are not whole.
+
+        The keeper reads Ray's placement group table for every owner at once; an owner reading it itself would read
+        every group of the cluster, each time, for a few of its own."""
+        asked = -1
         while True:
-            await anyio.sleep(_WATCH)
+            # At the same instants as every other backend of this process, so that their asks go together (_Notices).
+            now = anyio.current_time()
+            at = (math.floor(now / _WATCH) + 1) * _WATCH
+            await anyio.sleep(at - now)
             watched = {k: v for k, v in self._held.items() if k not in self._lost}
-            if watched:
-                with map_errors("reading the lease keeper's notices"):
-                    notices = await self._keeper("notices", sorted(watched))
-                for lease_id, notice in notices.items():
-                    if lease_id in self._held and lease_id not in self._lost:
-                        self._lost.add(lease_id)  # reported once; the grid releases it within the grace
-                        watched.pop(lease_id, None)
-                        await lost(lease_id, _leases.preempted(lease_id, notice))
             idle = {i.lease_id: i for i in self._lingering.idle.values()}
-            if watched or idle:
-                groups = {**{k: v.handle for k, v in watched.items()}, **{k: i.handle for k, i in idle.items()}}
-                with map_errors("reading placement groups"):
-                    broken = await anyio.to_thread.run_sync(self._broken, groups)
-            else:
-                broken = {}
+            preemptible = any(r.request.preemptible for r in watched.values())
+            notices: dict[str, Any] = {}
+            if (watched or idle) and (preemptible or math.floor(at / _WATCH_QUIET) != asked):
+                asked = math.floor(at / _WATCH_QUIET)
+                with map_errors("reading the lease keeper's notices"):
+                    notices = await _Notices.ask(sorted([*watched, *idle]), self._notices)
+            broken: dict[str, str] = {}
+            for lease_id, notice in notices.items():
+                if notice["state"] in ("broken", "gone"):
+                    broken[lease_id] = str(notice["why"])
+                elif lease_id in self._held and lease_id not in self._lost:
+                    self._lost.add(lease_id)  # reported once; the grid releases it within the grace
+                    await lost(lease_id, _leases.preempted(lease_id, notice))
             # Taken out of the lingering ones before the first await, so that no reserve can reuse them meanwhile.
             gone = self._lingering.due()
             for lease_id in broken:
@@ -1052,28 +1256,6 @@ class RayBackend(Backend):
                 if lease_id in self._held and lease_id not in self._lost:
                     self._lost.add(lease_id)  # reported once; the grid's release then removes what is left
                     await lost(lease_id, BackendError(why))
-
-    def _broken(self, groups: Mapping[str, Any]) -> dict[str, str]:
-        """The groups (by lease id) Ray no longer holds whole, with why: a node of theirs died, or the group is gone."""
-        from ray.util.placement_group import placement_group_table
-
-        ray = self._require()
-        table = placement_group_table()
-        dead = {str(n["NodeID"]) for n in ray.nodes() if not n.get("Alive")}
-        broken = {}
-        for lease_id, group in groups.items():
-            assert isinstance(group, _Group)
-            row = table.get(group.pg.id.hex())
-            state = row.get("state") if row else "REMOVED"
-            if state == "CREATED":
-                continue
-            died = sorted(dead.intersection(group.nodes))
-            broken[lease_id] = (
-                f"node(s) {', '.join(died)} holding its placement group died; Ray reports the group {state}"
-                if died
-                else f"Ray reports its placement group {state}"
-            )
-        return broken
 
     # -- parked data --------------------------------------------------------------------------------------------------
 

@@ -153,8 +153,12 @@ class Registry:
         been found yet (then :meth:`call` it, which looks the keeper up)."""
         return None if self._keeper is None else getattr(self._keeper, method).remote(*args)
 
-    def drop(self, lease_id: str) -> None:
-        self.call("drop", lease_id)
+    def drop(self, lease_id: str, gone: str = "") -> None:
+        """Forget a lease's record; ``gone``: why, when this process is not its owner (its owner's watch is told)."""
+        if gone:
+            self.call("drop", lease_id, gone)
+        else:
+            self.call("drop", lease_id)
 
     def drop_all(self, lease_ids: Sequence[str]) -> None:
         """Drop records, sent together and awaited together (bounded); a keeper that never ran holds none."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,10 @@ __all__ = ["LeaseKeeper", "by_name", "call", "first_fit", "hold", "in_lease", "l
 
 #: How many leases taken back for other owners the keeper remembers (for their owners' watch, and tests).
 _PREEMPTED_KEPT = 1000
+#: How many leases whose group Ray removed (or another process released) the keeper remembers, for their owners' watch.
+_GONE_KEPT = 10_000
+#: Record states whose capacity counts for quotas: active ones, and those being taken back (until they go).
+_HOLDING = ("active", "preempting")
 #: Seconds past a preempted lease's ``preempt_at`` before the keeper removes its group: its owner, told the grace,
 #: ends its work with BoostPreempted and releases the lease itself at ``preempt_at``; the keeper fences only an owner
 #: that did not (stopped, stuck).
@@ -150,9 +155,18 @@ class LeaseKeeper:
     and releases it; at ``preempt_at`` plus ``PREEMPT_SLACK`` the keeper removes the group itself, which makes Ray
     kill the tasks still in it. No new victims are picked for a ticket while its victims are being taken back.
 
+    What owners watch. The keeper reads Ray's placement group table for every owner (an owner reading it itself would
+    read every group of the cluster, each time, for a few of its own): ``notices`` then tells an owner
+    about its leases that are being taken back, taken back, whose group Ray no longer holds whole (a node died), or
+    that went (their group removed, another process released them). Renewals come in batches (``renew_many``).
+
+    Scale. No call on one lease looks at every lease: quotas count from running sums (the arbiter's ``hold``), the
+    line is sorted, renewals and notices look records up by id, expiries wait in a heap. Ray's table grows with the
+    cluster's groups: it is read in a thread, at most a twentieth of the time.
+
     With no record, ticket, demand or quota for ``idle_exit`` seconds the keeper exits, so a cluster that gridboost
     stopped using is left as it was found. An async actor: its methods run on one event loop, so nothing needs a
-    lock; the ones that wait (``ask`` with ``hold``) await an event that every change sets.
+    lock; the ones that wait (``ask`` with ``hold``) await an event set when their ticket may have its turn.
     """
 
     def __init__(self, grace: float, tick: float, idle_exit: float) -> None:
@@ -164,11 +178,58 @@ class LeaseKeeper:
         self._tick = tick
         self._idle_exit = idle_exit
         self._reaper: asyncio.Task[None] | None = None
-        self._changed: asyncio.Event | None = None
+        # The asks waiting for a change (see ask), by ticket id: only the one whose turn it may be now is woken.
+        self._wake: dict[str, asyncio.Event] = {}
         self.reaped: list[str] = []
         #: Leases this keeper took back for other owners, by id: when, for which request, and whether the keeper
         #: removed the group itself (``fenced``: its owner had not released it by then). The last ones only.
         self.preempted: dict[str, dict[str, Any]] = {}
+        # What the last tick saw of groups Ray does not hold whole (by lease id: why), and the leases that went without
+        # their owner releasing them (by id: why); what ``notices`` tells their owners.
+        self._broken: dict[str, str] = {}
+        self._gone: dict[str, str] = {}
+        # Beside the records, so that no call looks at every lease: the ids of active preemptible leases (what may be
+        # taken back), of those being taken back, and (when the reaper must look, id) of every expiry, in a heap (a
+        # renewal pushes a new entry; an old one is skipped when it comes up).
+        self._takeable: set[str] = set()
+        self._taking: set[str] = set()
+        self._due: list[tuple[float, str]] = []
+
+    def _set(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` (in place of the lease's last one); what it holds counts for its tenant's quota while it is
+        active or being taken back."""
+        lease_id = record["id"]
+        self._records[lease_id] = record
+        state = record.get("state")
+        if state in _HOLDING:
+            self._arbiter.hold(lease_id, str(record.get("tenant", "")), record.get("amounts") or {})
+        else:
+            self._arbiter.unhold(lease_id)
+        self._takeable.discard(lease_id)
+        self._taking.discard(lease_id)
+        if state == "active" and record.get("preemptible"):
+            self._takeable.add(lease_id)
+        elif state == "preempting":
+            self._taking.add(lease_id)
+        self._expires(record)
+
+    def _expires(self, record: Mapping[str, Any]) -> None:
+        """Note when the reaper must look at a lease again: its expiry plus grace (after each renewal, anew)."""
+        deadline = float(record["expires_at"]) + float(record.get("grace", self._grace))
+        heapq.heappush(self._due, (deadline, record["id"]))
+
+    def _pop(self, lease_id: str, gone: str = "") -> dict[str, Any] | None:
+        """Forget a lease's record; ``gone``: why, for its owner's watch (it did not release it itself)."""
+        record = self._records.pop(lease_id, None)
+        self._arbiter.unhold(lease_id)
+        self._broken.pop(lease_id, None)
+        self._takeable.discard(lease_id)
+        self._taking.discard(lease_id)
+        if gone and record is not None:
+            self._gone[lease_id] = gone
+            while len(self._gone) > _GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
+        return record
 
     def _start(self) -> None:
         if self._reaper is None:
@@ -176,13 +237,15 @@ class LeaseKeeper:
 
     def _granted(self) -> list[dict[str, Any]]:
         """The leases that hold capacity for their owners: active ones, and those being taken back (until they go)."""
-        return [record for record in self._records.values() if record.get("state") in ("active", "preempting")]
+        return [record for record in self._records.values() if record.get("state") in _HOLDING]
 
     def _notify(self) -> None:
-        """Wake every ``ask`` that waits: a grant, a release, a ticket gone or a quota may have made a turn."""
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        """A grant, a release, a ticket gone or a quota may have made a turn: wake the ``ask`` of the ticket first in
+        line, and those a quota holds back (their tenant may have room now). The others would only be told to wait."""
+        for ticket_id in self._arbiter.to_wake() if self._wake else ():
+            event = self._wake.get(ticket_id)
+            if event is not None:
+                event.set()
 
     # -- turns, grants and tokens ------------------------------------------------------------------------------------
 
@@ -199,16 +262,19 @@ class LeaseKeeper:
         self._start()
         deadline = time.monotonic() + hold
         while True:
-            answer = self._arbiter.ask(ticket, self._granted())
+            answer = self._arbiter.ask(ticket)  # quotas: the arbiter's running sums (see _set)
             if answer["status"] == "turn" and busy is not None:
                 self._preempt_for(ticket, busy)
             left = deadline - time.monotonic()
             if answer["status"] == "turn" or left <= 0:
                 return answer
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+            event = self._wake[ticket["id"]] = asyncio.Event()
+            try:
+                with contextlib.suppress(TimeoutError):  # then asked once more, and answered as it is
+                    await asyncio.wait_for(event.wait(), left)
+            finally:
+                if self._wake.get(ticket["id"]) is event:
+                    del self._wake[ticket["id"]]
             if ticket["id"] not in self._arbiter.pending:
                 return {"status": "left"}  # its owner gave up (leave) while this waited: do not queue it again
 
@@ -224,7 +290,7 @@ class LeaseKeeper:
         """
         self._start()
         if ticket is not None:
-            answer = self._arbiter.ask(ticket, self._granted())
+            answer = self._arbiter.ask(ticket)
             if answer["status"] != "turn":
                 return answer
             record.setdefault("requested_at", self._arbiter.pending[ticket["id"]]["requested_at"])
@@ -245,8 +311,9 @@ class LeaseKeeper:
         elif old is not None and "granted_at" in old:
             record.setdefault("granted_at", old["granted_at"])
         if replaces is not None:
-            self._records.pop(replaces, None)
-        self._records[record["id"]] = record
+            self._pop(replaces)
+        self._gone.pop(record["id"], None)
+        self._set(record)
         self._notify()
         return record.get("token", 0)
 
@@ -261,15 +328,30 @@ class LeaseKeeper:
         record = self._records.get(lease_id)
         if record is not None:
             record["expires_at"] = expires_at
+            self._expires(record)
         return record
+
+    async def renew_many(self, renewals: list[tuple[str, float]]) -> list[bool]:
+        """Move the expiry of several leases (id, expires_at: an owner's renewals sent together); of each, whether
+        the keeper has it (a keeper that restarted has none: the owner then puts its record again)."""
+        self._start()
+        found = []
+        for lease_id, expires_at in renewals:
+            record = self._records.get(lease_id)
+            if record is not None:
+                record["expires_at"] = expires_at
+                self._expires(record)
+            found.append(record is not None)
+        return found
 
     async def get(self, lease_id: str) -> dict[str, Any] | None:
         self._start()
         return self._records.get(lease_id)
 
-    async def drop(self, lease_id: str) -> None:
+    async def drop(self, lease_id: str, gone: str = "") -> None:
+        """Forget a lease (its group is removed); ``gone``: why, when another process than its owner released it."""
         self._start()
-        record = self._records.pop(lease_id, None)
+        record = self._pop(lease_id, gone)
         if record is not None:
             if record.get("state") == "preempting":  # its owner gave it back within the grace
                 self._remember_preempted(record, fenced=False)
@@ -294,11 +376,11 @@ class LeaseKeeper:
 
     def _preempt_for(self, ticket: Mapping[str, Any], busy: Mapping[str, Any]) -> None:
         """Mark the leases to take back so that ``ticket`` (its turn; its group not placed) fits, if any may be."""
-        if any(r.get("preempted_for") == ticket["id"] for r in self._records.values()):
+        if not self._takeable:
+            return  # nothing may be taken: no need to read Ray's nodes
+        if any(self._records[i].get("preempted_for") == ticket["id"] for i in self._taking):
             return  # its victims are being taken back: none more until they are gone
         granted = self._granted()
-        if not any(r.get("preemptible") and r.get("state") == "active" for r in granted):
-            return  # nothing may be taken: no need to read Ray's nodes
         from ray._private.state import state
 
         available = state.available_resources_per_node()
@@ -327,14 +409,18 @@ class LeaseKeeper:
         now = time.time()
         for victim in victims:
             record = self._records[victim["id"]]
-            record["state"] = "preempting"
+            record["state"] = "preempting"  # still holds what it held (see _set)
+            self._takeable.discard(victim["id"])
+            self._taking.add(victim["id"])
             record["preempt_at"] = now + float(record.get("preempt_grace", 0.0))
             record["preempted_for"] = ticket["id"]
         self._notify()
 
     async def notices(self, lease_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Of ``lease_ids``, those being taken back (``preempting``, with ``preempt_at`` and ``preempted_for``) or
-        taken back already (``preempted``): what an owner's watch asks for its leases."""
+        taken back already (``preempted``), those whose group Ray does not hold whole (``broken``, with ``why``), and
+        those that went without their owner releasing them (``gone``, with ``why``): what an owner's watch asks for
+        its leases."""
         out: dict[str, dict[str, Any]] = {}
         for lease_id in lease_ids:
             record = self._records.get(lease_id)
@@ -342,6 +428,10 @@ class LeaseKeeper:
                 out[lease_id] = {k: record[k] for k in ("state", "preempt_at", "preempted_for")}
             elif lease_id in self.preempted:
                 out[lease_id] = {"state": "preempted", **self.preempted[lease_id]}
+            elif lease_id in self._broken:
+                out[lease_id] = {"state": "broken", "why": self._broken[lease_id]}
+            elif lease_id in self._gone:
+                out[lease_id] = {"state": "gone", "why": self._gone[lease_id]}
         return out
 
     async def preempted_ids(self) -> dict[str, dict[str, Any]]:
@@ -405,9 +495,9 @@ class LeaseKeeper:
 
     async def _reap_forever(self) -> None:
         import ray
-        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
         idle_since = time.monotonic()
+        next_table = 0.0
         while True:
             await asyncio.sleep(self._tick)
             if self._arbiter.sweep():  # owners that stopped asking: the requests behind theirs may have a turn now
@@ -420,40 +510,112 @@ class LeaseKeeper:
                 return
             if not self._records and not self._demand:
                 continue
-            table = placement_group_table()
-            now = time.time()
             changed = False
-            for lease_id, record in list(self._records.items()):
-                row = table.get(record["pg_id"])
-                preempting = record.get("state") == "preempting"
-                if row is None or row.get("state") == "REMOVED":
-                    self._records.pop(lease_id, None)
-                    if preempting:
-                        self._remember_preempted(record, fenced=False)
-                    changed = True
-                elif preempting and now >= record["preempt_at"] + PREEMPT_SLACK:
-                    # Its owner did not give it back in its grace: removing the group makes Ray kill its tasks.
-                    with contextlib.suppress(Exception):  # already being removed: the next tick drops it
-                        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record["pg_id"]))))
-                    self._records.pop(lease_id, None)
-                    self._remember_preempted(record, fenced=True)
-                    changed = True
-                elif now >= record["expires_at"] + record.get("grace", self._grace):
-                    with contextlib.suppress(Exception):  # already being removed: the next tick drops it
-                        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record["pg_id"]))))
-                    self._records.pop(lease_id, None)
-                    self.reaped.append(lease_id)
-                    changed = True
-            # Demand of a group Ray removed (its owner died before it could take its demand back). A group just made
-            # may not be in the table yet: only one missing for a while counts as gone.
-            gone = [lid for lid, d in self._demand.items() if _removed(table.get(d["pg_id"]), now - d["since"])]
-            for lease_id in gone:
-                del self._demand[lease_id]
-            if gone:
-                with contextlib.suppress(Exception):  # the GCS is busy: the next change sends the sum again
-                    self._send_demand()
+            if time.monotonic() >= next_table:
+                # Ray's table grows with the cluster's groups (about 0.3 ms a group to read and convert): it is read in
+                # a thread, so this loop goes on serving owners meanwhile, and at most a twentieth of the time (every
+                # tick on a small cluster, every few seconds with thousands of groups).
+                began = time.monotonic()
+                known = {lease_id: record["pg_id"] for lease_id, record in self._records.items()}
+                demands = {lease_id: demand["pg_id"] for lease_id, demand in self._demand.items()}
+                table = await asyncio.to_thread(_group_table)
+                changed = self._look(table, known, demands)
+                next_table = time.monotonic() + max(self._tick, _TABLE_SHARE * (time.monotonic() - began))
+            if self._reap(time.time()):
+                changed = True
             if changed:
                 self._notify()
+
+    def _look(
+        self, table: Mapping[str, Mapping[str, Any]], known: Mapping[str, str], demands: Mapping[str, str]
+    ) -> bool:
+        """What Ray's placement group ``table`` says of the leases: records of groups Ray removed go (their owners'
+        watch is told, unless they released them), groups not whole are noted for their owners' watch, and demand of
+        groups Ray removed goes. Whether a record went.
+
+        Only what was there before the table was read (``known`` records and ``demands``, by lease id: their group's
+        id) is judged by it: a group made while it was read is not in it."""
+        now = time.time()
+        changed = False
+        broken: dict[str, str] = {}
+        for lease_id, pg_id in known.items():
+            record = self._records.get(lease_id)
+            if record is None or record["pg_id"] != pg_id:
+                continue  # gone, or another group now, while the table was read
+            row = table.get(pg_id)
+            state = "REMOVED" if row is None else str(row.get("state"))
+            if state == "REMOVED":
+                self._pop(lease_id, gone="Ray reports its placement group REMOVED")
+                if record.get("state") == "preempting":
+                    self._remember_preempted(record, fenced=False)
+                changed = True
+            elif state != "CREATED":
+                broken[lease_id] = state
+        if broken:
+            import ray
+
+            dead = {str(n["NodeID"]) for n in ray.nodes() if not n.get("Alive")}
+            for lease_id, state in broken.items():
+                died = sorted(dead.intersection(self._records[lease_id].get("placements") or ()))
+                broken[lease_id] = (
+                    f"node(s) {', '.join(died)} holding its placement group died; Ray reports the group {state}"
+                    if died
+                    else f"Ray reports its placement group {state}"
+                )
+        self._broken = broken
+        # Demand of a group Ray removed (its owner died before it could take its demand back). A group just made may
+        # not be in the table yet: only one missing for a while counts as gone.
+        gone = [
+            lid
+            for lid, d in self._demand.items()
+            if demands.get(lid) == d["pg_id"] and _removed(table.get(d["pg_id"]), now - d["since"])
+        ]
+        for lease_id in gone:
+            del self._demand[lease_id]
+        if gone:
+            with contextlib.suppress(Exception):  # the GCS is busy: the next change sends the sum again
+                self._send_demand()
+        return changed
+
+    def _reap(self, now: float) -> bool:
+        """Remove the groups of leases taken back whose owner did not give them back in time, and of leases past
+        their expiry plus grace; whether a record went. Looks only at what may be due: those being taken back, and the
+        expiries that came up in the heap."""
+        import ray
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        due: dict[str, bool] = {}  # id: fenced (taken back) or reaped (expired)
+        for lease_id in self._taking:
+            if now >= self._records[lease_id]["preempt_at"] + PREEMPT_SLACK:
+                due[lease_id] = True
+        while self._due and self._due[0][0] <= now:
+            _, lease_id = heapq.heappop(self._due)
+            record = self._records.get(lease_id)
+            if record is not None and now >= record["expires_at"] + record.get("grace", self._grace):
+                due.setdefault(lease_id, False)
+        for lease_id, fenced in due.items():
+            record = self._records[lease_id]
+            # Removing the group makes Ray kill the tasks still in it (a taken-back lease's owner did not end them).
+            with contextlib.suppress(Exception):  # already being removed: the next look drops it
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record["pg_id"]))))
+            if fenced:
+                self._pop(lease_id, gone="taken back for another owner's request")
+                self._remember_preempted(record, fenced=True)
+            else:
+                self._pop(lease_id, gone="the keeper removed it: its TTL and grace passed")
+                self.reaped.append(lease_id)
+        return bool(due)
+
+
+def _group_table() -> dict[str, Any]:
+    from ray.util.placement_group import placement_group_table
+
+    table: dict[str, Any] = placement_group_table()
+    return table
+
+
+#: The most of its time the keeper spends reading Ray's placement group table: one read per this many times its length.
+_TABLE_SHARE = 20.0
 
 
 def _removed(row: Mapping[str, Any] | None, age: float) -> bool:
