@@ -448,14 +448,20 @@ def test_the_keepers_fit_check_places_bundles_as_rays_strategies_do() -> None:
 # -- fencing --------------------------------------------------------------------------------------------------------
 
 
+#: The fenced lease's TTL: its owner must be stopped before its own grid ends the boost at the TTL, and two of its naps
+#: must be running by then (each in a Ray worker that starts for it).
+FENCED_TTL = 10.0
+
+
 async def test_a_stopped_owners_lease_is_reaped_and_its_work_killed_on_the_engine_and_it_is_fenced_when_it_wakes(
     owners: list[Owner], spare: Callable[[], Owner]
 ) -> None:
     """An owner SIGSTOPped past its lease's TTL plus grace: the keeper removes its group (Ray kills its running and
     queued work), another owner is granted the slots with a larger token; woken, its submit raises BoostExpired."""
     stopped, other = spare(), owners[1]
-    stopped.send(op="request", name="fenced", resources=f"slot={SLOTS}", ttl=3, lease_grace=1.0)
+    stopped.send(op="request", name="fenced", resources=f"slot={SLOTS}", ttl=FENCED_TTL, lease_grace=1.0)
     fenced = await call(stopped.expect, "GRANTED", "fenced")
+    granted = time.monotonic()
     # Each nap needs half the slots: two run, and the third queues in the group (a boost hands Ray its capacity and
     # half of it again; what is beyond that waits in the grid).
     stopped.send(op="work", name="fenced", tag="before", seconds=120, count=3, resources=f"slot={SLOTS // 2}")
@@ -468,27 +474,33 @@ async def test_a_stopped_owners_lease_is_reaped_and_its_work_killed_on_the_engin
 
     await eventually(two_running, "Ray's task table never showed two of the naps running")
     os.kill(stopped.pid, signal.SIGSTOP)
+    after: dict[str, Any] | None = None
     try:
-        other.send(op="request", name="after", resources=f"slot={SLOTS}", wait=60)
-        after = await call(other.expect, "GRANTED", "after")
-        assert after["token"] > fenced["token"]
-        assert await call(pg_state, fenced["pg"]) == "REMOVED" and await call(pg_state, after["pg"]) == "CREATED"
-        assert fenced["id"] in await call(keeper_call, "reaped_ids")
-        # The owner, stopped, reports nothing to Ray's task table: the running task's worker process is what shows
-        # that Ray killed the work when the group went.
-        await eventually(lambda: gone(worker), f"Ray's worker {worker} running the stopped owner's work lives on")
-        stopped.send(op="work", name="fenced", tag="woken", seconds=0.1)
-    finally:
-        os.kill(stopped.pid, signal.SIGCONT)
-    woken = await call(stopped.expect, "ERROR", "fenced", within=SETTLE)
-    while woken["tag"] != "woken":  # the work of before the stop fails too, whichever way it learns it
+        try:
+            # Else the owner's grid, not the keeper, ended the lease (at its TTL) and there was nothing to fence.
+            assert time.monotonic() - granted < FENCED_TTL, "the owner was stopped only after its lease's TTL"
+            other.send(op="request", name="after", resources=f"slot={SLOTS}", wait=60)
+            after = await call(other.expect, "GRANTED", "after")
+            assert after["token"] > fenced["token"]
+            assert await call(pg_state, fenced["pg"]) == "REMOVED" and await call(pg_state, after["pg"]) == "CREATED"
+            assert fenced["id"] in await call(keeper_call, "reaped_ids")
+            # The owner, stopped, reports nothing to Ray's task table: the running task's worker process is what
+            # shows that Ray killed the work when the group went.
+            await eventually(lambda: gone(worker), f"Ray's worker {worker} running the stopped owner's work lives on")
+            stopped.send(op="work", name="fenced", tag="woken", seconds=0.1)
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
         woken = await call(stopped.expect, "ERROR", "fenced", within=SETTLE)
-    assert woken["error"] == "BoostExpired", woken
-    # Woken, the owner reports its tasks: all ended, and the one that was queued in the group never ran.
-    await eventually(lambda: all_ended(ray_ids), "Ray's task table never showed the stopped owner's work ended")
-    assert sum(RUNNING in states for states in (await call(task_states, ray_ids)).values()) == 2
-    other.send(op="release", name="after")
-    await call(other.expect, "RELEASED", "after")
+        while woken["tag"] != "woken":  # the work of before the stop fails too, whichever way it learns it
+            woken = await call(stopped.expect, "ERROR", "fenced", within=SETTLE)
+        assert woken["error"] == "BoostExpired", woken
+        # Woken, the owner reports its tasks: all ended, and the one that was queued in the group never ran.
+        await eventually(lambda: all_ended(ray_ids), "Ray's task table never showed the stopped owner's work ended")
+        assert sum(RUNNING in states for states in (await call(task_states, ray_ids)).values()) == 2
+    finally:
+        if after is not None:  # a failure here must not leave the slots held for the tests after it
+            other.send(op="release", name="after")
+            await call(other.expect, "RELEASED", "after")
 
 
 # -- no double booking ----------------------------------------------------------------------------------------------
