@@ -462,12 +462,12 @@ def _restricted_to(lease_id: str, dask_scheduler: Any = None) -> list[str]:
     return sorted(key for key, ts in dask_scheduler.tasks.items() if under(ts.resource_restrictions))
 
 
-async def test_work_queued_in_a_preempted_boost_moves_and_runs_while_its_running_work_waits_out_the_grace(
+async def test_work_queued_in_a_preempted_boost_moves_and_runs_and_the_schedulers_share_gets_boost_preempted(
     grid: Grid, graceful: list[Owner], dask_client: Client
 ) -> None:
     """A's preemptible boost holds one CPU, so of three one-CPU tasks placed in it the scheduler gets one (with the
-    lease's restriction) and two wait in A's grid; at B's preemption those two are placed again and finish within the
-    grace without ever reaching the scheduler under the lease, while the first gets BoostPreempted after it."""
+    lease's restriction) and two wait in A's grid; at B's preemption those two are placed again and run without ever
+    reaching the scheduler under the lease, and the first gets BoostPreempted after the grace."""
     a, b = graceful
     held = await fill(grid, leave=1)
     try:
@@ -490,7 +490,7 @@ async def test_work_queued_in_a_preempted_boost_moves_and_runs_while_its_running
         assert await under_lease() == keys[:1]  # the moved two never reached the engine under the lease
         failed = await a.expect("error", "prey#0")
         assert failed["error"] == "BoostPreempted", failed
-        assert max(m["at"] for m in moved) < failed["at"] and failed["at"] - notice["at"] >= notice["grace"] - 0.5
+        assert failed["at"] - notice["at"] >= notice["grace"] - 0.5, (failed, notice)
         granted = await b.expect("granted", "urgent")
         marks = (await engine_leases(dask_client))["marks"]
         assert victim["id"] not in marks and granted["id"] in marks, marks
